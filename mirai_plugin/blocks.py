@@ -1,0 +1,103 @@
+"""Finding the block list of a transformer through the wrappers trainers put around it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mirai_plugin.errors import MiraiError
+
+# Attributes that lead from a wrapper to the module it wraps, in the order tried:
+# DDP `.module`, FSDP1 `_fsdp_wrapped_module`, activation-checkpoint wrappers,
+# torch.compile `_orig_mod`, PEFT `base_model` (then LoraModel `.model`),
+# Self-Forcing's WanDiffusionWrapper `.model`, diffusers pipelines `.transformer`.
+# FSDP2 (`fully_shard`) wraps in place, so its modules need no unwrapping.
+_WRAPPER_ATTRS = (
+    "module",
+    "_fsdp_wrapped_module",
+    "_checkpoint_wrapped_module",
+    "_orig_mod",
+    "base_model",
+    "model",
+    "transformer",
+)
+_MAX_DEPTH = 8
+
+
+def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> tuple[nn.ModuleList, str]:
+    """Return ``(block_list, path)`` for a block-structured transformer.
+
+    ``blocks`` may name the list explicitly: a ``ModuleList`` or a dotted attribute
+    path from ``model`` (e.g. ``"model.blocks"`` or ``"layers"``). Otherwise the
+    first ``.blocks`` ``ModuleList`` reached through known wrappers is used.
+
+    >>> import torch.nn as nn
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+    >>> found, path = find_blocks(Net())
+    >>> len(found), path
+    (3, 'Net.blocks')
+    """
+    root = type(model).__name__
+    if isinstance(blocks, nn.ModuleList):
+        return blocks, f"{root}.<given ModuleList>"
+    if isinstance(blocks, str):
+        try:
+            found = model.get_submodule(blocks)
+        except AttributeError:
+            raise MiraiError(
+                f"blocks={blocks!r} does not exist on {root}; ModuleLists present: {_module_lists(model)}"
+            ) from None
+        if not isinstance(found, nn.ModuleList):
+            raise MiraiError(f"blocks={blocks!r} on {root} is a {type(found).__name__}, not an nn.ModuleList")
+        return found, f"{root}.{blocks}"
+    if blocks is not None:
+        raise MiraiError(f"blocks must be None, a dotted path or an nn.ModuleList, got {type(blocks).__name__}")
+
+    frontier: list[tuple[nn.Module, str]] = [(model, root)]
+    seen: set[int] = set()
+    for _ in range(_MAX_DEPTH):
+        next_frontier = []
+        for module, path in frontier:
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            candidate = module._modules.get("blocks")
+            if isinstance(candidate, nn.ModuleList):
+                return candidate, f"{path}.blocks"
+            for attr in _WRAPPER_ATTRS:
+                inner = module._modules.get(attr)
+                if isinstance(inner, nn.Module):
+                    next_frontier.append((inner, f"{path}.{attr}"))
+        frontier = next_frontier
+        if not frontier:
+            break
+    raise MiraiError(
+        f"no block list found in {root}: looked for a `.blocks` nn.ModuleList through the wrappers "
+        f"{', '.join(_WRAPPER_ATTRS)}. ModuleLists present: {_module_lists(model)}. "
+        f"Pass blocks='<dotted.path>' to name the list."
+    )
+
+
+def block_at(model: nn.Module, layer: int, blocks: str | nn.ModuleList | None = None) -> tuple[nn.Module, str]:
+    """The module ``blocks[layer]`` and a printable location; clear error when out of range."""
+    block_list, path = find_blocks(model, blocks)
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(block_list):
+        raise MiraiError(
+            f"layer {layer!r} out of range: {path} has {len(block_list)} blocks "
+            f"(0..{len(block_list) - 1}); layers are 0-based block indices"
+        )
+    return block_list[layer], f"{path}[{layer}]"
+
+
+def _module_lists(model: nn.Module, limit: int = 10) -> str:
+    found = [
+        f"{name or '<root>'} ({len(module)})"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+    ]
+    if not found:
+        return "none"
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return ", ".join(found[:limit]) + more

@@ -1,0 +1,204 @@
+"""The frozen bidirectional encoder that provides foresight targets.
+
+Legend: b batch, f latent frames, c channels, h/w latent height/width,
+s tokens per frame, t = f*s tokens, e encoder width.
+
+``FrozenEncoder`` is deliberately not an ``nn.Module``: assigning it to a trainer's
+module cannot add the encoder to any ``state_dict()``, optimizer, DDP or FSDP wrap.
+It runs the encoder under ``no_grad`` in eval mode and stops the forward right
+after ``blocks[layer]`` by raising a private exception from a hook, so blocks
+after ``layer`` and the output head never run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mirai_plugin.blocks import block_at
+from mirai_plugin.errors import MiraiError
+
+
+class _EarlyExit(Exception):
+    """Raised by the encoder's hook; caught only by the FrozenEncoder that raised it."""
+
+    def __init__(self, owner: object, hidden: Tensor) -> None:
+        super().__init__("early exit")
+        self.owner = owner
+        self.hidden = hidden
+
+
+def _parameter_names(model: nn.Module) -> set[str]:
+    # The class's forward, not the instance attribute: a forward patched onto the
+    # instance (a profiler, a test spy) usually takes (*args, **kwargs).
+    try:
+        return set(inspect.signature(type(model).forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _innermost(model: nn.Module) -> nn.Module:
+    """Follow DDP/FSDP/compile wrappers to the module whose forward defines the call convention."""
+    for _ in range(8):
+        for attr in ("module", "_fsdp_wrapped_module", "_orig_mod"):
+            inner = model._modules.get(attr)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            return model
+    return model
+
+
+class FrozenEncoder:
+    """Wrap a frozen bidirectional model to return the output of ``blocks[layer]``.
+
+    Call conventions, detected from the wrapped model's ``forward`` signature:
+
+    * Self-Forcing ``WanDiffusionWrapper`` (``noisy_image_or_video``,
+      ``conditional_dict``, ``timestep``): ``encoder(video, conditional_dict)`` with
+      ``video`` ``(b f c h w)``; the timestep defaults to 0 (clean input).
+    * Wan ``WanModel`` (``x``, ``t``, ``context``, ``seq_len``):
+      ``encoder(video, context)`` with ``video`` ``(b f c h w)`` and ``context`` the
+      text embeddings ``(b l c)``; ``t`` defaults to 0.
+    * anything else: ``encoder(*args, **kwargs)`` calls ``model(*args, **kwargs)``.
+
+    For the two Wan conventions the result is trimmed to the ``f*s`` real tokens
+    (Wan pads to ``seq_len``). The result is detached: targets are stop-gradient.
+
+    Args:
+        model: the frozen model (bare or wrapped); it is not modified.
+        layer: 0-based index of the block whose output is returned.
+        blocks: name the block list when it is not a ``.blocks`` attribute.
+        call: ``call(model, *args, **kwargs)`` to run the forward yourself.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> class Bidirectional(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(6))
+        ...     def forward(self, x):
+        ...         for block in self.blocks:
+        ...             x = block(x)
+        ...         return x
+        >>> encoder = FrozenEncoder(Bidirectional(), layer=2)
+        >>> z = encoder(torch.randn(1, 10, 8))
+        >>> z.shape, z.requires_grad
+        (torch.Size([1, 10, 8]), False)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: int,
+        *,
+        blocks: str | nn.ModuleList | None = None,
+        call: Callable[..., Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise MiraiError(f"FrozenEncoder wraps an nn.Module, got {type(model).__name__}")
+        self._block, self.location = block_at(model, layer, blocks)
+        self._model = model
+        self.layer = layer
+        self._call = call
+        names = _parameter_names(_innermost(model))
+        if call is not None:
+            self.convention = "custom"
+        elif {"noisy_image_or_video", "conditional_dict", "timestep"} <= names:
+            self.convention = "wan_wrapper"
+        elif {"x", "t", "context", "seq_len"} <= names:
+            self.convention = "wan_model"
+        else:
+            self.convention = "plain"
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    def __repr__(self) -> str:
+        return f"FrozenEncoder({self.location}, convention={self.convention!r})"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        if self.convention == "wan_wrapper":
+            run, tokens = self._wan_wrapper_call(*args, **kwargs)
+        elif self.convention == "wan_model":
+            run, tokens = self._wan_model_call(*args, **kwargs)
+        elif self.convention == "custom":
+            run, tokens = (lambda: self._call(self._model, *args, **kwargs)), None
+        else:
+            run, tokens = (lambda: self._model(*args, **kwargs)), None
+
+        hidden = self._run_to_layer(run)
+        if tokens is not None:
+            if hidden.shape[1] < tokens:
+                raise MiraiError(
+                    f"{self.location} returned {hidden.shape[1]} tokens but the input video has {tokens}; "
+                    f"check the patch size of the encoder"
+                )
+            hidden = hidden[:, :tokens]  # (b t e): drop Wan's padding to seq_len
+        return hidden
+
+    # --------------------------------------------------------------- internals
+
+    def _run_to_layer(self, run: Callable[[], Any]) -> Tensor:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            raise _EarlyExit(self, hidden)
+
+        was_training = self._model.training
+        handle = self._block.register_forward_hook(hook)
+        try:
+            self._model.eval()
+            with torch.no_grad():
+                run()
+        except _EarlyExit as exit_:
+            if exit_.owner is not self:
+                raise
+            return exit_.hidden.detach()
+        finally:
+            handle.remove()
+            self._model.train(was_training)
+        raise MiraiError(
+            f"the encoder forward finished without calling {self.location}; "
+            f"check that layer {self.layer} is used by the forward you call"
+        )
+
+    def _wan_wrapper_call(self, video: Tensor, conditional_dict: dict, *, timestep: Tensor | None = None, **kwargs):
+        b, f = _video_shape(video)
+        if timestep is None:
+            timestep = torch.zeros(b, f, dtype=torch.int64, device=video.device)  # clean rollout
+        run = lambda: self._model(  # noqa: E731
+            noisy_image_or_video=video, conditional_dict=conditional_dict, timestep=timestep, **kwargs
+        )
+        return run, f * self._tokens_per_frame(video)
+
+    def _wan_model_call(self, video: Tensor, context: Tensor | list, *, t: Tensor | None = None, **kwargs):
+        b, f = _video_shape(video)
+        tokens = f * self._tokens_per_frame(video)
+        if t is None:
+            t = torch.zeros(b, dtype=torch.int64, device=video.device)
+        x = list(video.permute(0, 2, 1, 3, 4))  # b x (c f h w), Wan's input layout
+        seq_len = kwargs.pop("seq_len", tokens)
+        run = lambda: self._model(x=x, t=t, context=context, seq_len=seq_len, **kwargs)  # noqa: E731
+        return run, tokens
+
+    def _tokens_per_frame(self, video: Tensor) -> int:
+        inner = _innermost(self._model)
+        core = inner._modules.get("model", inner)
+        patch = getattr(core, "patch_size", getattr(inner, "patch_size", (1, 2, 2)))
+        h, w = video.shape[-2:]
+        if h % patch[1] or w % patch[2]:
+            raise MiraiError(f"latent size {h}x{w} is not divisible by the encoder patch size {tuple(patch)}")
+        return (h // patch[1]) * (w // patch[2])
+
+
+def _video_shape(video: Tensor) -> tuple[int, int]:
+    if not isinstance(video, Tensor) or video.dim() != 5:
+        shape = tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__
+        raise MiraiError(f"the encoder expects a latent video (b f c h w), got {shape}")
+    return video.shape[0], video.shape[1]

@@ -1,0 +1,513 @@
+"""ForesightHead: the trainable predictor, the foresight term and projector replay.
+
+Legend: b batch, k supervised segments, o offsets, n tokens per segment,
+s tokens per frame, f frames per segment, d student width, e encoder width.
+
+Data flow of one generator step::
+
+    captured h_k (b n d), attached  ->  predictor  ->  projection  ->  (b k n e)
+    encoder z (b t e), no grad      ->  fuse_targets                ->  y_k
+    loss = weight * mean over segments (or valid segment/offset pairs) of foresight_loss
+
+The head owns its parameters, its optimizer and the replay cache; nothing is
+added to the generator, so generator checkpoints are unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from mirai_plugin.capture import CapturedHidden, HiddenRecord
+from mirai_plugin.config import ForesightConfig
+from mirai_plugin.errors import MiraiError
+from mirai_plugin.loss import foresight_loss
+from mirai_plugin.predictor import MLP, DiTPredictor, MultiMLP
+from mirai_plugin.targets import SegmentTargets, fuse_targets, segment_count
+
+
+@dataclass
+class _ReplayBatch:
+    """Detached inputs of one foresight forward, kept for projector replay."""
+
+    hidden: Tensor  # (b k n d)
+    target: Tensor  # (b k n e) | (b k o n e) | (b k o s e)
+    valid: Tensor  # (k o)
+
+
+class ForesightHead(nn.Module):
+    """Predictor + projection that turn captured student states into the foresight term.
+
+    Args:
+        config: a ``ForesightConfig``.
+        student_dim: width of the captured generator hidden states (Wan-1.3B: 1536).
+        encoder_dim: width of the encoder hidden states (Wan-14B: 5120).
+
+    Example:
+        >>> import torch
+        >>> from mirai_plugin import ForesightConfig, ForesightHead
+        >>> cfg = ForesightConfig(num_heads=2, segment_frames=1, predictor_depth=1)
+        >>> head = ForesightHead(cfg, student_dim=16, encoder_dim=24)
+        >>> hidden = [torch.randn(1, 4, 16, requires_grad=True) for _ in range(3)]  # 3 segments, 4 tokens
+        >>> z = torch.randn(1, 12, 24)                                              # encoder view, 3 frames
+        >>> loss = head(hidden, z)
+        >>> loss.shape, bool(-0.2 <= loss <= 0.2)
+        (torch.Size([]), True)
+    """
+
+    def __init__(self, config: ForesightConfig, student_dim: int, encoder_dim: int) -> None:
+        super().__init__()
+        if not isinstance(config, ForesightConfig):
+            raise MiraiError(f"config must be a ForesightConfig, got {type(config).__name__}")
+        for name, value in (("student_dim", student_dim), ("encoder_dim", encoder_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise MiraiError(f"{name} must be a positive int, got {value!r}")
+        self.config = config
+        self.student_dim = student_dim
+        self.encoder_dim = encoder_dim
+
+        ffn_dim = max(1, int(round(student_dim * config.ffn_ratio)))
+        if config.predictor == "dit":
+            num_heads = config.num_heads or max(1, student_dim // 128)
+            if student_dim % num_heads:
+                raise MiraiError(
+                    f"student width {student_dim} is not divisible by num_heads={num_heads}; "
+                    f"set ForesightConfig(num_heads=...) to a divisor (the generator's own head count)"
+                )
+            self.predictor = DiTPredictor(
+                student_dim,
+                depth=config.predictor_depth,
+                num_heads=num_heads,
+                ffn_dim=ffn_dim,
+                offset_conditioning=config.offset_conditioning,
+                max_offset=config.max_offset,
+            )
+        elif config.predictor == "mlp":
+            self.predictor = MLP(student_dim, ffn_dim)
+        else:
+            self.predictor = MultiMLP(student_dim, ffn_dim, config.offsets)
+        # Bias-free projection to the encoder width, only when the widths differ.
+        self.project = nn.Linear(student_dim, encoder_dim, bias=False) if student_dim != encoder_dim else None
+
+        # Plain attributes, not modules or buffers: they never enter state_dict().
+        self._per_offset = config.predictor == "multi_mlp" or config.offset_conditioning
+        self._replay: list[_ReplayBatch] = []
+        self._replay_closed = False
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # ------------------------------------------------------------- the term
+
+    def forward(
+        self,
+        captured: CapturedHidden | Sequence[HiddenRecord] | Sequence[Tensor],
+        encoder_hidden: Tensor,
+        *,
+        tokens_per_frame: int | None = None,
+        prefix_frames: int = 0,
+        return_breakdown: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        """The weighted foresight term for one rollout.
+
+        Args:
+            captured: what ``capture_hidden`` yielded (cleared after reading), or a list
+                of ``(b n d)`` tensors, one per segment in video order.
+            encoder_hidden: ``(b t e)`` from ``FrozenEncoder`` on the detached rollout.
+            tokens_per_frame: ``s``; by default each captured call is taken to cover
+                one segment, so ``s = n / segment_frames``.
+            prefix_frames: leading encoder frames outside any segment (i2v context).
+            return_breakdown: also return a dict with the unweighted loss, the
+                supervised segment indices and the per-segment (or per-pair) losses.
+
+        Returns:
+            ``weight * loss`` as a 0-dim float32 tensor (and the breakdown).
+        """
+        records, capture = _as_records(captured)
+        cfg = self.config
+        if not records:
+            raise MiraiError(_nothing_captured_message(capture))
+
+        segment_tokens_first = records[0].hidden.shape[1] if records[0].hidden.dim() == 3 else -1
+        s = tokens_per_frame or _infer_tokens_per_frame(segment_tokens_first, cfg.segment_frames)
+        seg_tokens = cfg.segment_frames * s
+        hidden, segments = self._segments_from_records(records, seg_tokens, s, prefix_frames)
+        if capture is not None:
+            capture.clear()
+
+        if encoder_hidden.dim() != 3 or encoder_hidden.shape[-1] != self.encoder_dim:
+            raise MiraiError(
+                f"encoder hidden has shape {tuple(encoder_hidden.shape)}; expected (batch, tokens, {self.encoder_dim}) "
+                f"— the head was built with encoder_dim={self.encoder_dim}"
+            )
+        if encoder_hidden.shape[0] != hidden.shape[0]:
+            raise MiraiError(
+                f"batch mismatch: captured hidden has batch {hidden.shape[0]}, encoder hidden {encoder_hidden.shape[0]}"
+            )
+        num_segments = segment_count(
+            encoder_hidden.shape[1], segment_frames=cfg.segment_frames, tokens_per_frame=s, prefix_frames=prefix_frames
+        )
+        if max(segments) >= num_segments:
+            raise MiraiError(
+                f"captured segments {segments} but the encoder saw only {num_segments} segments; "
+                f"run the encoder on the whole rollout the generator produced"
+            )
+
+        targets = fuse_targets(
+            encoder_hidden,
+            segment_frames=cfg.segment_frames,
+            tokens_per_frame=s,
+            offsets=cfg.offsets,
+            fusion=cfg.fusion,
+            segments=segments,
+            prefix_frames=prefix_frames,
+        )
+        if targets.segments.numel() == 0:
+            raise MiraiError(
+                f"no captured segment has a target: captured {segments}, encoder has {num_segments} segments "
+                f"and offsets {cfg.offsets} all point past the end"
+            )
+        keep = torch.isin(torch.tensor(segments, device=targets.segments.device), targets.segments)
+        hidden = hidden[:, keep.to(hidden.device)]  # (b k n d): supervised segments only
+
+        per_item = self._losses(hidden, targets, s)  # (k) for mean fusion, (k o) otherwise
+        loss = per_item.mean() if cfg.fusion == "mean" else per_item[targets.valid].mean()
+        if cfg.check_finite and not bool(torch.isfinite(loss)):
+            raise MiraiError(self._diagnose_nonfinite(hidden, targets, per_item))
+
+        if cfg.replay and self.training and torch.is_grad_enabled():
+            self._cache_for_replay(hidden, targets)
+
+        weighted = loss * cfg.weight
+        if not return_breakdown:
+            return weighted
+        return weighted, {
+            "foresight_loss": weighted.detach(),
+            "foresight_loss_unweighted": loss.detach(),
+            "segments": targets.segments.tolist(),
+            "per_segment": per_item.detach(),
+        }
+
+    def predict(self, hidden: Tensor, offset: int | None = None) -> Tensor:
+        """Predictor then projection: ``(B n d)`` -> ``(B n e)``; each row is one segment."""
+        param = next(self.parameters())
+        x = self.predictor(hidden.to(param.dtype), offset)  # (B n d)
+        return self.project(x) if self.project is not None else x  # (B n e)
+
+    def _losses(self, hidden: Tensor, targets: SegmentTargets, s: int) -> Tensor:
+        cfg = self.config
+        b, k, n, _ = hidden.shape
+        rows = rearrange(hidden, "b k n d -> (b k) n d")
+        if cfg.fusion == "mean":
+            pred = self.predict(rows).view(b, k, n, -1)  # (b k n e)
+            return foresight_loss(pred, targets.target, kind=cfg.loss, keep_dims=(1,))  # (k)
+
+        if not self._per_offset:
+            pred = self.predict(rows).view(b, k, 1, n, -1)  # (b k 1 n e), same for every offset
+            return self._pair_loss(pred, targets.target, s)  # (k o)
+
+        columns = []
+        for o, offset in enumerate(cfg.offsets):
+            valid = targets.valid[:, o].to(hidden.device)
+            column = torch.zeros(k, device=hidden.device)
+            if bool(valid.any()):
+                pred = self.predict(rearrange(hidden[:, valid], "b k n d -> (b k) n d"), offset)
+                pred = pred.view(b, -1, 1, n, pred.shape[-1])  # (b k' 1 n e)
+                losses = self._pair_loss(pred, targets.target[:, valid, o : o + 1], s)[:, 0]  # (k')
+                column = column.index_put((valid.nonzero()[:, 0],), losses)
+            columns.append(column)
+        return torch.stack(columns, dim=1)  # (k o)
+
+    def _pair_loss(self, pred: Tensor, target: Tensor, s: int) -> Tensor:
+        """``(b k 1 n e)`` against ``(b k o n e)`` or ``(b k o s e)`` -> ``(k o)``."""
+        if self.config.fusion == "frame_mean":
+            pred = pred.unflatten(3, (-1, s))  # (b k 1 f s e)
+            target = target.unsqueeze(3)  # (b k o 1 s e): one frame-averaged target for every frame
+        return foresight_loss(pred, target, kind=self.config.loss, keep_dims=(1, 2))
+
+    def _segments_from_records(
+        self, records: list[HiddenRecord], seg_tokens: int, s: int, prefix_frames: int
+    ) -> tuple[Tensor, list[int]]:
+        """Split records into segments: ``(b k n d)`` in record order and the segment index of each row."""
+        chunks, segments = [], []
+        next_segment = 0
+        for record in records:
+            h = record.hidden
+            if h._version != record.version:
+                raise MiraiError(
+                    "a captured hidden state was modified in place after capture; "
+                    "use capture_hidden(..., clone=True) for this model"
+                )
+            if h.dim() != 3 or h.shape[-1] != self.student_dim:
+                raise MiraiError(
+                    f"captured hidden has shape {tuple(h.shape)}; expected (batch, tokens, {self.student_dim}) "
+                    f"— the head was built with student_dim={self.student_dim}; check student_layer and the width"
+                )
+            if h.shape[1] % seg_tokens:
+                raise MiraiError(
+                    f"captured {h.shape[1]} tokens, not a whole number of segments of {seg_tokens} tokens "
+                    f"({self.config.segment_frames} frames x {s} tokens); check segment_frames and tokens_per_frame"
+                )
+            if record.position is None:
+                first = next_segment
+            else:
+                if record.position % s:
+                    raise MiraiError(f"call position {record.position} is not at a frame boundary of {s} tokens")
+                frame = record.position // s - prefix_frames
+                if frame < 0 or frame % self.config.segment_frames:
+                    raise MiraiError(
+                        f"call position {record.position} (frame {frame}) does not start a segment of "
+                        f"{self.config.segment_frames} frames; check segment_frames and prefix_frames"
+                    )
+                first = frame // self.config.segment_frames
+            count = h.shape[1] // seg_tokens
+            chunks.append(h.unflatten(1, (count, seg_tokens)))  # (b m n d)
+            segments.extend(range(first, first + count))
+            next_segment = first + count
+        if len(set(segments)) != len(segments):
+            raise MiraiError(f"segments captured twice: {segments}; capture one grad-enabled call per segment")
+        if len({c.shape[0] for c in chunks}) != 1:
+            raise MiraiError(f"captured hidden states disagree on batch size: {[tuple(c.shape) for c in chunks]}")
+        return torch.cat(chunks, dim=1), segments  # (b k n d)
+
+    def _diagnose_nonfinite(self, hidden: Tensor, targets: SegmentTargets, per_item: Tensor) -> str:
+        segs = targets.segments.tolist()
+        bad_target = [segs[i] for i in range(len(segs)) if not bool(torch.isfinite(targets.target[:, i]).all())]
+        bad_hidden = [segs[i] for i in range(len(segs)) if not bool(torch.isfinite(hidden[:, i]).all())]
+        if bad_target:
+            return f"foresight loss is not finite: encoder targets contain NaN/inf at segments {bad_target}"
+        if bad_hidden:
+            return f"foresight loss is not finite: captured generator hidden states contain NaN/inf at segments {bad_hidden}"
+        return (
+            f"foresight loss is not finite: the predictor output is NaN/inf (per-segment losses "
+            f"{per_item.detach().tolist()}); lower lr, check max_grad_norm, or the head's dtype"
+        )
+
+    # --------------------------------------------------------------- replay
+
+    def _cache_for_replay(self, hidden: Tensor, targets: SegmentTargets) -> None:
+        if self._replay_closed:
+            self._replay.clear()
+            self._replay_closed = False
+        device = self.config.replay_device
+        move = (lambda t: t.detach().to(device)) if device is not None else (lambda t: t.detach())
+        self._replay.append(_ReplayBatch(move(hidden), move(targets.target), targets.valid.detach().cpu()))
+
+    @property
+    def replay_pairs(self) -> int:
+        """Number of cached (hidden, target) pairs: segments, or valid segment/offset pairs."""
+        if self.config.fusion == "mean":
+            return sum(batch.valid.shape[0] for batch in self._replay)
+        return sum(int(batch.valid.sum()) for batch in self._replay)
+
+    def clear_replay(self) -> None:
+        """Drop the cached replay pairs."""
+        self._replay.clear()
+        self._replay_closed = False
+
+    def replay(self, *, step: bool = True) -> Tensor | None:
+        """Projector-only update on the pairs of the last generator step (critic steps).
+
+        Each segment is a separate backward (bounded memory), weighted so the summed
+        gradient equals ``weight * mean over pairs``, as the official trainer does.
+        With ``step`` the head's optimizer is zeroed before, then clipped and stepped.
+
+        Returns:
+            the weighted replay loss (detached), or ``None`` when nothing is cached.
+        """
+        if not self._replay:
+            return None
+        cfg = self.config
+        device = next(self.parameters()).device
+        if step:
+            self.optimizer.zero_grad(set_to_none=True)
+        num_pairs = self.replay_pairs
+        total = torch.zeros((), device=device)
+        for batch in self._replay:
+            for i in range(batch.valid.shape[0]):
+                hidden = batch.hidden[:, i : i + 1].to(device)  # (b 1 n d)
+                valid = batch.valid[i : i + 1]
+                target = batch.target[:, i : i + 1].to(device)
+                sub = SegmentTargets(target, valid.to(device), torch.zeros(1, dtype=torch.long), cfg.offsets)
+                per_item = self._losses(hidden, sub, _tokens_per_frame_of(batch, cfg))
+                pair_sum = per_item.sum() if cfg.fusion == "mean" else per_item[sub.valid].sum()
+                (pair_sum * (cfg.weight / num_pairs)).backward()
+                total = total + pair_sum.detach()
+        if step:
+            self._clip_and_step()
+        self._replay_closed = True
+        return total * (cfg.weight / num_pairs)
+
+    # ------------------------------------------------------------ optimizer
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The head's own AdamW (``config.lr``, ``betas``, ``weight_decay``), made on first use."""
+        if self._optimizer is None:
+            cfg = self.config
+            self._optimizer = torch.optim.AdamW(
+                self.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            )
+        return self._optimizer
+
+    def step(self) -> Tensor | None:
+        """After the generator's backward: clip, step and zero the head's optimizer.
+
+        Also marks the replay cache complete: the next forward starts a new one.
+        Returns the gradient norm before clipping (``None`` without clipping).
+        """
+        norm = self._clip_and_step()
+        self._replay_closed = True
+        return norm
+
+    def _clip_and_step(self) -> Tensor | None:
+        norm = None
+        if self.config.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # ------------------------------------------------------------ save/load
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the head's weights and settings to a ``.safetensors`` file."""
+        from safetensors.torch import save_file
+
+        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, os.fspath(path), metadata=self._metadata())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ForesightHead:
+        """Rebuild a head written by ``save`` (settings included)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" not in meta:
+            raise MiraiError(f"{path} was not written by ForesightHead.save (no config in its metadata)")
+        head = cls(ForesightConfig.from_json(meta["config"]), int(meta["student_dim"]), int(meta["encoder_dim"]))
+        head.load_state_dict(load_file(os.fspath(path), device=str(device)), strict=True)
+        return head.to(device)
+
+    def _metadata(self) -> dict[str, str]:
+        from mirai_plugin import __version__
+
+        return {
+            "format": "mirai_plugin.ForesightHead",
+            "version": __version__,
+            "config": self.config.to_json(),
+            "student_dim": str(self.student_dim),
+            "encoder_dim": str(self.encoder_dim),
+        }
+
+    @classmethod
+    def load_official(
+        cls,
+        source: str | os.PathLike | Mapping[str, Any],
+        *,
+        config: ForesightConfig | None = None,
+        dim_proj: Mapping[str, Tensor] | None = None,
+    ) -> ForesightHead:
+        """Build a head from the projector written by the official Video-Mirai trainer.
+
+        ``source`` is the official checkpoint (a path to its ``model.pt`` or the loaded
+        dict with ``"mirai_projector"`` and ``"foresight_dim_proj"``), or the projector
+        state dict itself (then pass the projection's as ``dim_proj``). Depth, width,
+        heads and FFN width are read from the tensors; ``config`` supplies the rest
+        (default: the official recipe) and must agree with them.
+
+        Example:
+            >>> head = ForesightHead.load_official("checkpoint_model_000100/model.pt")  # doctest: +SKIP
+        """
+        from mirai_plugin.official import official_to_head_state
+
+        if isinstance(source, (str, os.PathLike)):
+            source = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
+        if not isinstance(source, Mapping):
+            raise MiraiError(f"load_official needs a checkpoint path or a state dict, got {type(source).__name__}")
+        if "mirai_projector" in source:
+            projector_sd, dim_proj = source["mirai_projector"], source.get("foresight_dim_proj", dim_proj)
+        else:
+            projector_sd = source
+        config, student_dim, encoder_dim, state = official_to_head_state(projector_sd, dim_proj, config)
+        head = cls(config, student_dim, encoder_dim)
+        expected = head.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [
+            f"{name}: checkpoint {tuple(state[name].shape)} vs head {tuple(expected[name].shape)}"
+            for name in sorted(set(state) & set(expected))
+            if state[name].shape != expected[name].shape
+        ]
+        if missing or unexpected or wrong:
+            raise MiraiError(
+                "official projector does not fit the head: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"missing {missing}" if missing else "",
+                        f"unexpected {unexpected}" if unexpected else "",
+                        f"wrong shapes {wrong}" if wrong else "",
+                    )
+                    if part
+                )
+            )
+        head.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+        return head
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return (
+            f"student_dim={self.student_dim}, encoder_dim={self.encoder_dim}, predictor={cfg.predictor!r}, "
+            f"offsets={cfg.offsets}, fusion={cfg.fusion!r}, weight={cfg.weight}"
+        )
+
+
+def _tokens_per_frame_of(batch: _ReplayBatch, cfg: ForesightConfig) -> int:
+    return batch.hidden.shape[2] // cfg.segment_frames
+
+
+def _infer_tokens_per_frame(tokens: int, segment_frames: int) -> int:
+    if tokens <= 0 or tokens % segment_frames:
+        raise MiraiError(
+            f"cannot infer tokens per frame: a captured call has {tokens} tokens, not divisible by "
+            f"segment_frames={segment_frames}; pass tokens_per_frame="
+        )
+    return tokens // segment_frames
+
+
+def _as_records(captured: Any) -> tuple[list[HiddenRecord], CapturedHidden | None]:
+    if isinstance(captured, CapturedHidden):
+        return captured.records, captured
+    if isinstance(captured, Tensor):
+        raise MiraiError("pass captured hidden states as what capture_hidden yielded, or a list of (b n d) tensors")
+    records = []
+    for i, item in enumerate(captured):
+        if isinstance(item, HiddenRecord):
+            records.append(item)
+        elif isinstance(item, Tensor):
+            records.append(HiddenRecord(item, None, i, item._version))
+        else:
+            raise MiraiError(f"captured item {i} is a {type(item).__name__}, expected a tensor or HiddenRecord")
+    return records, None
+
+
+def _nothing_captured_message(capture: CapturedHidden | None) -> str:
+    where = f" at {capture.location}" if capture is not None else ""
+    skipped = capture.skipped_no_grad if capture is not None else 0
+    if skipped:
+        return (
+            f"nothing captured{where}: the block ran {skipped} times, all with grad disabled — the generator "
+            f"ran under torch.no_grad() (e.g. a critic step). Call the head only on generator steps, inside the "
+            f"capture_hidden context's rollout with gradients enabled."
+        )
+    return (
+        f"nothing captured{where}: the block was never called inside the capture_hidden context; run the "
+        f"generator rollout inside `with capture_hidden(...)` and check student_layer"
+    )

@@ -1,0 +1,165 @@
+"""Predictors that map a student segment's hidden states toward the encoder's view.
+
+Legend: B rows (batch x segments), n tokens of one segment, d student width,
+h heads, c head width.
+
+All predictors keep the student width; ``ForesightHead`` adds the bias-free
+projection to the encoder width. A predictor sees one segment per row, so
+attention never crosses segments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+_FREQ_DIM = 256  # sinusoidal features of the offset embedding
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dim, computed in float32 (as Wan's q/k norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class OffsetEmbedder(nn.Module):
+    """Offset d -> conditioning vector: sinusoidal features (period max_offset + 1), then an MLP."""
+
+    def __init__(self, dim: int, max_offset: int) -> None:
+        super().__init__()
+        self.max_period = max_offset + 1
+        self.fc1 = nn.Linear(_FREQ_DIM, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        for linear in (self.fc1, self.fc2):
+            nn.init.normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, offset: int, *, dtype: torch.dtype) -> Tensor:
+        half = _FREQ_DIM // 2
+        freqs = torch.exp(
+            -math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=self.fc1.weight.device) / half
+        )
+        angles = float(offset) * freqs
+        features = torch.cat([torch.cos(angles), torch.sin(angles)])[None].to(dtype)  # (1 256)
+        return self.fc2(F.silu(self.fc1(features)))  # (1 d)
+
+
+class DiTBlock(nn.Module):
+    """Self-attention + FFN, each with AdaLN scale/shift/gate.
+
+    With conditioning the modulation is a linear map of SiLU(cond); without, it is a
+    learned vector (what the official projector computes from its zero conditioning
+    vector, since SiLU(0) = 0 leaves only the bias). Either way it starts at zero, so
+    every gate is 0 and the block starts as the identity.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, *, conditioned: bool = False, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.ffn_in = nn.Linear(dim, ffn_dim)
+        self.ffn_out = nn.Linear(ffn_dim, dim)
+        if conditioned:
+            self.modulation = nn.Linear(dim, 6 * dim)
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
+        else:
+            self.modulation_bias = nn.Parameter(torch.zeros(6 * dim))
+
+        for linear in (self.to_q, self.to_k, self.to_v, self.to_out, self.ffn_in, self.ffn_out):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: Tensor, cond: Tensor | None) -> Tensor:
+        mod = self.modulation_bias if cond is None else self.modulation(F.silu(cond))  # (6d) or (1 6d)
+        # Chunk order (scale, shift, gate) x (attention, FFN) follows the official projector,
+        # so its AdaLN weights load unchanged.
+        scale1, shift1, gate1, scale2, shift2, gate2 = mod.reshape(-1, 1, mod.shape[-1]).chunk(6, dim=-1)  # (1 1 d)
+
+        h = self.norm1(x) * (1 + scale1) + shift1  # (B n d)
+        q = rearrange(self.norm_q(self.to_q(h)), "B n (h c) -> B h n c", h=self.num_heads)
+        k = rearrange(self.norm_k(self.to_k(h)), "B n (h c) -> B h n c", h=self.num_heads)
+        v = rearrange(self.to_v(h), "B n (h c) -> B h n c", h=self.num_heads)
+        attn = rearrange(F.scaled_dot_product_attention(q, k, v), "B h n c -> B n (h c)")
+        x = x + gate1 * self.to_out(attn)
+
+        h = self.norm2(x) * (1 + scale2) + shift2
+        return x + gate2 * self.ffn_out(F.gelu(self.ffn_in(h)))
+
+
+class DiTPredictor(nn.Module):
+    """A stack of ``DiTBlock``s, optionally conditioned on the target offset (DiT-AdaLN)."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        depth: int,
+        num_heads: int,
+        ffn_dim: int,
+        offset_conditioning: bool = False,
+        max_offset: int = 1,
+    ) -> None:
+        super().__init__()
+        self.offset_embedder = OffsetEmbedder(dim, max_offset) if offset_conditioning else None
+        self.blocks = nn.ModuleList(
+            DiTBlock(dim, num_heads, ffn_dim, conditioned=offset_conditioning) for _ in range(depth)
+        )
+
+    def forward(self, x: Tensor, offset: int | None = None) -> Tensor:
+        cond = None
+        if self.offset_embedder is not None:
+            if offset is None:
+                raise TypeError("this predictor is offset-conditioned: pass the target offset")
+            cond = self.offset_embedder(offset, dtype=x.dtype)  # (1 d)
+        for block in self.blocks:
+            x = block(x, cond)
+        return x
+
+
+class MLP(nn.Module):
+    """Two-layer GELU MLP at the student width."""
+
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        for linear in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: Tensor, offset: int | None = None) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MultiMLP(nn.Module):
+    """One independent ``MLP`` per target offset."""
+
+    def __init__(self, dim: int, ffn_dim: int, offsets: tuple[int, ...]) -> None:
+        super().__init__()
+        self.offsets = offsets
+        self.heads = nn.ModuleList(MLP(dim, ffn_dim) for _ in offsets)
+
+    def forward(self, x: Tensor, offset: int | None = None) -> Tensor:
+        if offset not in self.offsets:
+            raise TypeError(f"offset {offset!r} has no head; heads exist for offsets {self.offsets}")
+        return self.heads[self.offsets.index(offset)](x)

@@ -1,0 +1,159 @@
+"""Parity with the official Video-Mirai code, from tensors it computed (tests/data/README.md).
+
+Every comparison is float32 with max abs error <= 1e-5 (ATOL).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mirai_plugin import ForesightConfig, ForesightHead, HiddenRecord, fuse_targets
+from mirai_plugin.official import official_to_head_state
+
+DATA = Path(__file__).parent / "data"
+CASES = ["official_mean", "official_none", "official_adaln", "official_next"]
+ATOL = 1e-5
+SEGMENT_FRAMES, TOKENS_PER_FRAME = 3, 16
+
+
+def load(case):
+    with safe_open(DATA / f"{case}.safetensors", framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    return tensors, {k: json.loads(v) for k, v in meta.items() if k != "commit"} | {"commit": meta["commit"]}
+
+
+def group(tensors, prefix):
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def config_for(meta, **changes):
+    """The config the official run used, read from its own keys."""
+    official = meta["config"]
+    cfg = ForesightConfig.from_upstream(official).replace(
+        offset_conditioning=official["delta_cond"], replay_device=None
+    )
+    assert cfg.offsets == tuple(meta["offsets"])
+    return cfg.replace(**changes)
+
+
+def official_head(tensors, meta, **changes):
+    checkpoint = {"mirai_projector": group(tensors, "projector."), "foresight_dim_proj": group(tensors, "dim_proj.")}
+    return ForesightHead.load_official(checkpoint, config=config_for(meta, **changes))
+
+
+def student_records(tensors, meta):
+    """Leaf copies of the official captured hidden states, positioned like capture_hidden records."""
+    hidden = {k: tensors[f"student_hidden.{k}"].clone().requires_grad_(True) for k in meta["segments"]}
+    records = [HiddenRecord(h, k * SEGMENT_FRAMES * TOKENS_PER_FRAME, i, h._version) for i, (k, h) in enumerate(hidden.items())]
+    return hidden, records
+
+
+def max_err(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_files_name_the_official_commit(case):
+    _, meta = load(case)
+    assert meta["commit"] == "281e47e46a0bb442437227fd8d664e8cb120d043"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_targets_match(case):
+    tensors, meta = load(case)
+    cfg = config_for(meta)
+    targets = fuse_targets(
+        tensors["encoder_hidden"],
+        segment_frames=SEGMENT_FRAMES,
+        tokens_per_frame=TOKENS_PER_FRAME,
+        offsets=cfg.offsets,
+        fusion=cfg.fusion,
+    )
+    assert targets.segments.tolist() == meta["segments"]
+    for row, k in enumerate(meta["segments"]):
+        if cfg.fusion == "mean":
+            assert max_err(targets.target[0, row], tensors[f"target.{k}"][0]) <= ATOL
+        else:
+            for o, d in enumerate(cfg.offsets):
+                assert bool(targets.valid[row, o]) == (f"target.{k}.{d}" in tensors)
+                if targets.valid[row, o]:
+                    assert max_err(targets.target[0, row, o], tensors[f"target.{k}.{d}"][0]) <= ATOL
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_projector_outputs_match(case):
+    tensors, meta = load(case)
+    head = official_head(tensors, meta)
+    with torch.no_grad():
+        for k in meta["segments"]:
+            for d in meta["offsets"]:
+                name = f"projector_out.{k}" if meta["config"]["foresight_delta_mean_pool"] else f"projector_out.{k}.{d}"
+                if name in tensors:
+                    assert max_err(head.predict(tensors[f"student_hidden.{k}"], d), tensors[name]) <= ATOL
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loss_and_gradients_match(case):
+    tensors, meta = load(case)
+    head = official_head(tensors, meta)
+    hidden, records = student_records(tensors, meta)
+    loss = head(records, tensors["encoder_hidden"])
+    assert max_err(loss, tensors["loss"]) <= ATOL
+    loss.backward()
+
+    cfg = head.config
+    official_grads = official_to_head_state(
+        group(tensors, "grad.projector."), {"weight": tensors["grad.dim_proj.weight"]}, cfg
+    )[3]
+    grads = dict(head.named_parameters())
+    assert set(official_grads) == set(grads)
+    for name, expected in official_grads.items():
+        assert max_err(grads[name].grad, expected) <= ATOL, name
+    for k, h in hidden.items():
+        assert max_err(h.grad, tensors[f"grad.student_hidden.{k}"]) <= ATOL
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_replay_matches(case):
+    tensors, meta = load(case)
+    head = official_head(tensors, meta)
+    _, records = student_records(tensors, meta)
+    head(records, tensors["encoder_hidden"])
+    head.zero_grad()
+    replayed = head.replay(step=False)
+    assert max_err(replayed, tensors["replay_loss"]) <= ATOL
+    official_grads = official_to_head_state(
+        group(tensors, "replay_grad.projector."), {"weight": tensors["replay_grad.dim_proj.weight"]}, head.config
+    )[3]
+    for name, p in head.named_parameters():
+        assert max_err(p.grad, official_grads[name]) <= ATOL, name
+
+
+@pytest.mark.parametrize(
+    "case, wrong",
+    [
+        ("official_mean", dict(offsets=(1, 2))),  # window shifted by one
+        ("official_mean", dict(offsets=(0,))),  # window one short
+        ("official_none", dict(fusion="mean")),  # fused instead of per offset
+        ("official_next", dict(offsets=(0, 1))),  # current segment wrongly included
+    ],
+)
+def test_an_off_by_one_breaks_parity(case, wrong):
+    tensors, meta = load(case)
+    head = official_head(tensors, meta, **wrong)
+    _, records = student_records(tensors, meta)
+    loss = head(records, tensors["encoder_hidden"])
+    assert max_err(loss, tensors["loss"]) > 100 * ATOL
+
+
+def test_a_segment_shift_breaks_parity():
+    tensors, meta = load("official_mean")
+    head = official_head(tensors, meta)
+    hidden, records = student_records(tensors, meta)
+    shifted = [HiddenRecord(r.hidden, r.position + SEGMENT_FRAMES * TOKENS_PER_FRAME, i, r.version) for i, r in enumerate(records[:-1])]
+    loss = head(shifted, tensors["encoder_hidden"])
+    assert max_err(loss, tensors["loss"]) > 100 * ATOL
