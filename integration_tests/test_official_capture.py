@@ -133,6 +133,9 @@ def official_video_mirai() -> None:
     z = FrozenEncoder(enc, ENCODER_LAYER)(video.detach(), conditional)
     assert len(official_encoder) == 1 and torch.equal(z, official_encoder[0])
     assert not torch.equal(FrozenEncoder(enc, ENCODER_LAYER + 1)(video.detach(), conditional), z)
+    bare = FrozenEncoder(enc.model, ENCODER_LAYER)  # the WanModel call convention
+    assert bare.convention == "wan_model"
+    assert torch.equal(bare(video.detach(), prompt), z)
 
     # 3. the whole term == the official loss, and the same gradients reach the generator
     cfg = ForesightConfig.from_upstream(official_keys).replace(segment_frames=3)

@@ -34,11 +34,16 @@ class _EarlyExit(Exception):
 
 def _parameter_names(model: nn.Module) -> set[str]:
     # The class's forward, not the instance attribute: a forward patched onto the
-    # instance (a profiler, a test spy) usually takes (*args, **kwargs).
-    try:
-        return set(inspect.signature(type(model).forward).parameters)
-    except (TypeError, ValueError):
-        return set()
+    # instance (a profiler, a test spy) usually takes (*args, **kwargs). Wan's
+    # WanModel.forward itself takes (*args, **kwargs) and delegates to `_forward`.
+    names: set[str] = set()
+    for method in ("forward", "_forward"):
+        try:
+            params = inspect.signature(getattr(type(model), method)).parameters.values()
+        except (AttributeError, TypeError, ValueError):
+            continue
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return names
 
 
 def _innermost(model: nn.Module) -> nn.Module:

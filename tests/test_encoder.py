@@ -125,3 +125,26 @@ def test_wan_wrapper_trims_padding():
     z = FrozenEncoder(Padded(encoder.model), LAYER)(video, cond)
     pad_hook.remove()
     assert z.shape[1] == 9 * TOKENS_PER_FRAME
+
+
+def test_wan_model_convention_list_input_and_seq_len_padding():
+    class WanLike(torch.nn.Module):  # WanModel: forward(*args, **kwargs) -> _forward(x, t, context, seq_len)
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+            self.blocks = model.blocks
+            self.patch_size = (1, 2, 2)
+
+        def forward(self, *args, **kwargs):
+            return self._forward(*args, **kwargs)
+
+        def _forward(self, x, t, context, seq_len):
+            video = torch.stack(x).permute(0, 2, 1, 3, 4)  # list of (c f h w) -> (b f c h w)
+            timestep = t[:, None].expand(-1, video.shape[1])
+            return self.inner(video, timestep, context)
+
+    _, encoder = make_pair()
+    wrapped = FrozenEncoder(WanLike(encoder.model), LAYER)
+    assert wrapped.convention == "wan_model"
+    video, cond = make_inputs()
+    assert torch.equal(wrapped(video, cond["prompt_embeds"]), full_forward_hidden(encoder, video, cond))

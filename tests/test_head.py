@@ -226,3 +226,32 @@ def test_errors_name_the_problem():
 
     with pytest.raises(MiraiError, match="not divisible by num_heads=5"):
         ForesightHead(config(num_heads=5), 32, 48)
+
+
+def test_bfloat16_head_and_states_give_a_float32_term():
+    generator, encoder = make_pair()
+    generator.to(torch.bfloat16)
+    encoder.to(torch.bfloat16)
+    head = randomise(ForesightHead(config(), 32, 48)).to(torch.bfloat16)
+    noise, cond = make_inputs()
+    cond = {"prompt_embeds": cond["prompt_embeds"].bfloat16()}
+    with capture_hidden(generator, STUDENT_LAYER) as captured:
+        video, explicit = rollout(generator, noise.bfloat16(), cond, hidden_layer=STUDENT_LAYER)
+    z = FrozenEncoder(encoder, ENCODER_LAYER)(video.detach(), cond)
+    loss = head(captured, z)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    reference = reference_loss(head, explicit, z, (0, 1))
+    torch.testing.assert_close(loss, reference.float(), rtol=0, atol=2e-3)
+    loss.backward()
+    assert generator.model.blocks[0].out.weight.grad.dtype == torch.bfloat16
+
+
+def test_breakdown_names_segments_and_unweighted_losses():
+    head = randomise(ForesightHead(config(offsets=(1,)), 32, 48))
+    hidden = [torch.randn(2, N * S, 32) for _ in range(3)]
+    z = torch.randn(2, 9 * S, 48)
+    loss, parts = head(hidden, z, return_breakdown=True)
+    assert parts["segments"] == [0, 1]  # the last segment has no next segment
+    assert parts["per_segment"].shape == (2,)
+    torch.testing.assert_close(parts["foresight_loss_unweighted"] * 0.2, loss.detach())
+    torch.testing.assert_close(parts["per_segment"].mean(), parts["foresight_loss_unweighted"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mirai_plugin import ForesightConfig, ForesightHead, HiddenRecord, fuse_targets
+from mirai_plugin import ForesightConfig, ForesightHead, HiddenRecord, MiraiError, fuse_targets
 from mirai_plugin.official import official_to_head_state
 
 DATA = Path(__file__).parent / "data"
@@ -157,3 +157,31 @@ def test_a_segment_shift_breaks_parity():
     shifted = [HiddenRecord(r.hidden, r.position + SEGMENT_FRAMES * TOKENS_PER_FRAME, i, r.version) for i, r in enumerate(records[:-1])]
     loss = head(shifted, tensors["encoder_hidden"])
     assert max_err(loss, tensors["loss"]) > 100 * ATOL
+
+
+def test_load_official_names_missing_unexpected_and_misshaped_keys():
+    tensors, meta = load("official_mean")
+    projector, dim_proj = group(tensors, "projector."), group(tensors, "dim_proj.")
+    cfg = config_for(meta)
+
+    missing = {k: v for k, v in projector.items() if k != "blocks.1.ffn.2.bias"}
+    with pytest.raises(MiraiError, match=r"missing \['predictor.blocks.1.ffn_out.bias'\]"):
+        ForesightHead.load_official({"mirai_projector": missing, "foresight_dim_proj": dim_proj}, config=cfg)
+
+    extra = {**projector, "timestep_embedder.mlp.0.weight": torch.zeros(16, 256)}
+    with pytest.raises(MiraiError, match=r"does not implement: \['timestep_embedder.mlp.0.weight'\]"):
+        ForesightHead.load_official({"mirai_projector": extra, "foresight_dim_proj": dim_proj}, config=cfg)
+
+    misshaped = {**projector, "blocks.0.q.bias": torch.zeros(17)}
+    with pytest.raises(MiraiError, match=r"wrong shapes \['predictor.blocks.0.to_q.bias: checkpoint \(17,\) vs head \(16,\)'\]"):
+        ForesightHead.load_official({"mirai_projector": misshaped, "foresight_dim_proj": dim_proj}, config=cfg)
+
+    with pytest.raises(MiraiError, match="config disagrees with the official projector: predictor_depth=2"):
+        ForesightHead.load_official({"mirai_projector": projector}, config=cfg.replace(predictor_depth=2))
+    with pytest.raises(MiraiError, match="not an official DiT projector"):
+        ForesightHead.load_official({"weight": torch.zeros(2, 2)})
+
+    # FSDP-wrapped key names load too; without a dim projection the widths must already match
+    wrapped = {f"_fsdp_wrapped_module.{k}": v for k, v in projector.items()}
+    head = ForesightHead.load_official({"mirai_projector": wrapped}, config=cfg)
+    assert head.project is None and head.encoder_dim == 16

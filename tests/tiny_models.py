@@ -75,7 +75,8 @@ class TinyWan(nn.Module):
     def new_cache(self, batch: int, tokens: int) -> list[dict]:
         heads = self.blocks[0].heads
         shape = (batch, heads, tokens, self.dim // heads)
-        return [{"k": torch.zeros(shape), "v": torch.zeros(shape)} for _ in self.blocks]
+        dtype = self.head.weight.dtype
+        return [{"k": torch.zeros(shape, dtype=dtype), "v": torch.zeros(shape, dtype=dtype)} for _ in self.blocks]
 
     def forward(
         self,
@@ -93,7 +94,8 @@ class TinyWan(nn.Module):
         x = self.patch(x)  # (b n d)
         freqs = torch.exp(-math.log(1000.0) * torch.arange(8) / 8)
         angles = timestep.float().mean(dim=1, keepdim=True) * freqs  # (b 8)
-        e = self.time(torch.cat([angles.cos(), angles.sin()], dim=-1)) + self.text(context.mean(dim=1))  # (b d)
+        features = torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.time.weight.dtype)
+        e = self.time(features) + self.text(context.mean(dim=1))  # (b d)
         hidden = None
         for i, block in enumerate(self.blocks):
             kwargs = {}
