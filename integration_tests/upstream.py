@@ -35,6 +35,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = [
+    "cuda_is_identity",
+    "ensure_process_group",
+    "fit_pipeline_to_model",
+    "import_modules",
     "import_upstream",
     "randomize_parameters",
     "tiny_causal_wan",
@@ -45,7 +49,7 @@ __all__ = [
 ]
 
 # The checkout's top-level packages have generic names; they must come from the checkout.
-_TOP_LEVEL = ("wan", "utils", "pipeline", "demo_utils", "model")
+_TOP_LEVEL = ("wan", "utils", "pipeline", "demo_utils", "model", "trainer")
 _UP: types.SimpleNamespace | None = None
 
 
@@ -109,6 +113,15 @@ def import_upstream(checkout: str | os.PathLike) -> types.SimpleNamespace:
     return _UP
 
 
+def import_modules(*names: str) -> list[types.ModuleType]:
+    """Import more modules of the checkout (e.g. ``trainer.distillation``, ``utils.dataset``)
+    under the same import-time workarounds as ``import_upstream``, which must come first."""
+    import importlib
+
+    with _import_time_workarounds(_up().checkout):
+        return [importlib.import_module(name) for name in names]
+
+
 @contextlib.contextmanager
 def _import_time_workarounds(root: Path):
     """Workarounds needed only while the checkout's modules are being imported."""
@@ -125,10 +138,11 @@ def _import_time_workarounds(root: Path):
             sys.modules[name] = pkg
     sys.modules["wan"].modules = sys.modules["wan.modules"]
     # `wan/modules/tokenizers.py` (imported by utils/wan_wrapper.py) needs ftfy and
-    # transformers, which the tiny models never use: if they are not installed,
-    # stub them for the import only (with a real __spec__: diffusers and
-    # importlib call find_spec) and remove the stubs afterwards.
-    for name in ("ftfy", "transformers"):
+    # transformers, and `utils/dataset.py` needs lmdb (LMDB datasets), none of
+    # which the tiny models use: if they are not installed, stub them for the
+    # import only (with a real __spec__: diffusers and importlib call find_spec)
+    # and remove the stubs afterwards.
+    for name in ("ftfy", "transformers", "lmdb"):
         if name not in sys.modules and importlib.util.find_spec(name) is None:
             stub = types.ModuleType(name)
             stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
@@ -214,10 +228,11 @@ def _reinit_head(model: torch.nn.Module) -> None:
 
 
 def tiny_causal_wan(*, dim=16, num_heads=4, ffn_dim=32, num_layers=6, text_dim=32, text_len=512, freq_dim=64,
-                    in_dim=16, gradient_checkpointing=True):
+                    in_dim=16, gradient_checkpointing=True, local_attn_size=-1, sink_size=0):
     """A randomly initialised official `CausalWanModel` (the causal student), float32, CPU."""
     model = _up().CausalWanModel(**_wan_kwargs(dim, num_heads, ffn_dim, num_layers, text_dim, text_len,
-                                               freq_dim, in_dim), local_attn_size=-1, sink_size=0)
+                                               freq_dim, in_dim), local_attn_size=local_attn_size,
+                                 sink_size=sink_size)
     _reinit_head(model)
     # The official DMD config trains with activation checkpointing, and the rollout's
     # backward needs it: the KV cache is written in place after the grad-enabled call.
@@ -288,16 +303,22 @@ def warped_denoising_steps(scheduler, steps=(1000, 750, 500, 250)) -> torch.Tens
     return table[1000 - torch.tensor(steps, dtype=torch.long)]
 
 
-def _ensure_process_group() -> None:
-    # `generate_and_sync_list` calls `dist.broadcast` unconditionally: give it a
-    # one-process gloo group (file:// rendezvous, no ports) unless one exists.
-    if not dist.is_initialized():
+def ensure_process_group() -> None:
+    """A gloo process group, unless one exists: torchrun's (env:// rendezvous) when
+    launched by torchrun, else a one-process group (file:// rendezvous, no ports)."""
+    # `generate_and_sync_list` calls `dist.broadcast` unconditionally, and the
+    # upstream launcher wants nccl (no CPU support) and CUDA devices.
+    if dist.is_initialized():
+        return
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo", init_method="env://")
+    else:
         store = Path(tempfile.mkdtemp(prefix="mirai-pg-")) / "store"
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
 
 @contextlib.contextmanager
-def _cuda_is_identity():
+def cuda_is_identity():
     # The timestep bookkeeping at the end of a rollout calls `.cuda()` on CPU tensors.
     cuda = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
@@ -331,13 +352,32 @@ def tiny_training_pipeline(generator_wrapper, *, denoising_steps=(1000, 750, 500
         context_noise=context_noise, **foresight_kwargs)
     pipe.foresight_dim_proj = dim_proj
     pipe.cache_foresight_pairs = cache_foresight_pairs
+    fit_pipeline_to_model(pipe, model, height=height, width=width)
 
+    # `.cuda()` at the end of both rollouts; `dist.broadcast` at their start.
+    ensure_process_group()
+    for name in ("inference_with_trajectory", "inference_with_trajectory_and_foresight"):
+        if hasattr(pipe, name):
+            setattr(pipe, name, _on_cpu(getattr(pipe, name)))
+    return pipe
+
+
+def fit_pipeline_to_model(pipe, model, *, height: int, width: int) -> None:
+    """Size an official pipeline (training or inference) for ``model`` and latents ``height x width``.
+
+    Only the attributes the pipeline has are touched, so it fits every pipeline
+    class of the three checkouts.
+    """
     # `__init__` hard-codes Wan-1.3B: 30 blocks, 1560 tokens per frame and a
-    # 30x52 token grid. Use the tiny generator's values.
+    # 30x52 token grid. Use the tiny generator's values; the KV cache keeps the
+    # number of frames upstream sized it for.
+    tokens_per_frame = (height // model.patch_size[1]) * (width // model.patch_size[2])
+    if hasattr(pipe, "kv_cache_size"):
+        pipe.kv_cache_size = pipe.kv_cache_size // pipe.frame_seq_length * tokens_per_frame
     pipe.num_transformer_blocks = len(model.blocks)
-    pipe.frame_seq_length = (height // 2) * (width // 2)
-    pipe.kv_cache_size = num_frames * pipe.frame_seq_length
-    pipe.foresight_H_tok, pipe.foresight_W_tok = height // 2, width // 2
+    pipe.frame_seq_length = tokens_per_frame
+    if hasattr(pipe, "foresight_H_tok"):
+        pipe.foresight_H_tok, pipe.foresight_W_tok = height // model.patch_size[1], width // model.patch_size[2]
 
     # The KV and cross-attention caches are allocated as [b, len, 12, 128]
     # (Wan-1.3B heads): let the official allocator run, then give every cache
@@ -348,13 +388,6 @@ def tiny_training_pipeline(generator_wrapper, *, denoising_steps=(1000, 750, 500
                  "_initialize_ema_kv_cache", "_initialize_ema_crossattn_cache"):
         if hasattr(pipe, name):
             setattr(pipe, name, _resized_caches(pipe, getattr(pipe, name), heads, head_dim))
-
-    # `.cuda()` at the end of both rollouts; `dist.broadcast` at their start.
-    _ensure_process_group()
-    for name in ("inference_with_trajectory", "inference_with_trajectory_and_foresight"):
-        if hasattr(pipe, name):
-            setattr(pipe, name, _on_cpu(getattr(pipe, name)))
-    return pipe
 
 
 def _resized_caches(pipe, allocate, heads, head_dim):
@@ -375,6 +408,6 @@ def _resized_caches(pipe, allocate, heads, head_dim):
 def _on_cpu(rollout):
     @functools.wraps(rollout)
     def wrapped(*args, **kwargs):
-        with _cuda_is_identity():
+        with cuda_is_identity():
             return rollout(*args, **kwargs)
     return wrapped

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -365,6 +366,7 @@ class ForesightHead(nn.Module):
         return norm
 
     def _clip_and_step(self) -> Tensor | None:
+        _average_gradients_across_ranks(self.parameters())
         norm = None
         if self.config.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.max_grad_norm)
@@ -467,6 +469,21 @@ class ForesightHead(nn.Module):
             f"student_dim={self.student_dim}, encoder_dim={self.encoder_dim}, predictor={cfg.predictor!r}, "
             f"offsets={cfg.offsets}, fusion={cfg.fusion!r}, weight={cfg.weight}"
         )
+
+
+def _average_gradients_across_ranks(parameters) -> None:
+    """Data parallelism without a DDP wrapper: every rank steps with the mean gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    params = list(parameters)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
 
 
 def _tokens_per_frame_of(batch: _ReplayBatch, cfg: ForesightConfig) -> int:

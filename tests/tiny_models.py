@@ -65,11 +65,12 @@ class TinyWan(nn.Module):
     def __init__(self, dim: int = 32, depth: int = 4, *, causal: bool = True, checkpointing: bool = False) -> None:
         super().__init__()
         self.dim, self.causal, self.checkpointing = dim, causal, checkpointing
+        self.num_heads = 2
         self.patch_size = (1, PATCH, PATCH)
         self.patch = nn.Linear(CHANNELS * PATCH * PATCH, dim)
         self.time = nn.Linear(16, dim)
         self.text = nn.Linear(TEXT_DIM, dim)
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, self.num_heads) for _ in range(depth))
         self.head = nn.Linear(dim, CHANNELS * PATCH * PATCH)
 
     def new_cache(self, batch: int, tokens: int) -> list[dict]:

@@ -1,0 +1,320 @@
+"""Glue for Self-Forcing and Causal-Forcing (same layout): what the patch lines call.
+
+The patches add, to the upstream trainer, only marked one-line calls into this
+module. Everything else — the head, its optimizer, the capture, the encoder
+call, replay, logging values and the checkpoint entry — lives here, in objects
+the upstream models do not own as submodules: the generator's parameters,
+``state_dict`` and checkpoint format are unchanged, and with
+``foresight_weight: 0`` (or the key absent) every call is a no-op, so the
+patched trainer computes exactly what the unpatched one does.
+
+Patched call sites (Stage 3, ``model/dmd.py`` and ``trainer/distillation.py``)::
+
+    self.foresight = DMDForesight(self, args)                        # end of DMD.__init__
+    @with_foresight_capture                                          # on DMD.generator_loss
+    dmd_loss = self.foresight.add_term(dmd_loss, dmd_log_dict,       # before generator_loss returns
+                                       pred_image, conditional_dict)
+    self.model.foresight.after_generator_step()                      # after generator_optimizer.step()
+    self.model.foresight.after_critic_step(TRAIN_GENERATOR)          # after critic_optimizer.step(): replay
+    wandb_loss_dict.update(self.model.foresight.log_values())        # next to the DMD losses
+    state_dict.update(self.model.foresight.checkpoint_state())       # Trainer.save
+    self.model.foresight.load_checkpoint_state(state_dict)           # after torch.load(generator_ckpt)
+
+Stage 2 (Causal-Forcing ODE regression) uses ``ODEForesight`` the same way,
+with the ground-truth clean latent as the encoder input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mirai_plugin.capture import CapturedHidden, capture_hidden
+from mirai_plugin.config import ForesightConfig
+from mirai_plugin.encoder import FrozenEncoder
+from mirai_plugin.errors import MiraiError
+from mirai_plugin.head import ForesightHead
+
+CHECKPOINT_KEY = "foresight"
+
+
+def with_foresight_capture(generator_loss: Callable) -> Callable:
+    """Decorator for ``generator_loss``: runs it inside the foresight capture.
+
+    The capture hook exists only for the duration of the call and is removed even
+    when the call raises. Without an enabled ``self.foresight`` it calls straight
+    through.
+    """
+
+    @functools.wraps(generator_loss)
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        foresight = getattr(self, "foresight", None)
+        if foresight is None or not foresight.enabled:
+            return generator_loss(self, *args, **kwargs)
+        with foresight.capturing():
+            return generator_loss(self, *args, **kwargs)
+
+    return wrapper
+
+
+class _UpstreamForesight:
+    """Shared state and trainer hooks; subclasses say where the encoder and inputs come from."""
+
+    def __init__(self, model: nn.Module, args: Any, config: ForesightConfig) -> None:
+        self._model = model  # the upstream DMD / ODERegression object (holds the generator)
+        self.config = config
+        self.head: ForesightHead | None = None
+        self._captured: CapturedHidden | None = None
+        self._logged: dict[str, Tensor] = {}
+        if not config.enabled:
+            return
+        student = _core(model.generator)
+        self.config = config = config.replace(num_heads=config.num_heads or getattr(student, "num_heads", None))
+        self.head = ForesightHead(config, student.dim, self._encoder_dim()).to(device=_device(model))
+        _broadcast_from_rank0(self.head)
+        init = _get(args, "foresight_head_init", None)
+        if init:
+            self.load_checkpoint_state(torch.load(init, map_location="cpu", weights_only=True), strict=True)
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def enabled(self) -> bool:
+        return self.head is not None
+
+    # ------------------------------------------------------------- the term
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[CapturedHidden]:
+        with capture_hidden(self._model.generator, self.config.student_layer, select=self._select) as captured:
+            self._captured = captured
+            try:
+                yield captured
+            finally:
+                self._captured = None
+
+    _select: Callable[[Tensor], Tensor] | None = None
+
+    def _term(self, video: Tensor, conditional_dict: dict, log_dict: dict, **head_kwargs: Any) -> Tensor:
+        if self._captured is None:
+            raise MiraiError(
+                "add_term was called outside the foresight capture: decorate generator_loss with "
+                "@with_foresight_capture (the patch does this)"
+            )
+        encoder = FrozenEncoder(self._encoder(), self.config.encoder_layer)
+        encoder_hidden = encoder(video.detach(), conditional_dict)  # (b t e), stop-gradient target
+        term = self.head(self._captured, encoder_hidden, **head_kwargs)
+        log_dict["foresight_loss"] = term.detach()
+        self._logged["foresight_loss"] = term.detach()
+        return term
+
+    # --------------------------------------------------------- trainer hooks
+
+    def after_generator_step(self) -> None:
+        """After the generator optimizer step: clip, step and zero the head's own optimizer."""
+        if self.enabled:
+            self.head.step()
+
+    def log_values(self) -> dict[str, float]:
+        """Foresight values to log next to the trainer's losses (cleared once read)."""
+        values = {name: value.item() for name, value in self._logged.items()}
+        self._logged.clear()
+        return values
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """``{"foresight": {...}}`` for the trainer's checkpoint (empty when disabled)."""
+        if not self.enabled:
+            return {}
+        return {
+            CHECKPOINT_KEY: {
+                "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
+                "optimizer": self.head.optimizer.state_dict(),
+                "config": self.config.to_dict(),
+                "student_dim": self.head.student_dim,
+                "encoder_dim": self.head.encoder_dim,
+            }
+        }
+
+    def load_checkpoint_state(self, checkpoint: dict, *, strict: bool = False) -> None:
+        """Resume the head (and its optimizer) from a checkpoint written by ``checkpoint_state``,
+        or take its weights from an official Video-Mirai checkpoint (``mirai_projector``).
+
+        Without either entry nothing happens unless ``strict``.
+        """
+        if not self.enabled or not isinstance(checkpoint, dict):
+            return
+        if CHECKPOINT_KEY in checkpoint:
+            entry = checkpoint[CHECKPOINT_KEY]
+            self.head.load_state_dict(entry["head"], strict=True)
+            if entry.get("optimizer"):
+                self.head.optimizer.load_state_dict(entry["optimizer"])
+        elif "mirai_projector" in checkpoint:
+            official = ForesightHead.load_official(checkpoint, config=self.config)
+            self.head.load_state_dict(official.state_dict(), strict=True)
+        elif strict:
+            raise MiraiError(
+                f"checkpoint has neither a {CHECKPOINT_KEY!r} entry nor an official 'mirai_projector'; "
+                f"keys: {sorted(checkpoint)[:8]}"
+            )
+
+    # ------------------------------------------------------- for subclasses
+
+    def _encoder(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _encoder_dim(self) -> int:
+        return _core(self._encoder()).dim
+
+
+class DMDForesight(_UpstreamForesight):
+    """Stage 3 (DMD): the encoder is the frozen real score; targets come from the rollout.
+
+    Args:
+        dmd: the upstream ``DMD`` model (``generator``, ``real_score`` wrappers).
+        args: the trainer's config; the official ``foresight_*`` keys are read
+            (``ForesightConfig.from_upstream``), the segment size from
+            ``num_frame_per_block`` and the clip norm from ``max_grad_norm_generator``.
+    """
+
+    def __init__(self, dmd: nn.Module, args: Any) -> None:
+        super().__init__(dmd, args, ForesightConfig.from_upstream(args))
+
+    def _encoder(self) -> nn.Module:
+        # Looked up on every call: the trainer replaces `real_score` by its FSDP wrapper.
+        return self._model.real_score
+
+    def add_term(self, loss: Tensor, log_dict: dict, video: Tensor, conditional_dict: dict) -> Tensor:
+        """``loss`` plus the foresight term of the rollout ``video`` (unchanged when disabled)."""
+        if not self.enabled:
+            return loss
+        return loss + self._term(video, conditional_dict, log_dict)
+
+    def after_critic_step(self, train_generator: bool) -> None:
+        """On critic steps that are not generator steps: projector replay (``projector_every_step``)."""
+        if self.enabled and self.config.replay and not train_generator:
+            replayed = self.head.replay()
+            if replayed is not None:
+                self._logged["replay_foresight_loss"] = replayed
+
+
+class ODEForesight(_UpstreamForesight):
+    """Stage 2 (Causal-Forcing ODE regression, teacher-forced): the target is a frozen
+    bidirectional Wan's view of the ground-truth clean video.
+
+    Reads ``foresight_encoder_name`` (default ``Wan2.1-T2V-1.3B``) to build the frozen
+    encoder with the upstream ``WanDiffusionWrapper`` and ``foresight_fusion``
+    (default ``frame_mean``, the per-frame averaging the paper found best in Stage 2).
+    The student state is the noisy half of the teacher-forcing sequence; no replay
+    (every step is a generator step).
+    """
+
+    def __init__(self, model: nn.Module, args: Any) -> None:
+        config = ForesightConfig.from_upstream(args)
+        self._frozen: nn.Module | None = None
+        if config.enabled:
+            fusion = _get(args, "foresight_fusion", "frame_mean")
+            config = config.replace(fusion=fusion, replay=False)
+            self._frozen = _build_frozen_wan(_get(args, "foresight_encoder_name", "Wan2.1-T2V-1.3B"), model)
+        super().__init__(model, args, config)
+
+    @staticmethod
+    def _select(hidden: Tensor) -> Tensor:
+        # Teacher forcing runs [clean tokens, noisy tokens] through the blocks; the
+        # generator's prediction (and so the student state) is the noisy half.
+        return hidden[:, hidden.shape[1] // 2 :]
+
+    def _encoder(self) -> nn.Module:
+        return self._frozen
+
+    def add_term(self, loss: Tensor, log_dict: dict, clean_video: Tensor, conditional_dict: dict) -> Tensor:
+        """``loss`` plus the foresight term with the ground-truth ``clean_video`` as the encoder input."""
+        if not self.enabled:
+            return loss
+        patch = getattr(_core(self._model.generator), "patch_size", (1, 2, 2))
+        tokens_per_frame = (clean_video.shape[-2] // patch[1]) * (clean_video.shape[-1] // patch[2])
+        return loss + self._term(clean_video, conditional_dict, log_dict, tokens_per_frame=tokens_per_frame)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _core(wrapper: nn.Module) -> nn.Module:
+    """The transformer inside a (possibly FSDP-wrapped) WanDiffusionWrapper."""
+    module = wrapper
+    for _ in range(6):
+        if hasattr(module, "blocks") and hasattr(module, "dim"):
+            return module
+        module = getattr(module, "_fsdp_wrapped_module", None) or getattr(module, "module", None) or getattr(
+            module, "model", None
+        )
+        if module is None:
+            break
+    raise MiraiError(f"no Wan transformer (with .blocks and .dim) found inside {type(wrapper).__name__}")
+
+
+def _device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    if device is not None:
+        return torch.device(device)
+    return next(model.generator.parameters()).device
+
+
+def _get(args: Any, key: str, default: Any) -> Any:
+    value = args.get(key, None) if isinstance(args, dict) else getattr(args, key, None)
+    return default if value is None else value
+
+
+def _broadcast_from_rank0(module: nn.Module) -> None:
+    # Ranks seed differently (seed + rank); the head must start identical everywhere.
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        with torch.no_grad():
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+
+def _build_frozen_wan(model_name: str, model: nn.Module) -> nn.Module:
+    wrapper_cls = importlib.import_module("utils.wan_wrapper").WanDiffusionWrapper
+    encoder = wrapper_cls(model_name=model_name, is_causal=False)
+    encoder.requires_grad_(False)
+    dtype = getattr(model, "dtype", None)
+    return encoder.to(device=_device(model), dtype=dtype).eval()
+
+
+class _Disabled:
+    """Stands in for models without foresight (other trainers of the same codebase)."""
+
+    enabled = False
+
+    def after_generator_step(self) -> None:
+        pass
+
+    def after_critic_step(self, train_generator: bool) -> None:
+        pass
+
+    def log_values(self) -> dict[str, float]:
+        return {}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_checkpoint_state(self, checkpoint: dict, *, strict: bool = False) -> None:
+        pass
+
+
+_DISABLED = _Disabled()
+
+
+def foresight_of(model: nn.Module) -> _UpstreamForesight | _Disabled:
+    """The model's foresight glue, or a no-op stand-in (e.g. for CausVid/SiD models the
+    same trainer file also builds)."""
+    foresight = getattr(model, "foresight", None)
+    return foresight if foresight is not None else _DISABLED
