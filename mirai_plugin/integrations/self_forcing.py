@@ -122,6 +122,9 @@ class _UpstreamForesight:
         if self.enabled:
             self.head.step()
 
+    def after_critic_step(self, train_generator: bool) -> None:
+        """After the critic optimizer step (projector replay where the stage has it)."""
+
     def log_values(self) -> dict[str, float]:
         """Foresight values to log next to the trainer's losses (cleared once read)."""
         values = {name: value.item() for name, value in self._logged.items()}

@@ -1,0 +1,227 @@
+"""The patches on the real upstream trainers: copy a checkout, apply the patch with the
+``mirai-plugin`` command, train tiny random-weight models on a CPU (``trainer_harness.py``),
+single process and ``torchrun --nproc_per_node 2`` (gloo, FULL_SHARD).
+
+Needs checkouts (skipped otherwise): ``MIRAI_SELF_FORCING_DIR``, ``MIRAI_CAUSAL_FORCING_DIR``,
+``MIRAI_VIDEO_MIRAI_DIR``. Every training run is its own process (the checkouts share
+top-level package names).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mirai_plugin.patching import PATCHES
+
+HERE = Path(__file__).resolve().parent
+HARNESS = HERE / "trainer_harness.py"
+LAYERS = {"foresight_student_layer": 1, "foresight_teacher_layer": 2}  # tiny models have 4 blocks
+TOLERANCE = 1e-5
+PINNED = {
+    "MIRAI_SELF_FORCING_DIR": PATCHES["self-forcing"].commit,
+    "MIRAI_CAUSAL_FORCING_DIR": PATCHES["causal-forcing"].commit,
+    "MIRAI_VIDEO_MIRAI_DIR": "281e47e46a0bb442437227fd8d664e8cb120d043",
+}
+
+
+def checkout(var: str, dest: Path, *patches: str) -> Path:
+    """A fresh copy of the pinned checkout at ``dest``, patched with the ``mirai-plugin`` command."""
+    source = os.environ.get(var)
+    if not source:
+        pytest.skip(f"{var} is not set (path to an upstream checkout)")
+    subprocess.run(["git", "clone", "-q", source, str(dest)], check=True)
+    subprocess.run(["git", "-C", str(dest), "checkout", "-q", PINNED[var]], check=True)
+    for name in patches:
+        result = subprocess.run(
+            [sys.executable, "-m", "mirai_plugin.cli", "patch", "apply", "--upstream", name, str(dest)],
+            capture_output=True, text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "added:" in result.stdout
+    return dest
+
+
+def train(repo: Path, config: str, out: Path, *, steps: int, overrides=None, nproc=1, trainer="dmd", grad_probe=False):
+    args = [
+        str(HARNESS), "--checkout", str(repo), "--trainer", trainer, "--config", config,
+        "--steps", str(steps), "--out", str(out), "--overrides", json.dumps(overrides or {}),
+    ]
+    if grad_probe:
+        args.append("--grad-probe")
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    result = subprocess.run(launcher + args, capture_output=True, text=True, cwd=HERE.parent, timeout=900)
+    assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return torch.load(out / "result.pt", map_location="cpu", weights_only=False)
+
+
+def checkpoint(out: Path) -> dict:
+    (path,) = sorted((out / "logs").glob("checkpoint_model_*/model.pt"))[-1:]
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def logged(result: dict, key: str) -> list[float]:
+    return [entry[key] for entry in result["logs"] if key in entry]
+
+
+def generator_step(result: dict) -> dict:
+    return next(r for r in result["losses"] if r["train_generator"])
+
+
+def block_index(name: str) -> int | None:
+    match = re.search(r"\bblocks\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+# ------------------------------------------------------------------ 1. steps
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_self_forcing_generator_and_critic_steps(tmp_path, nproc):
+    repo = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "sf", "self-forcing")
+    config = "configs/video_mirai_dmd_chunkwise.yaml"
+    train(repo, config, tmp_path / "s0", steps=0, overrides=LAYERS, nproc=nproc)  # for its checkpoint
+    train(repo, config, tmp_path / "s1", steps=1, overrides=LAYERS, nproc=nproc)
+    on = train(repo, config, tmp_path / "on", steps=2, overrides=LAYERS, nproc=nproc, grad_probe=True)
+    off = train(repo, config, tmp_path / "off", steps=2, overrides={**LAYERS, "foresight_weight": 0}, nproc=nproc,
+                grad_probe=True)
+
+    # finite foresight loss on the generator step, replay loss on the following critic step
+    (foresight,) = logged(on, "foresight_loss")
+    (replay,) = logged(on, "replay_foresight_loss")
+    assert math.isfinite(foresight) and math.isfinite(replay) and foresight != 0
+
+    # the head changes on the generator step and again on the replay step
+    heads = [checkpoint(tmp_path / name)["foresight"]["head"] for name in ("s0", "s1", "on")]
+    for before, after in zip(heads, heads[1:]):
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    # the foresight term's gradient (same seeds with and without it) reaches blocks 0..l only
+    layer = LAYERS["foresight_student_layer"]
+    reached = {}
+    for name, grad in on["grads"].items():
+        diff = (grad - off["grads"][name]).abs().max().item()
+        index = block_index(name)
+        if index is not None:
+            reached[index] = reached.get(index, 0.0) + diff
+        elif name.startswith("model.head."):
+            assert diff == 0.0, name
+    assert all(reached[i] > 0 for i in range(layer + 1)), reached
+    assert all(reached[i] == 0.0 for i in reached if i > layer), reached
+
+
+# ------------------------------------------------------------- 2. official
+
+
+def test_same_losses_as_the_official_video_mirai(tmp_path):
+    official_repo = checkout("MIRAI_VIDEO_MIRAI_DIR", tmp_path / "vm")
+    repo = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "sf", "self-forcing")
+    config = "configs/video_mirai_dmd_chunkwise.yaml"
+    official_overrides = {**LAYERS, "gradient_accumulation_steps": 1}
+
+    # the official projector's initial weights, handed to our head
+    start = train(official_repo, config, tmp_path / "vm0", steps=0, overrides=official_overrides)
+    init = tmp_path / "official_init.pt"
+    torch.save({"mirai_projector": start["extra"]["mirai_projector"],
+                "foresight_dim_proj": start["extra"]["foresight_dim_proj"]}, init)
+
+    official = train(official_repo, config, tmp_path / "vm1", steps=1, overrides=official_overrides)
+    ours = train(repo, config, tmp_path / "sf1", steps=1, overrides={**LAYERS, "foresight_head_init": str(init)})
+    theirs, mine = generator_step(official), generator_step(ours)
+    assert abs(mine["foresight_loss"] - theirs["foresight_loss"]) <= TOLERANCE
+    dmd_theirs = theirs["generator_loss"] - theirs["foresight_loss"]
+    dmd_mine = mine["generator_loss"] - mine["foresight_loss"]
+    assert abs(dmd_mine - dmd_theirs) <= TOLERANCE
+    assert abs(mine["dmdtrain_gradient_norm"] - theirs["dmdtrain_gradient_norm"]) <= TOLERANCE
+    print(f"foresight official {theirs['foresight_loss']:.8f} ours {mine['foresight_loss']:.8f}; "
+          f"dmd official {dmd_theirs:.8f} ours {dmd_mine:.8f}")
+
+
+# --------------------------------------------------------------- 3. weight 0
+
+
+def test_weight_zero_reproduces_the_unpatched_trainer(tmp_path):
+    plain = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "plain")
+    patched = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "patched", "self-forcing")
+    baseline = train(plain, "configs/self_forcing_dmd.yaml", tmp_path / "a", steps=2)
+    runs = [
+        train(patched, "configs/video_mirai_dmd_chunkwise.yaml", tmp_path / "b", steps=2,
+              overrides={"foresight_weight": 0}),
+        train(patched, "configs/self_forcing_dmd.yaml", tmp_path / "c", steps=2),  # no foresight keys at all
+    ]
+    for run, name in zip(runs, "bc"):
+        assert run["logs"] == baseline["logs"]
+        assert run["losses"] == baseline["losses"]
+        for part in ("generator", "critic"):
+            assert run[part].keys() == baseline[part].keys()
+            assert all(torch.equal(run[part][k], baseline[part][k]) for k in baseline[part])
+        assert set(checkpoint(tmp_path / name)) == set(checkpoint(tmp_path / "a"))
+
+
+# ---------------------------------------------------------------- 4. inference
+
+
+def test_inference_is_untouched(tmp_path):
+    plain = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "plain")
+    patched = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "patched", "self-forcing")
+    train(patched, "configs/video_mirai_dmd_chunkwise.yaml", tmp_path / "run", steps=1, overrides=LAYERS)
+    (saved,) = (tmp_path / "run" / "logs").glob("checkpoint_model_*/model.pt")
+    assert {"generator", "foresight"} <= set(torch.load(saved, map_location="cpu", weights_only=False))
+
+    videos = []
+    for repo, name in ((plain, "inf_plain"), (patched, "inf_patched")):
+        result = subprocess.run(
+            [sys.executable, str(HARNESS), "--mode", "inference", "--checkout", str(repo),
+             "--config", "configs/self_forcing_dmd.yaml", "--checkpoint", str(saved), "--noise-seed", "0",
+             "--out", str(tmp_path / name)],
+            capture_output=True, text=True, cwd=HERE.parent, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-6000:]  # strict load into each checkout
+        videos.append(torch.load(tmp_path / name / "inference.pt", weights_only=False)["video"])
+    assert torch.equal(videos[0], videos[1])
+    for path in ("inference.py", "pipeline/causal_inference.py", "wan/modules/causal_model.py"):
+        assert (plain / path).read_bytes() == (patched / path).read_bytes()
+
+
+# ----------------------------------------------------------- Causal-Forcing
+
+
+@pytest.mark.parametrize("segmenting", ["chunkwise", "framewise"])
+def test_causal_forcing_dmd(tmp_path, segmenting):
+    repo = checkout("MIRAI_CAUSAL_FORCING_DIR", tmp_path / "cf", "causal-forcing")
+    result = train(repo, f"configs/video_mirai_dmd_{segmenting}.yaml", tmp_path / "run", steps=2, overrides=LAYERS)
+    (foresight,) = logged(result, "foresight_loss")
+    (replay,) = logged(result, "replay_foresight_loss")
+    assert math.isfinite(foresight) and math.isfinite(replay)
+    assert "foresight" in checkpoint(tmp_path / "run")
+
+
+def test_causal_forcing_stage2_ode_with_ground_truth_future(tmp_path):
+    plain = checkout("MIRAI_CAUSAL_FORCING_DIR", tmp_path / "plain")
+    repo = checkout("MIRAI_CAUSAL_FORCING_DIR", tmp_path / "cf", "causal-forcing-ode")
+    config = "configs/video_mirai_ode_chunkwise.yaml"
+    on = train(repo, config, tmp_path / "on", steps=1, overrides=LAYERS, trainer="ode", grad_probe=True)
+    (record,) = on["losses"]
+    assert math.isfinite(record["foresight_loss"]) and record["foresight_loss"] != 0
+    assert math.isfinite(record["generator_loss"])
+    assert any(block_index(n) == 0 and g.abs().sum() > 0 for n, g in on["grads"].items())
+
+    baseline = train(plain, "configs/causal_ode_chunkwise.yaml", tmp_path / "a", steps=1, trainer="ode")
+    off = train(repo, config, tmp_path / "off", steps=1, overrides={**LAYERS, "foresight_weight": 0}, trainer="ode")
+    assert off["losses"] == baseline["losses"]
+    assert all(torch.equal(off["generator"][k], baseline["generator"][k]) for k in baseline["generator"])
+
+
+@pytest.fixture(autouse=True)
+def _keep_tmp_small(tmp_path):
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
