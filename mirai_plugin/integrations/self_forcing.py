@@ -292,31 +292,10 @@ def _build_frozen_wan(model_name: str, model: nn.Module) -> nn.Module:
     return encoder.to(device=_device(model), dtype=dtype).eval()
 
 
-class _Disabled:
-    """Stands in for models without foresight (other trainers of the same codebase)."""
-
-    enabled = False
-
-    def after_generator_step(self) -> None:
-        pass
-
-    def after_critic_step(self, train_generator: bool) -> None:
-        pass
-
-    def log_values(self) -> dict[str, float]:
-        return {}
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_checkpoint_state(self, checkpoint: dict, *, strict: bool = False) -> None:
-        pass
+_DISABLED = _UpstreamForesight(None, {}, ForesightConfig(weight=0.0))
 
 
-_DISABLED = _Disabled()
-
-
-def foresight_of(model: nn.Module) -> _UpstreamForesight | _Disabled:
+def foresight_of(model: nn.Module) -> _UpstreamForesight:
     """The model's foresight glue, or a no-op stand-in (e.g. for CausVid/SiD models the
     same trainer file also builds)."""
     foresight = getattr(model, "foresight", None)
