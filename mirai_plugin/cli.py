@@ -1,5 +1,7 @@
 """The ``mirai-plugin`` command.
 
+    mirai-plugin demo [--quick] [--steps N] [--seeds N] [--segment-frames N] [--offsets 0 1] [--layer L] [--out DIR]
+    mirai-plugin probe FEATURES.safetensors [--horizons 1 2 3] [--test-videos N] [--peak P] [--json]
     mirai-plugin patch list
     mirai-plugin patch check  --upstream self-forcing PATH
     mirai-plugin patch apply  --upstream self-forcing PATH
@@ -35,9 +37,72 @@ def _patch_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mirai_plugin.demo.run import make_config, run_demo
+
+    cfg = make_config(
+        quick=args.quick,
+        steps=args.steps,
+        seeds=tuple(range(args.seeds)) if args.seeds else None,
+        segment_frames=args.segment_frames,
+        offsets=tuple(args.offsets) if args.offsets else None,
+        layer=args.layer,
+    )
+    run_demo(cfg, Path(args.out))
+    return 0
+
+
+def _probe_command(args: argparse.Namespace) -> int:
+    import json
+
+    from safetensors.torch import load_file
+
+    from mirai_plugin.probe import probe
+
+    tensors = load_file(args.features)
+    if "targets" not in tensors:
+        raise MiraiError(f"{args.features} has no 'targets' tensor (videos, segments, tokens, values)")
+    sets = {k.partition(".")[2] or "features": v for k, v in tensors.items() if k.split(".")[0] == "features"}
+    if not sets:
+        raise MiraiError(f"{args.features} has no 'features' or 'features.<name>' tensor (videos, segments, tokens, width)")
+    results = {
+        name: probe(feats, tensors["targets"], horizons=args.horizons, test_videos=args.test_videos, peak=args.peak,
+                    steps=args.steps)
+        for name, feats in sets.items()
+    }
+    if args.json:
+        print(json.dumps({name: {str(h): r for h, r in res.items()} for name, res in results.items()}, indent=2))
+        return 0
+    print(f"{'features':20s} " + " ".join(f"{'h=' + str(h) + ' PSNR':>12s}" for h in args.horizons))
+    for name, res in results.items():
+        print(f"{name:20s} " + " ".join(f"{res[h]['psnr']:12.2f}" for h in args.horizons))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirai-plugin", description="Video-Mirai foresight loss for causal video diffusion trainers.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="the method on a toy video world, baseline vs foresight, on a CPU")
+    demo.add_argument("--quick", action="store_true", help="a reduced run (about a minute)")
+    demo.add_argument("--steps", type=int, help="student training steps")
+    demo.add_argument("--seeds", type=int, help="number of seeds (default 3)")
+    demo.add_argument("--segment-frames", type=int, help="frames per segment (3 chunk-wise, 1 frame-wise)")
+    demo.add_argument("--offsets", type=int, nargs="+", help="foresight offsets (default 0 1)")
+    demo.add_argument("--layer", type=int, help="student block whose output is aligned (default 1 of 4)")
+    demo.add_argument("--out", default="mirai-demo", help="output folder (results.json, figure.png)")
+    demo.set_defaults(run=_demo_command)
+
+    probe = commands.add_parser("probe", help="train readouts from frozen features to future segments, report PSNR")
+    probe.add_argument("features", help="safetensors file: 'targets' and 'features' or 'features.<name>'")
+    probe.add_argument("--horizons", type=int, nargs="+", default=[1, 2, 3])
+    probe.add_argument("--test-videos", type=int, help="held-out videos (default a quarter)")
+    probe.add_argument("--peak", type=float, default=1.0, help="value range of the targets, for PSNR")
+    probe.add_argument("--steps", type=int, default=400, help="readout training steps")
+    probe.add_argument("--json", action="store_true")
+    probe.set_defaults(run=_probe_command)
     patch = commands.add_parser("patch", help="splice mirai_plugin into an upstream trainer checkout")
     actions = patch.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="the patches and the upstream commits they target").set_defaults(run=_patch_command)
