@@ -2,6 +2,9 @@
 
     mirai-plugin demo [--quick] [--steps N] [--seeds N] [--segment-frames N] [--offsets 0 1] [--layer L] [--out DIR]
     mirai-plugin probe FEATURES.safetensors [--horizons 1 2 3] [--test-videos N] [--peak P] [--json]
+    mirai-plugin score RESULTS.json [...] [--json]
+    mirai-plugin compare BASELINE CANDIDATE [--bootstrap 10000] [--seed 0] [--json]
+    mirai-plugin vbench VIDEOS_DIR --mode standard|long [--dimensions ...] --out DIR --name NAME
     mirai-plugin patch list
     mirai-plugin patch check  --upstream self-forcing PATH
     mirai-plugin patch apply  --upstream self-forcing PATH
@@ -81,6 +84,88 @@ def _probe_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _result_files(path: str) -> list:
+    from pathlib import Path
+
+    folder = Path(path)
+    if folder.is_dir():
+        files = sorted(folder.glob("*_eval_results.json"))
+        if not files:
+            raise MiraiError(f"{folder} holds no *_eval_results.json files")
+        return files
+    return [folder]
+
+
+def _scores_of(paths: list[str]) -> dict[str, float]:
+    import json
+    from pathlib import Path
+
+    from mirai_plugin.eval import load_results, scores_from_percent
+
+    if len(paths) == 1 and Path(paths[0]).is_file():
+        text = Path(paths[0]).read_text()
+        if paths[0].endswith(".csv"):
+            rows = [line.split(",") for line in text.splitlines() if line.strip() and not line.startswith("dimension")]
+            return scores_from_percent({name: float(value) for name, value in rows})
+        data = json.loads(text)
+        if isinstance(data, dict) and all(isinstance(v, (int, float)) for v in data.values()):
+            return scores_from_percent(data)  # a table of the 16 dimensions in percent
+    files = [f for path in paths for f in _result_files(path)]
+    return {name: result.reported for name, result in load_results(files).items()}
+
+
+def _score_command(args: argparse.Namespace) -> int:
+    import json
+
+    from mirai_plugin.eval import DIMENSIONS, final_scores
+
+    scores = _scores_of(args.results)
+    totals = final_scores(scores)
+    rows = [(name, 100 * scores[name]) for name in DIMENSIONS]
+    rows += [(part, 100 * totals[part]) for part in ("quality", "semantic", "total")]
+    if args.json:
+        print(json.dumps({name: value for name, value in rows}, indent=2))
+    else:
+        for name, value in rows:
+            print(f"{name:24s} {value:8.2f}")
+    return 0
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from mirai_plugin.eval import compare, load_results
+
+    frames = json.loads(open(args.frames).read()) if args.frames else None
+    baseline = load_results(_result_files(args.baseline), frames=frames)
+    candidate = load_results(_result_files(args.candidate), frames=frames)
+    start = time.perf_counter()
+    rows = compare(baseline, candidate, replicates=args.bootstrap, seed=args.seed, level=args.level)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps([{**row.__dict__, "significant": row.significant} for row in rows], indent=2))
+        return 0
+    percent = int(round(100 * args.level))
+    print(f"{'dimension':24s} {'baseline':>9s} {'candidate':>9s} {'diff':>8s} {'se':>7s}  {percent}% CI")
+    for row in rows:
+        mark = " *" if row.significant else ""
+        print(f"{row.name:24s} {row.baseline:9.2f} {row.candidate:9.2f} {row.difference:+8.2f} {row.standard_error:7.2f}"
+              f"  [{row.low:+.2f}, {row.high:+.2f}]{mark}")
+    print(f"\n* CI excludes 0. Paired prompt-level bootstrap, {args.bootstrap} replicates, seed {args.seed}, "
+          f"{seconds:.1f}s.")
+    return 0
+
+
+def _vbench_command(args: argparse.Namespace) -> int:
+    from mirai_plugin.eval.runner import run_vbench
+
+    path = run_vbench(args.videos, mode=args.mode, dimensions=args.dimensions, output=args.out, name=args.name,
+                      device=args.device)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirai-plugin", description="Video-Mirai foresight loss for causal video diffusion trainers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +188,30 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--steps", type=int, default=400, help="readout training steps")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(run=_probe_command)
+    score = commands.add_parser("score", help="VBench Quality/Semantic/Total from result files or a percent table")
+    score.add_argument("results", nargs="+", help="*_eval_results.json files or folders, or one table (JSON/CSV, percent)")
+    score.add_argument("--json", action="store_true")
+    score.set_defaults(run=_score_command)
+
+    comp = commands.add_parser("compare", help="paired prompt-level bootstrap of the VBench difference")
+    comp.add_argument("baseline", help="result file or folder of *_eval_results.json")
+    comp.add_argument("candidate", help="result file or folder of *_eval_results.json")
+    comp.add_argument("--bootstrap", type=int, default=10_000, help="replicates")
+    comp.add_argument("--seed", type=int, default=0)
+    comp.add_argument("--level", type=float, default=0.95, help="confidence level of the percentile CI")
+    comp.add_argument("--frames", help="JSON {video file name: frames} for frame-weighting subject consistency")
+    comp.add_argument("--json", action="store_true")
+    comp.set_defaults(run=_compare_command)
+
+    vb = commands.add_parser("vbench", help="run VBench (needs the vbench package and its weights)")
+    vb.add_argument("videos")
+    vb.add_argument("--mode", choices=("standard", "long"), default="standard")
+    vb.add_argument("--dimensions", nargs="+")
+    vb.add_argument("--out", required=True)
+    vb.add_argument("--name", required=True)
+    vb.add_argument("--device", default="cuda")
+    vb.set_defaults(run=_vbench_command)
+
     patch = commands.add_parser("patch", help="splice mirai_plugin into an upstream trainer checkout")
     actions = patch.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="the patches and the upstream commits they target").set_defaults(run=_patch_command)
