@@ -5,6 +5,7 @@
     mirai-plugin score RESULTS.json [...] [--json]
     mirai-plugin compare BASELINE CANDIDATE [--bootstrap 10000] [--seed 0] [--json]
     mirai-plugin vbench VIDEOS_DIR --mode standard|long [--dimensions ...] --out DIR --name NAME
+    mirai-plugin flops [CONFIG.yaml] [--json]
     mirai-plugin patch list
     mirai-plugin patch check  --upstream self-forcing PATH
     mirai-plugin patch apply  --upstream self-forcing PATH
@@ -166,6 +167,27 @@ def _vbench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flops_command(args: argparse.Namespace) -> int:
+    import json
+
+    from mirai_plugin import ForesightConfig
+    from mirai_plugin.flops import CycleShape, cycle_from_upstream, dmd_cycle, report
+
+    if args.config:
+        try:
+            from omegaconf import OmegaConf
+        except ImportError:
+            raise MiraiError("reading a YAML config needs omegaconf: pip install omegaconf") from None
+        cycle, foresight = cycle_from_upstream(OmegaConf.load(args.config))
+        if not foresight.enabled:
+            foresight = foresight.replace(weight=ForesightConfig().weight)  # estimate the recipe's term anyway
+    else:
+        cycle, foresight = CycleShape(), ForesightConfig()
+    result = dmd_cycle(cycle, foresight)
+    print(json.dumps(result, indent=2) if args.json else report(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirai-plugin", description="Video-Mirai foresight loss for causal video diffusion trainers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     vb.add_argument("--name", required=True)
     vb.add_argument("--device", default="cuda")
     vb.set_defaults(run=_vbench_command)
+
+    flops = commands.add_parser("flops", help="FLOPs of one DMD cycle with and without the foresight term")
+    flops.add_argument("config", nargs="?", help="an upstream config (default: the official recipe)")
+    flops.add_argument("--json", action="store_true")
+    flops.set_defaults(run=_flops_command)
 
     patch = commands.add_parser("patch", help="splice mirai_plugin into an upstream trainer checkout")
     actions = patch.add_subparsers(dest="action", required=True)

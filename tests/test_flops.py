@@ -1,0 +1,79 @@
+"""The FLOP estimator's arithmetic against FlopCounterMode on tiny modules."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from mirai_plugin import ForesightConfig, ForesightHead
+from mirai_plugin.cli import main
+from mirai_plugin.flops import CycleShape, TransformerShape, block_flops, dmd_cycle, forward_flops
+
+
+class WanShapedBlock(nn.Module):
+    """The matmuls of a Wan block: self-attention, cross-attention to text, FFN."""
+
+    def __init__(self, dim, ffn, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.cq, self.ck, self.cv, self.co = (nn.Linear(dim, dim) for _ in range(4))
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+
+    def attend(self, q, k, v):
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+
+    def forward(self, x, cache_k, cache_v, text):
+        k = torch.cat([cache_k, self.k(x)], dim=1)
+        v = torch.cat([cache_v, self.v(x)], dim=1)
+        x = x + self.o(self.attend(self.q(x), k, v))
+        x = x + self.co(self.attend(self.cq(x), self.ck(text), self.cv(text)))
+        return x + self.ffn(x)
+
+
+def counted(fn):
+    # The math backend decomposes attention into matmuls the counter sees (fused CPU kernels it does not count).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_block_formula_matches_flop_counter():
+    dim, ffn, queries, cached, text = 32, 80, 12, 24, 7
+    block = WanShapedBlock(dim, ffn)
+    x, ck, cv, t = torch.randn(1, queries, dim), torch.randn(1, cached, dim), torch.randn(1, cached, dim), torch.randn(1, text, dim)
+    shape = TransformerShape(dim=dim, depth=1, ffn_dim=ffn, text_tokens=text)
+    assert counted(lambda: block(x, ck, cv, t)) == block_flops(shape, queries, queries + cached)
+
+
+def test_predictor_formula_matches_flop_counter():
+    cfg = ForesightConfig(num_heads=2, segment_frames=1)
+    head = ForesightHead(cfg, student_dim=16, encoder_dim=24)
+    rows, tokens = 3, 10
+    measured = counted(lambda: head.predict(torch.randn(rows, tokens, 16)))
+    predictor = TransformerShape(dim=16, depth=cfg.predictor_depth, ffn_dim=64, cross_attention=False)
+    assert measured == rows * forward_flops(predictor, tokens, tokens) + 2 * rows * tokens * 16 * 24
+
+
+def test_cycle_terms_and_overhead():
+    result = dmd_cycle(CycleShape(), ForesightConfig())
+    assert 0.03 < result["overhead"] < 0.15
+    assert result["foresight_terms"]["projector replay (critic steps)"] == 4 * result["foresight_terms"][
+        "predictor + projection forward and backward"]
+    no_replay = dmd_cycle(CycleShape(), ForesightConfig(replay=False))
+    assert no_replay["foresight_terms"]["projector replay (critic steps)"] == 0
+    deeper = dmd_cycle(CycleShape(), ForesightConfig(encoder_layer=39))
+    assert deeper["foresight"] > result["foresight"]  # the early exit matters
+    assert dmd_cycle(CycleShape(), None)["foresight"] == 0
+
+
+def test_flops_command(tmp_path, capsys):
+    assert main(["flops"]) == 0
+    assert "foresight overhead per cycle" in capsys.readouterr().out
+    config = tmp_path / "c.yaml"
+    config.write_text("image_or_video_shape: [1, 21, 16, 60, 104]\nnum_frame_per_block: 1\nreal_name: Wan2.1-T2V-14B\n"
+                      "foresight_weight: 0.2\nforesight_delta: 1\n")
+    assert main(["flops", str(config), "--json"]) == 0
+    assert '"overhead"' in capsys.readouterr().out
