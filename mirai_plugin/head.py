@@ -6,7 +6,7 @@ s tokens per frame, f frames per segment, d student width, e encoder width.
 Data flow of one generator step::
 
     captured h_k (b n d), attached  ->  predictor  ->  projection  ->  (b k n e)
-    encoder z (b t e), no grad      ->  fuse_targets                ->  y_k
+    encoder z (b t e), no grad      ->  segment layout (targets)    ->  y_k
     loss = weight * mean over segments (or valid segment/offset pairs) of foresight_loss
 
 The head owns its parameters, its optimizer and the replay cache; nothing is
@@ -30,7 +30,8 @@ from mirai_plugin.config import ForesightConfig
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.loss import foresight_loss
 from mirai_plugin.predictor import MLP, DiTPredictor, MultiMLP
-from mirai_plugin.targets import SegmentTargets, fuse_targets, segment_count
+from mirai_plugin.fused import fused_mean_cosine
+from mirai_plugin.targets import SegmentLayout, SegmentTargets, materialise_targets, segment_count, segment_layout
 
 
 @dataclass
@@ -98,6 +99,7 @@ class ForesightHead(nn.Module):
 
         # Plain attributes, not modules or buffers: they never enter state_dict().
         self._per_offset = config.predictor == "multi_mlp" or config.offset_conditioning
+        self._fused = config.fusion == "mean" and config.loss == "cosine"
         self._replay: list[_ReplayBatch] = []
         self._replay_closed = False
         self._optimizer: torch.optim.Optimizer | None = None
@@ -158,29 +160,38 @@ class ForesightHead(nn.Module):
                 f"run the encoder on the whole rollout the generator produced"
             )
 
-        targets = fuse_targets(
+        layout = segment_layout(
             encoder_hidden,
             segment_frames=cfg.segment_frames,
             tokens_per_frame=s,
             offsets=cfg.offsets,
-            fusion=cfg.fusion,
             segments=segments,
             prefix_frames=prefix_frames,
         )
-        if targets.segments.numel() == 0:
+        if layout.segments.numel() == 0:
             raise MiraiError(
                 f"no captured segment has a target: captured {segments}, encoder has {num_segments} segments "
                 f"and offsets {cfg.offsets} all point past the end"
             )
-        keep = torch.isin(torch.tensor(segments, device=targets.segments.device), targets.segments)
+        keep = torch.isin(torch.tensor(segments, device=layout.segments.device), layout.segments)
         hidden = hidden[:, keep.to(hidden.device)]  # (b k n d): supervised segments only
 
-        per_item = self._losses(hidden, targets, s)  # (k) for mean fusion, (k o) otherwise
-        loss = per_item.mean() if cfg.fusion == "mean" else per_item[targets.valid].mean()
+        if self._fused:
+            # The official recipe's loss, one segment's target at a time (see fused.py).
+            b, k, n, _ = hidden.shape
+            pred = self.predict(rearrange(hidden, "b k n d -> (b k) n d")).view(b, k, n, -1)  # (b k n e)
+            per_item = fused_mean_cosine(pred, layout.z, layout.source, layout.valid)  # (k)
+            targets = None
+        else:
+            targets = materialise_targets(layout, fusion=cfg.fusion, segment_frames=cfg.segment_frames, tokens_per_frame=s)
+            per_item = self._losses(hidden, targets, s)  # (k) for mean fusion, (k o) otherwise
+        loss = per_item.mean() if cfg.fusion == "mean" else per_item[layout.valid].mean()
         if cfg.check_finite and not bool(torch.isfinite(loss)):
-            raise MiraiError(self._diagnose_nonfinite(hidden, targets, per_item))
+            raise MiraiError(self._diagnose_nonfinite(hidden, layout, per_item))
 
         if cfg.replay and self.training and torch.is_grad_enabled():
+            if targets is None:
+                targets = materialise_targets(layout, fusion=cfg.fusion, segment_frames=cfg.segment_frames, tokens_per_frame=s)
             self._cache_for_replay(hidden, targets)
 
         weighted = loss * cfg.weight
@@ -189,7 +200,7 @@ class ForesightHead(nn.Module):
         return weighted, {
             "foresight_loss": weighted.detach(),
             "foresight_loss_unweighted": loss.detach(),
-            "segments": targets.segments.tolist(),
+            "segments": layout.segments.tolist(),
             "per_segment": per_item.detach(),
         }
 
@@ -275,9 +286,10 @@ class ForesightHead(nn.Module):
             raise MiraiError(f"captured hidden states disagree on batch size: {[tuple(c.shape) for c in chunks]}")
         return torch.cat(chunks, dim=1), segments  # (b k n d)
 
-    def _diagnose_nonfinite(self, hidden: Tensor, targets: SegmentTargets, per_item: Tensor) -> str:
-        segs = targets.segments.tolist()
-        bad_target = [segs[i] for i in range(len(segs)) if not bool(torch.isfinite(targets.target[:, i]).all())]
+    def _diagnose_nonfinite(self, hidden: Tensor, layout: SegmentLayout, per_item: Tensor) -> str:
+        segs = layout.segments.tolist()
+        finite_z = torch.isfinite(layout.z).flatten(2).all(dim=2).all(dim=0)  # (K)
+        bad_target = [segs[i] for i in range(len(segs)) if not bool(finite_z[layout.source[i][layout.valid[i]]].all())]
         bad_hidden = [segs[i] for i in range(len(segs)) if not bool(torch.isfinite(hidden[:, i]).all())]
         if bad_target:
             return f"foresight loss is not finite: encoder targets contain NaN/inf at segments {bad_target}"

@@ -57,6 +57,64 @@ def segment_count(tokens: int, *, segment_frames: int, tokens_per_frame: int, pr
     return frames // segment_frames
 
 
+class SegmentLayout(NamedTuple):
+    """Where each supervised segment's targets are, without building them.
+
+    Attributes:
+        z: ``(b K n e)`` the encoder hidden states split into segments (a view).
+        source: ``(k o)`` index in ``z`` of segment ``segments[i] + offsets[o]`` (clamped where invalid).
+        valid: ``(k o)`` bool, that offset lies inside the video.
+        segments: ``(k,)`` supervised segment indices.
+        offsets: the offset window.
+    """
+
+    z: Tensor
+    source: Tensor
+    valid: Tensor
+    segments: Tensor
+    offsets: tuple[int, ...]
+
+
+def segment_layout(
+    encoder_hidden: Tensor,
+    *,
+    segment_frames: int,
+    tokens_per_frame: int,
+    offsets: Sequence[int] = (0, 1),
+    segments: Sequence[int] | Tensor | None = None,
+    prefix_frames: int = 0,
+) -> SegmentLayout:
+    """The segment view and the offset indices behind ``fuse_targets`` (see there for the arguments)."""
+    if encoder_hidden.dim() != 3:
+        raise MiraiError(f"encoder_hidden must be (batch, tokens, width), got shape {tuple(encoder_hidden.shape)}")
+    offsets = tuple(offsets)
+    if not offsets or any((not isinstance(d, int)) or d < 0 for d in offsets):
+        raise MiraiError(f"offsets must be a non-empty sequence of ints >= 0, got {offsets!r}")
+    b, t, e = encoder_hidden.shape
+    num_segments = segment_count(
+        t, segment_frames=segment_frames, tokens_per_frame=tokens_per_frame, prefix_frames=prefix_frames
+    )
+    n = segment_frames * tokens_per_frame
+    z = encoder_hidden[:, prefix_frames * tokens_per_frame :].reshape(b, num_segments, n, e)  # (b K n e), a view
+
+    device = encoder_hidden.device
+    if segments is None:
+        wanted = torch.arange(num_segments, device=device)
+    else:
+        wanted = torch.as_tensor(segments, dtype=torch.long, device=device).flatten()
+        if wanted.numel() and (wanted.min() < 0 or wanted.max() >= num_segments):
+            raise MiraiError(
+                f"segments {wanted.tolist()} out of range: the encoder saw {num_segments} segments "
+                f"(0..{num_segments - 1})"
+            )
+    offset_t = torch.tensor(offsets, device=device)
+    valid = wanted[:, None] + offset_t[None, :] < num_segments  # (k o)
+    supervised = valid.any(dim=1)
+    wanted, valid = wanted[supervised], valid[supervised]
+    source = (wanted[:, None] + offset_t[None, :]).clamp(max=num_segments - 1)  # (k o) segment index k+d
+    return SegmentLayout(z, source, valid, wanted, offsets)
+
+
 def fuse_targets(
     encoder_hidden: Tensor,
     *,
@@ -88,47 +146,28 @@ def fuse_targets(
         >>> t.segments.tolist(), t.target[0, :, 0, 0].tolist()  # frame 0 with 2, 2 with 4, 4 alone
         ([0, 1, 2], [1.0, 3.0, 4.0])
     """
-    if encoder_hidden.dim() != 3:
-        raise MiraiError(f"encoder_hidden must be (batch, tokens, width), got shape {tuple(encoder_hidden.shape)}")
     if fusion not in FUSIONS:
         raise MiraiError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-    offsets = tuple(offsets)
-    if not offsets or any((not isinstance(d, int)) or d < 0 for d in offsets):
-        raise MiraiError(f"offsets must be a non-empty sequence of ints >= 0, got {offsets!r}")
-
-    b, t, e = encoder_hidden.shape
-    s, frames_per_segment = tokens_per_frame, segment_frames
-    num_segments = segment_count(
-        t, segment_frames=frames_per_segment, tokens_per_frame=s, prefix_frames=prefix_frames
+    layout = segment_layout(
+        encoder_hidden, segment_frames=segment_frames, tokens_per_frame=tokens_per_frame, offsets=offsets,
+        segments=segments, prefix_frames=prefix_frames,
     )
-    n = frames_per_segment * s
-    z = encoder_hidden[:, prefix_frames * s :].reshape(b, num_segments, n, e)  # (b K n e), a view
+    return materialise_targets(layout, fusion=fusion, segment_frames=segment_frames, tokens_per_frame=tokens_per_frame)
 
-    device = encoder_hidden.device
-    if segments is None:
-        wanted = torch.arange(num_segments, device=device)
-    else:
-        wanted = torch.as_tensor(segments, dtype=torch.long, device=device).flatten()
-        if wanted.numel() and (wanted.min() < 0 or wanted.max() >= num_segments):
-            raise MiraiError(
-                f"segments {wanted.tolist()} out of range: the encoder saw {num_segments} segments "
-                f"(0..{num_segments - 1})"
-            )
-    offset_t = torch.tensor(offsets, device=device)
-    valid = wanted[:, None] + offset_t[None, :] < num_segments  # (k o)
-    supervised = valid.any(dim=1)
-    wanted, valid = wanted[supervised], valid[supervised]
-    source = (wanted[:, None] + offset_t[None, :]).clamp(max=num_segments - 1)  # (k o) segment index k+d
 
+def materialise_targets(layout: SegmentLayout, *, fusion: str, segment_frames: int, tokens_per_frame: int) -> SegmentTargets:
+    """The targets of a ``segment_layout`` as tensors (see ``fuse_targets``)."""
+    z, source, valid = layout.z, layout.source, layout.valid
     if fusion == "mean":
-        target = _mean_over_offsets(z, source, valid)
+        target = _mean_over_offsets(z, source, valid)  # (b k n e)
     elif fusion == "none":
         target = z[:, source] * valid[None, :, :, None, None]  # (b k o n e)
     else:
-        per_frame = z.view(b, num_segments, frames_per_segment, s, e)
+        b, num_segments, _, e = z.shape
+        per_frame = z.view(b, num_segments, segment_frames, tokens_per_frame, e)
         frame_avg = per_frame.mean(dim=2, dtype=torch.float32).to(z.dtype)  # (b K s e)
         target = frame_avg[:, source] * valid[None, :, :, None, None]  # (b k o s e)
-    return SegmentTargets(target, valid, wanted, offsets)
+    return SegmentTargets(target, valid, layout.segments, layout.offsets)
 
 
 def _mean_over_offsets(z: Tensor, source: Tensor, valid: Tensor) -> Tensor:
