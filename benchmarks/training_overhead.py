@@ -24,7 +24,7 @@ from mirai_plugin.flops import CycleShape, TransformerShape, dmd_cycle
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"foresight_student_layer": 1, "foresight_teacher_layer": 2}
-RUNS, STEPS = 3, 10
+RUNS, STEPS = 5, 10
 
 
 def train_seconds(repo: Path, out: Path, overrides: dict) -> float:

@@ -70,6 +70,9 @@ class ForesightConfig:
             predictor on them at critic steps (official ``projector_every_step``).
         replay_device: where replay pairs are kept (``"cpu"`` as upstream, or ``None``
             to keep them where they were computed).
+        replay_segments: cached segments per replay backward; ``None`` (default) runs one
+            backward for all of them, ``1`` bounds memory to one segment at a time as the
+            official trainer does. The gradient is the same.
         check_finite: raise, naming the segment, when the loss is NaN/inf.
 
     Example:
@@ -99,6 +102,7 @@ class ForesightConfig:
     max_grad_norm: float | None = 10.0
     replay: bool = True
     replay_device: str | None = "cpu"
+    replay_segments: int | None = None
     check_finite: bool = True
 
     def __post_init__(self) -> None:
@@ -138,6 +142,10 @@ class ForesightConfig:
             f"betas must be two numbers in [0, 1), got {self.betas!r}",
         )
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check(
+            self.replay_segments is None or (isinstance(self.replay_segments, int) and self.replay_segments >= 1),
+            f"replay_segments must be None (all at once) or an int >= 1, got {self.replay_segments!r}",
+        )
         _check(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}",

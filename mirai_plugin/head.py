@@ -325,8 +325,9 @@ class ForesightHead(nn.Module):
     def replay(self, *, step: bool = True) -> Tensor | None:
         """Projector-only update on the pairs of the last generator step (critic steps).
 
-        Each segment is a separate backward (bounded memory), weighted so the summed
-        gradient equals ``weight * mean over pairs``, as the official trainer does.
+        ``config.replay_segments`` segments go through each backward (1: one backward per
+        segment, the official trainer's memory bound; ``None``: one backward for all),
+        weighted so the summed gradient is ``weight * mean over pairs`` either way.
         With ``step`` the head's optimizer is zeroed before, then clipped and stepped.
 
         Returns:
@@ -341,11 +342,12 @@ class ForesightHead(nn.Module):
         num_pairs = self.replay_pairs
         total = torch.zeros((), device=device)
         for batch in self._replay:
-            for i in range(batch.valid.shape[0]):
-                hidden = batch.hidden[:, i : i + 1].to(device)  # (b 1 n d)
-                valid = batch.valid[i : i + 1]
-                target = batch.target[:, i : i + 1].to(device)
-                sub = SegmentTargets(target, valid.to(device), torch.zeros(1, dtype=torch.long), cfg.offsets)
+            group = cfg.replay_segments or batch.valid.shape[0]
+            for i in range(0, batch.valid.shape[0], group):
+                hidden = batch.hidden[:, i : i + group].to(device)  # (b g n d)
+                valid = batch.valid[i : i + group]
+                target = batch.target[:, i : i + group].to(device)
+                sub = SegmentTargets(target, valid.to(device), torch.arange(valid.shape[0]), cfg.offsets)
                 per_item = self._losses(hidden, sub, _tokens_per_frame_of(batch, cfg))
                 pair_sum = per_item.sum() if cfg.fusion == "mean" else per_item[sub.valid].sum()
                 (pair_sum * (cfg.weight / num_pairs)).backward()

@@ -255,3 +255,18 @@ def test_breakdown_names_segments_and_unweighted_losses():
     assert parts["per_segment"].shape == (2,)
     torch.testing.assert_close(parts["foresight_loss_unweighted"] * 0.2, loss.detach())
     torch.testing.assert_close(parts["per_segment"].mean(), parts["foresight_loss_unweighted"])
+
+
+def test_replay_grouping_changes_memory_not_gradients():
+    generator, encoder = make_pair()
+    grads = []
+    for group in (1, 2, None):
+        head = randomise(ForesightHead(config(replay_segments=group), 32, 48))
+        training_step(head, generator, encoder)
+        head.zero_grad()
+        loss = head.replay(step=False)
+        grads.append((loss, [p.grad.clone() for p in head.parameters()]))
+    for loss, grad in grads[1:]:
+        torch.testing.assert_close(loss, grads[0][0], rtol=0, atol=1e-7)
+        for a, b in zip(grad, grads[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
