@@ -230,7 +230,7 @@ class ForesightConfig:
             >>> cfg == ForesightConfig()
             True
         """
-        get = _getter(args)
+        get = key_reader(args)
         default = cls()
 
         for key, off_value in _UNSUPPORTED_UPSTREAM.items():
@@ -302,7 +302,8 @@ def _first(*values: Any) -> Any:
     return None
 
 
-def _getter(args: Any):
+def key_reader(args: Any):
+    """``get(key, default)`` over an argparse namespace, an OmegaConf config, a dict or any object."""
     if isinstance(args, Mapping):
         return lambda key, default: args.get(key, default)
     # OmegaConf DictConfig and argparse.Namespace both answer getattr; DictConfig

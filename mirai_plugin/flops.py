@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mirai_plugin.config import ForesightConfig
+from mirai_plugin.config import ForesightConfig, key_reader
 
 
 @dataclass(frozen=True)
@@ -122,9 +122,8 @@ def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> di
 
 def cycle_from_upstream(args: Any) -> tuple[CycleShape, ForesightConfig]:
     """Shapes and foresight settings from an upstream (Self-Forcing / Causal-Forcing) config."""
-    get = (lambda k, default=None: args.get(k, default)) if isinstance(args, dict) else (
-        lambda k, default=None: getattr(args, k, default) if not hasattr(args, "__contains__") or k in args else default
-    )
+    read = key_reader(args)
+    get = lambda key, default=None: read(key, default)  # noqa: E731
     cycle = CycleShape()
     shape = get("image_or_video_shape")
     if shape is not None:

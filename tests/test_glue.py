@@ -3,23 +3,18 @@
 import pytest
 import torch
 from conftest import all_hooks
+from test_config import OFFICIAL_RECIPE
 from tiny_models import make_inputs, make_pair, rollout
 
 from mirai_plugin.integrations.self_forcing import DMDForesight, foresight_of, with_foresight_capture
 
-ARGS = dict(
-    foresight_weight=0.2,
-    foresight_student_layer=1,
-    foresight_teacher_layer=3,
-    foresight_delta=1,
-    foresight_include_current=True,
-    foresight_delta_mean_pool=True,
-    foresight_projector_type="dit",
-    projection_layers_num=2,
-    lr_foresight=1e-3,
-    projector_every_step=True,
-    num_frame_per_block=3,
-)
+ARGS = {  # the official recipe's keys, sized for the tiny models
+    **OFFICIAL_RECIPE,
+    "foresight_student_layer": 1,
+    "foresight_teacher_layer": 3,
+    "projection_layers_num": 2,
+    "lr_foresight": 1e-3,
+}
 
 
 class TinyDMD(torch.nn.Module):

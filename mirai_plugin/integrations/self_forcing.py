@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, capture_hidden
-from mirai_plugin.config import ForesightConfig
+from mirai_plugin.config import ForesightConfig, key_reader
 from mirai_plugin.encoder import FrozenEncoder
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.head import ForesightHead
@@ -272,7 +272,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _get(args: Any, key: str, default: Any) -> Any:
-    value = args.get(key, None) if isinstance(args, dict) else getattr(args, key, None)
+    value = key_reader(args)(key, None)
     return default if value is None else value
 
 
