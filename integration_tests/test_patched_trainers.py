@@ -119,6 +119,22 @@ def test_self_forcing_generator_and_critic_steps(tmp_path, nproc):
     assert all(reached[i] == 0.0 for i in reached if i > layer), reached
 
 
+def test_self_forcing_two_ranks_with_an_fsdp_sharded_head(tmp_path):
+    """`foresight_head_sharding: fsdp` (FULL_SHARD, size-based wrap, as the official trainer
+    wraps its projector) trains like the replicated head: same losses, same head."""
+    repo = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "sf", "self-forcing")
+    config = "configs/video_mirai_dmd_chunkwise.yaml"
+    replicated = train(repo, config, tmp_path / "rep", steps=2, overrides=LAYERS, nproc=2)
+    sharded = train(repo, config, tmp_path / "fsdp", steps=2, nproc=2,
+                    overrides={**LAYERS, "foresight_head_sharding": "fsdp"})
+    for key in ("foresight_loss", "replay_foresight_loss"):
+        assert logged(sharded, key) == pytest.approx(logged(replicated, key), rel=1e-5, abs=1e-7), key
+    saved = [checkpoint(tmp_path / name)["foresight"] for name in ("rep", "fsdp")]
+    assert saved[0]["head"].keys() == saved[1]["head"].keys() and saved[1]["steps_taken"] == 1
+    for name, value in saved[0]["head"].items():
+        torch.testing.assert_close(saved[1]["head"][name], value, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------- 2. official
 
 

@@ -6,6 +6,7 @@
     mirai-plugin compare BASELINE CANDIDATE [--bootstrap 10000] [--seed 0] [--json]
     mirai-plugin vbench VIDEOS_DIR --mode standard|long [--dimensions ...] --out DIR --name NAME
     mirai-plugin flops [CONFIG.yaml] [--json]
+    mirai-plugin memory [CONFIG.yaml] [--world-size N] [--sharded] [--batch B] [--accumulation A] [--json]
     mirai-plugin patch list
     mirai-plugin patch check  --upstream self-forcing PATH
     mirai-plugin patch apply  --upstream self-forcing PATH
@@ -188,6 +189,38 @@ def _flops_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_command(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from mirai_plugin import ForesightConfig
+    from mirai_plugin.flops import CycleShape, cycle_from_upstream
+    from mirai_plugin.memory import memory_for_cycle
+
+    mixed_precision = True
+    if args.config:
+        try:
+            from omegaconf import OmegaConf
+        except ImportError:
+            raise MiraiError("reading a YAML config needs omegaconf: pip install omegaconf") from None
+        upstream = OmegaConf.load(args.config)
+        cycle, foresight = cycle_from_upstream(upstream)
+        if not foresight.enabled:
+            foresight = foresight.replace(weight=ForesightConfig().weight)  # estimate the recipe's term anyway
+        mixed_precision = bool(upstream.get("mixed_precision", True))
+    else:
+        cycle, foresight = CycleShape(), ForesightConfig()
+    compute_dtype = getattr(torch, args.compute_dtype) if args.compute_dtype else (
+        torch.bfloat16 if mixed_precision else torch.float32)
+    memory = memory_for_cycle(
+        cycle, foresight, batch_per_rank=args.batch, world_size=args.world_size, sharded=args.sharded,
+        compute_dtype=compute_dtype, accumulation_steps=args.accumulation,
+    )
+    print(json.dumps(memory.to_dict(), indent=2) if args.json else memory.report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirai-plugin", description="Video-Mirai foresight loss for causal video diffusion trainers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("config", nargs="?", help="an upstream config (default: the official recipe)")
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(run=_flops_command)
+
+    memory = commands.add_parser("memory", help="memory the foresight term adds per rank, by component")
+    memory.add_argument("config", nargs="?", help="an upstream config (default: the official recipe)")
+    memory.add_argument("--world-size", type=int, default=1, help="ranks (default 1)")
+    memory.add_argument("--sharded", action="store_true", help="the head sharded with FSDP (default: replicated)")
+    memory.add_argument("--batch", type=int, default=1, help="videos per rank per micro-step (default 1)")
+    memory.add_argument("--accumulation", type=int, default=1, help="gradient-accumulation micro-steps (default 1)")
+    memory.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"),
+                        help="dtype of the generator and encoder tensors (default: bfloat16 with mixed_precision)")
+    memory.add_argument("--json", action="store_true")
+    memory.set_defaults(run=_memory_command)
 
     patch = commands.add_parser("patch", help="splice mirai_plugin into an upstream trainer checkout")
     actions = patch.add_subparsers(dest="action", required=True)

@@ -37,7 +37,6 @@ _UNSUPPORTED_UPSTREAM = {
     "foresight_spatial_offset": False,
     "foresight_online_mean_pool": False,
     "block_wise_using_frame_wise_foresight": False,
-    "max_replay_pairs": 0,
 }
 
 
@@ -73,7 +72,18 @@ class ForesightConfig:
         replay_segments: cached segments per replay backward; ``None`` (default) runs one
             backward for all of them, ``1`` bounds memory to one segment at a time as the
             official trainer does. The gradient is the same.
-        check_finite: raise, naming the segment, when the loss is NaN/inf.
+        replay_max_pairs: replay at most this many cached segments, drawn at random
+            without replacement on each replay (official ``max_replay_pairs``); ``None``
+            replays all of them.
+        replay_seed: seed of the head's own replay-sampling generator (rank ``r`` uses
+            ``replay_seed + r``); its state is part of ``ForesightHead.training_state()``.
+        weight_start: generator step at which the term turns on (0 before it).
+        weight_ramp: steps of a linear ramp from ``weight / weight_ramp`` up to the weight,
+            starting at ``weight_start``.
+        weight_changes: ``((step, weight), ...)``: from ``step`` on, the weight is ``weight``
+            (Mirai's 2 -> 1 at half training: ``weight=2.0, weight_changes=((T // 2, 1.0),)``).
+        weight_stop: generator step from which the term is off again (``None``: never).
+        check_finite: raise, naming the segment (and the rank), when the loss is NaN/inf.
 
     Example:
         >>> from mirai_plugin import ForesightConfig
@@ -103,12 +113,19 @@ class ForesightConfig:
     replay: bool = True
     replay_device: str | None = "cpu"
     replay_segments: int | None = None
+    replay_max_pairs: int | None = None
+    replay_seed: int = 0
+    weight_start: int = 0
+    weight_ramp: int = 0
+    weight_changes: tuple[tuple[int, float], ...] = ()
+    weight_stop: int | None = None
     check_finite: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
         set_("offsets", _normalise_offsets(self.offsets))
         set_("betas", tuple(float(b) for b in self.betas))
+        set_("weight_changes", _normalise_changes(self.weight_changes))
 
         _check(
             isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0,
@@ -147,6 +164,23 @@ class ForesightConfig:
             f"replay_segments must be None (all at once) or an int >= 1, got {self.replay_segments!r}",
         )
         _check(
+            self.replay_max_pairs is None or (isinstance(self.replay_max_pairs, int) and self.replay_max_pairs >= 1),
+            f"replay_max_pairs must be None (replay all) or an int >= 1, got {self.replay_max_pairs!r}",
+        )
+        _check(isinstance(self.replay_seed, int), f"replay_seed must be an int, got {self.replay_seed!r}")
+        for name in ("weight_start", "weight_ramp"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                f"{name} must be an int >= 0 (generator steps), got {value!r}",
+            )
+        _check(
+            self.weight_stop is None
+            or (isinstance(self.weight_stop, int) and not isinstance(self.weight_stop, bool)
+                and self.weight_stop > self.weight_start),
+            f"weight_stop must be None or a step after weight_start={self.weight_start}, got {self.weight_stop!r}",
+        )
+        _check(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}",
         )
@@ -175,8 +209,25 @@ class ForesightConfig:
 
     @property
     def enabled(self) -> bool:
-        """True when the foresight term contributes (``weight > 0``)."""
-        return self.weight > 0
+        """True when the foresight term contributes at some step (a weight > 0)."""
+        return self.weight > 0 or any(w > 0 for _, w in self.weight_changes)
+
+    def weight_at(self, step: int) -> float:
+        """The weight at generator step ``step`` (0-based count of head steps taken).
+
+        >>> cfg = ForesightConfig(weight=2.0, weight_changes=((500, 1.0),), weight_start=10, weight_ramp=4)
+        >>> [cfg.weight_at(s) for s in (0, 9, 10, 11, 13, 499, 500)]
+        [0.0, 0.0, 0.5, 1.0, 2.0, 2.0, 1.0]
+        """
+        if step < self.weight_start or (self.weight_stop is not None and step >= self.weight_stop):
+            return 0.0
+        weight = float(self.weight)
+        for change_step, value in self.weight_changes:
+            if step >= change_step:
+                weight = value
+        if self.weight_ramp:
+            weight *= min(1.0, (step - self.weight_start + 1) / self.weight_ramp)
+        return weight
 
     @property
     def max_offset(self) -> int:
@@ -195,6 +246,7 @@ class ForesightConfig:
         d = dataclasses.asdict(self)
         d["offsets"] = list(self.offsets)
         d["betas"] = list(self.betas)
+        d["weight_changes"] = [list(change) for change in self.weight_changes]
         return d
 
     def to_json(self) -> str:
@@ -216,8 +268,11 @@ class ForesightConfig:
         ``foresight_delta_mean_pool``, ``foresight_projector_type``,
         ``projection_layers_num``, ``foresight_ffn_ratio``, ``foresight_loss_type``,
         ``lr_foresight`` (falling back to ``lr``), ``beta1``/``beta2``,
-        ``weight_decay``, ``max_grad_norm_generator``, ``projector_every_step`` and
-        ``num_frame_per_block``. Other keys absent from ``args`` keep the recipe
+        ``weight_decay``, ``max_grad_norm_generator``, ``projector_every_step``, ``max_replay_pairs`` and
+        ``num_frame_per_block``; and this package's schedule keys
+        ``foresight_weight_start``, ``foresight_weight_ramp``,
+        ``foresight_weight_changes`` (a list of ``[step, weight]``) and
+        ``foresight_weight_stop``. Other keys absent from ``args`` keep the recipe
         defaults. Official options this package does not implement raise.
 
         Example:
@@ -287,6 +342,11 @@ class ForesightConfig:
             weight_decay=float(_first(get("weight_decay", None), default.weight_decay)),
             max_grad_norm=_first(get("max_grad_norm_generator", None), default.max_grad_norm),
             replay=bool(_first(get("projector_every_step", None), default.replay)),
+            replay_max_pairs=int(get("max_replay_pairs", 0) or 0) or None,
+            weight_start=int(_first(get("foresight_weight_start", None), 0)),
+            weight_ramp=int(_first(get("foresight_weight_ramp", None), 0)),
+            weight_changes=tuple(tuple(c) for c in _first(get("foresight_weight_changes", None), ())),
+            weight_stop=get("foresight_weight_stop", None),
         )
 
 
@@ -311,6 +371,19 @@ def key_reader(args: Any):
     if hasattr(args, "__contains__") and not isinstance(args, (str, bytes)):
         return lambda key, default: getattr(args, key) if key in args else default
     return lambda key, default: getattr(args, key, default)
+
+
+def _normalise_changes(changes: Any) -> tuple[tuple[int, float], ...]:
+    message = f"weight_changes must be ((step, weight), ...) with increasing steps >= 0 and weights >= 0, got {changes!r}"
+    try:
+        pairs = tuple((step, weight) for step, weight in changes)
+    except (TypeError, ValueError):
+        raise MiraiError(message) from None
+    for step, weight in pairs:
+        _check(isinstance(step, int) and not isinstance(step, bool) and step >= 0, message)
+        _check(isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0, message)
+    _check(all(a[0] < b[0] for a, b in zip(pairs, pairs[1:])), message)
+    return tuple((step, float(weight)) for step, weight in pairs)
 
 
 def _normalise_offsets(offsets: Any) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 """The frozen bidirectional encoder that provides foresight targets.
 
 Legend: b batch, f latent frames, c channels, h/w latent height/width,
-s tokens per frame, t = f*s tokens, e encoder width.
+p_t/p_h/p_w patch size, s tokens per frame, t = f*s tokens, e encoder width.
 
 ``FrozenEncoder`` is deliberately not an ``nn.Module``: assigning it to a trainer's
 module cannot add the encoder to any ``state_dict()``, optimizer, DDP or FSDP wrap.
@@ -47,16 +47,29 @@ def _parameter_names(model: nn.Module) -> set[str]:
 
 
 def _innermost(model: nn.Module) -> nn.Module:
-    """Follow DDP/FSDP/compile wrappers to the module whose forward defines the call convention."""
+    """Follow DDP/FSDP/compile/PEFT wrappers to the module whose forward defines the call convention."""
     for _ in range(8):
-        for attr in ("module", "_fsdp_wrapped_module", "_orig_mod"):
+        inner = _wrapped(model)
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
+def _wrapped(model: nn.Module) -> nn.Module | None:
+    """The module one wrapper level down, or ``None`` when ``model`` is no known wrapper."""
+    for attr in ("module", "_fsdp_wrapped_module", "_orig_mod"):
+        inner = model._modules.get(attr)
+        if isinstance(inner, nn.Module):
+            return inner
+    # PEFT: PeftModel.base_model is a tuner (LoraModel, ...) whose `.model` is the wrapped model.
+    # Matched by the class's package: a plain `.model` child is a Wan wrapper's own convention.
+    if type(model).__module__.split(".")[0] == "peft":
+        for attr in ("base_model", "model"):
             inner = model._modules.get(attr)
             if isinstance(inner, nn.Module):
-                model = inner
-                break
-        else:
-            return model
-    return model
+                return inner
+    return None
 
 
 class FrozenEncoder:
@@ -70,10 +83,19 @@ class FrozenEncoder:
     * Wan ``WanModel`` (``x``, ``t``, ``context``, ``seq_len``):
       ``encoder(video, context)`` with ``video`` ``(b f c h w)`` and ``context`` the
       text embeddings ``(b l c)``; ``t`` defaults to 0.
+    * diffusers ``WanTransformer3DModel`` and its Wan-family siblings
+      (``hidden_states``, ``timestep``, ``encoder_hidden_states``,
+      ``encoder_hidden_states_image``): ``encoder(latents, encoder_hidden_states)``
+      with ``latents`` in diffusers' layout ``(b c f h w)``; ``timestep`` defaults to
+      zeros ``(b,)``; other keywords (``encoder_hidden_states_image``,
+      ``attention_kwargs``) are passed on.
     * anything else: ``encoder(*args, **kwargs)`` calls ``model(*args, **kwargs)``.
 
-    For the two Wan conventions the result is trimmed to the ``f*s`` real tokens
-    (Wan pads to ``seq_len``). The result is detached: targets are stop-gradient.
+    Wrappers (DDP, FSDP, ``torch.compile``, PEFT) are looked through for the
+    detection. For the Wan conventions the result is ``(b t e)`` with ``t = f*s``
+    (``s = (h/p_h)*(w/p_w)`` from the model's patch size, ``config.patch_size`` in
+    diffusers), trimmed to the real tokens (Wan pads to ``seq_len``). The result
+    is detached: targets are stop-gradient.
 
     Args:
         model: the frozen model (bare or wrapped); it is not modified.
@@ -118,6 +140,8 @@ class FrozenEncoder:
             self.convention = "wan_wrapper"
         elif {"x", "t", "context", "seq_len"} <= names:
             self.convention = "wan_model"
+        elif {"hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"} <= names:
+            self.convention = "diffusers_wan"
         else:
             self.convention = "plain"
 
@@ -133,6 +157,8 @@ class FrozenEncoder:
             run, tokens = self._wan_wrapper_call(*args, **kwargs)
         elif self.convention == "wan_model":
             run, tokens = self._wan_model_call(*args, **kwargs)
+        elif self.convention == "diffusers_wan":
+            run, tokens = self._diffusers_wan_call(*args, **kwargs)
         elif self.convention == "custom":
             run, tokens = (lambda: self._call(self._model, *args, **kwargs)), None
         else:
@@ -180,11 +206,11 @@ class FrozenEncoder:
         run = lambda: self._model(  # noqa: E731
             noisy_image_or_video=video, conditional_dict=conditional_dict, timestep=timestep, **kwargs
         )
-        return run, f * self._tokens_per_frame(video)
+        return run, _token_count(self._model, video, f)
 
     def _wan_model_call(self, video: Tensor, context: Tensor | list, *, t: Tensor | None = None, **kwargs):
         b, f = _video_shape(video)
-        tokens = f * self._tokens_per_frame(video)
+        tokens = _token_count(self._model, video, f)
         if t is None:
             t = torch.zeros(b, dtype=torch.int64, device=video.device)
         x = list(video.permute(0, 2, 1, 3, 4))  # b x (c f h w), Wan's input layout
@@ -192,18 +218,62 @@ class FrozenEncoder:
         run = lambda: self._model(x=x, t=t, context=context, seq_len=seq_len, **kwargs)  # noqa: E731
         return run, tokens
 
-    def _tokens_per_frame(self, video: Tensor) -> int:
-        inner = _innermost(self._model)
-        core = inner._modules.get("model", inner)
-        patch = getattr(core, "patch_size", getattr(inner, "patch_size", (1, 2, 2)))
-        h, w = video.shape[-2:]
-        if h % patch[1] or w % patch[2]:
-            raise MiraiError(f"latent size {h}x{w} is not divisible by the encoder patch size {tuple(patch)}")
-        return (h // patch[1]) * (w // patch[2])
+    def _diffusers_wan_call(
+        self, latents: Tensor, encoder_hidden_states: Tensor, *, timestep: Tensor | None = None, **kwargs
+    ):
+        b, f = _video_shape(latents, layout="b c f h w")
+        channels = getattr(getattr(_innermost(self._model), "config", None), "in_channels", None)
+        if channels is not None and latents.shape[1] != channels:
+            raise MiraiError(
+                f"diffusers Wan takes latents (b c f h w) with c = in_channels = {channels}, got "
+                f"{tuple(latents.shape)}; latents laid out (b f c h w) need latents.transpose(1, 2)"
+            )
+        if timestep is None:
+            timestep = torch.zeros(b, dtype=torch.int64, device=latents.device)  # clean input
+        run = lambda: self._model(  # noqa: E731
+            hidden_states=latents,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            return_dict=False,
+            **kwargs,
+        )
+        return run, _token_count(self._model, latents, f)
 
 
-def _video_shape(video: Tensor) -> tuple[int, int]:
+def _video_shape(video: Tensor, layout: str = "b f c h w") -> tuple[int, int]:
+    """``(b, f)`` of a 5-d latent video laid out as ``layout``."""
     if not isinstance(video, Tensor) or video.dim() != 5:
         shape = tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__
-        raise MiraiError(f"the encoder expects a latent video (b f c h w), got {shape}")
-    return video.shape[0], video.shape[1]
+        raise MiraiError(f"the encoder expects a latent video ({layout}), got {shape}")
+    return video.shape[0], video.shape[layout.split().index("f")]
+
+
+def _patch_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(p_t, p_h, p_w)`` of a Wan-style model, looked up through wrappers.
+
+    diffusers keeps it in ``config.patch_size`` (reading the attribute there is
+    deprecated), Wan's ``WanModel`` as an attribute, Self-Forcing's wrapper on its
+    ``.model``; Wan 2.1's ``(1, 2, 2)`` when none is found.
+    """
+    inner = _innermost(model)
+    for module in (inner._modules.get("model"), inner):
+        if module is None:
+            continue
+        patch = getattr(getattr(module, "config", None), "patch_size", None)
+        if patch is None:
+            patch = getattr(module, "patch_size", None)
+        if patch is not None:
+            return tuple(int(p) for p in patch)
+    return (1, 2, 2)
+
+
+def _token_count(model: nn.Module, latents: Tensor, frames: int) -> int:
+    """Tokens the model makes of ``frames`` latent frames of size ``latents.shape[-2:]``."""
+    p_t, p_h, p_w = _patch_size(model)
+    h, w = latents.shape[-2:]
+    if frames % p_t or h % p_h or w % p_w:
+        raise MiraiError(
+            f"latent size {frames}x{h}x{w} (frames x height x width) is not divisible by the encoder patch size "
+            f"{(p_t, p_h, p_w)}; crop or pad the latents to a multiple of it"
+        )
+    return (frames // p_t) * (h // p_h) * (w // p_w)

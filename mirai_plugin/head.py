@@ -15,8 +15,10 @@ added to the generator, so generator checkpoints are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, HiddenRecord
 from mirai_plugin.config import ForesightConfig
+from mirai_plugin.distributed import average_gradients, gather_ints, gather_messages, world
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.loss import foresight_loss
 from mirai_plugin.predictor import MLP, DiTPredictor, MultiMLP
@@ -41,6 +44,17 @@ class _ReplayBatch:
     hidden: Tensor  # (b k n d)
     target: Tensor  # (b k n e) | (b k o n e) | (b k o s e)
     valid: Tensor  # (k o)
+    weight: float  # the term's weight when these pairs were made
+
+
+@dataclass
+class _ReplayGroup:
+    """Segments replayed in one backward; passed through ``forward`` so a DDP/FSDP wrapper sees it."""
+
+    hidden: Tensor  # (b g n d)
+    target: Tensor  # (b g ...)
+    valid: Tensor  # (g o)
+    tokens_per_frame: int
 
 
 class ForesightHead(nn.Module):
@@ -102,11 +116,56 @@ class ForesightHead(nn.Module):
         self._fused = config.fusion == "mean" and config.loss == "cosine"
         self._replay: list[_ReplayBatch] = []
         self._replay_closed = False
+        self._replay_generator: torch.Generator | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self._strategy = "replicate"  # see mirai_plugin.distributed.shard_head
+        self._wrapper_ref: tuple[nn.Module, ...] = ()  # DDP/FSDP1 wrapper, held outside the module tree
+        self._inside_wrapper = False
+        self.steps_taken = 0  # head.step() calls: the position in the weight schedule
+
+    # ------------------------------------------------------------- schedule
+
+    @property
+    def weight(self) -> float:
+        """The term's weight at the current step (``config.weight_at(steps_taken)``)."""
+        return self.config.weight_at(self.steps_taken)
+
+    @property
+    def active(self) -> bool:
+        """Whether the term counts at this step; when not, skip the encoder (the head returns 0)."""
+        return self.weight > 0
+
+    @property
+    def _wrapper(self) -> nn.Module | None:
+        return self._wrapper_ref[0] if self._wrapper_ref else None
 
     # ------------------------------------------------------------- the term
 
     def forward(
+        self,
+        captured: CapturedHidden | Sequence[HiddenRecord] | Sequence[Tensor],
+        encoder_hidden: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        """The weighted foresight term for one rollout (see ``term`` for the arguments).
+
+        Under a DDP/FSDP1 wrapper (``shard_head``) the call goes through the wrapper,
+        so parameters are gathered and gradients synchronised as the wrapper does.
+        """
+        if isinstance(captured, _ReplayGroup):
+            return self._replay_group_loss(captured)
+        if not self.active:
+            return self._inactive(captured, kwargs.get("return_breakdown", False))
+        wrapper = self._wrapper
+        if wrapper is not None and not self._inside_wrapper:
+            self._inside_wrapper = True
+            try:
+                return wrapper(captured, encoder_hidden, **kwargs)
+            finally:
+                self._inside_wrapper = False
+        return self.term(captured, encoder_hidden, **kwargs)
+
+    def term(
         self,
         captured: CapturedHidden | Sequence[HiddenRecord] | Sequence[Tensor],
         encoder_hidden: Tensor,
@@ -115,7 +174,7 @@ class ForesightHead(nn.Module):
         prefix_frames: int = 0,
         return_breakdown: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
-        """The weighted foresight term for one rollout.
+        """The weighted foresight term for one rollout; call the head, not this method.
 
         Args:
             captured: what ``capture_hidden`` yielded (cleared after reading), or a list
@@ -128,10 +187,13 @@ class ForesightHead(nn.Module):
                 supervised segment indices and the per-segment (or per-pair) losses.
 
         Returns:
-            ``weight * loss`` as a 0-dim float32 tensor (and the breakdown).
+            ``weight * loss`` as a 0-dim float32 tensor (and the breakdown), with
+            ``weight`` the schedule's value at this step (``head.weight``).
         """
         records, capture = _as_records(captured)
         cfg = self.config
+        if encoder_hidden is None:
+            raise MiraiError("the head needs the encoder hidden states: head(captured, encoder(video.detach(), ...))")
         if not records:
             raise MiraiError(_nothing_captured_message(capture))
 
@@ -186,15 +248,16 @@ class ForesightHead(nn.Module):
             targets = materialise_targets(layout, fusion=cfg.fusion, segment_frames=cfg.segment_frames, tokens_per_frame=s)
             per_item = self._losses(hidden, targets, s)  # (k) for mean fusion, (k o) otherwise
         loss = per_item.mean() if cfg.fusion == "mean" else per_item[layout.valid].mean()
-        if cfg.check_finite and not bool(torch.isfinite(loss)):
-            raise MiraiError(self._diagnose_nonfinite(hidden, layout, per_item))
+        if cfg.check_finite:
+            self._check_finite(loss, hidden, layout, per_item)
 
+        weight = self.weight
         if cfg.replay and self.training and torch.is_grad_enabled():
             if targets is None:
                 targets = materialise_targets(layout, fusion=cfg.fusion, segment_frames=cfg.segment_frames, tokens_per_frame=s)
-            self._cache_for_replay(hidden, targets)
+            self._cache_for_replay(hidden, targets, weight)
 
-        weighted = loss * cfg.weight
+        weighted = loss * weight
         if not return_breakdown:
             return weighted
         return weighted, {
@@ -203,6 +266,16 @@ class ForesightHead(nn.Module):
             "segments": layout.segments.tolist(),
             "per_segment": per_item.detach(),
         }
+
+    def _inactive(self, captured: Any, return_breakdown: bool) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        # Off by the schedule: nothing runs, the graph references are dropped.
+        if isinstance(captured, CapturedHidden):
+            captured.clear()
+        device = next(self.parameters()).device
+        zero = torch.zeros((), device=device)
+        if not return_breakdown:
+            return zero
+        return zero, {"foresight_loss": zero, "foresight_loss_unweighted": zero, "segments": [], "per_segment": zero[None][:0]}
 
     def predict(self, hidden: Tensor, offset: int | None = None) -> Tensor:
         """Predictor then projection: ``(B n d)`` -> ``(B n e)``; each row is one segment."""
@@ -286,36 +359,53 @@ class ForesightHead(nn.Module):
             raise MiraiError(f"captured hidden states disagree on batch size: {[tuple(c.shape) for c in chunks]}")
         return torch.cat(chunks, dim=1), segments  # (b k n d)
 
+    def _check_finite(self, loss: Tensor, hidden: Tensor, layout: SegmentLayout, per_item: Tensor) -> None:
+        """Raise on NaN/inf, naming the segments; with several ranks every rank raises together
+        (naming the rank), so none is left waiting in a collective."""
+        problem = None if bool(torch.isfinite(loss)) else self._diagnose_nonfinite(hidden, layout, per_item)
+        rank, world_size = world()
+        if world_size == 1:
+            if problem is not None:
+                raise MiraiError(f"foresight loss is not finite: {problem}")
+            return
+        if not bool(gather_ints([problem is not None], loss.device).any()):
+            return
+        reports = [f"rank {r}: {m}" for r, m in enumerate(gather_messages(problem)) if m is not None]
+        raise MiraiError(f"foresight loss is not finite on {len(reports)} of {world_size} ranks — " + "; ".join(reports))
+
     def _diagnose_nonfinite(self, hidden: Tensor, layout: SegmentLayout, per_item: Tensor) -> str:
         segs = layout.segments.tolist()
         finite_z = torch.isfinite(layout.z).flatten(2).all(dim=2).all(dim=0)  # (K)
         bad_target = [segs[i] for i in range(len(segs)) if not bool(finite_z[layout.source[i][layout.valid[i]]].all())]
         bad_hidden = [segs[i] for i in range(len(segs)) if not bool(torch.isfinite(hidden[:, i]).all())]
         if bad_target:
-            return f"foresight loss is not finite: encoder targets contain NaN/inf at segments {bad_target}"
+            return f"encoder targets contain NaN/inf at segments {bad_target}"
         if bad_hidden:
-            return f"foresight loss is not finite: captured generator hidden states contain NaN/inf at segments {bad_hidden}"
+            return f"captured generator hidden states contain NaN/inf at segments {bad_hidden}"
         return (
-            f"foresight loss is not finite: the predictor output is NaN/inf (per-segment losses "
-            f"{per_item.detach().tolist()}); lower lr, check max_grad_norm, or the head's dtype"
+            f"the predictor output is NaN/inf (per-segment losses {per_item.detach().tolist()}); "
+            f"lower lr, check max_grad_norm, or the head's dtype"
         )
 
     # --------------------------------------------------------------- replay
 
-    def _cache_for_replay(self, hidden: Tensor, targets: SegmentTargets) -> None:
+    def _cache_for_replay(self, hidden: Tensor, targets: SegmentTargets, weight: float) -> None:
         if self._replay_closed:
             self._replay.clear()
             self._replay_closed = False
         device = self.config.replay_device
         move = (lambda t: t.detach().to(device)) if device is not None else (lambda t: t.detach())
-        self._replay.append(_ReplayBatch(move(hidden), move(targets.target), targets.valid.detach().cpu()))
+        self._replay.append(_ReplayBatch(move(hidden), move(targets.target), targets.valid.detach().cpu(), weight))
 
     @property
     def replay_pairs(self) -> int:
         """Number of cached (hidden, target) pairs: segments, or valid segment/offset pairs."""
+        return sum(self._pairs_in(batch, range(batch.valid.shape[0])) for batch in self._replay)
+
+    def _pairs_in(self, batch: _ReplayBatch, segments: Sequence[int] | Tensor) -> int:
         if self.config.fusion == "mean":
-            return sum(batch.valid.shape[0] for batch in self._replay)
-        return sum(int(batch.valid.sum()) for batch in self._replay)
+            return len(segments)
+        return int(batch.valid[torch.as_tensor(segments, dtype=torch.long)].sum())
 
     def clear_replay(self) -> None:
         """Drop the cached replay pairs."""
@@ -327,66 +417,252 @@ class ForesightHead(nn.Module):
 
         ``config.replay_segments`` segments go through each backward (1: one backward per
         segment, the official trainer's memory bound; ``None``: one backward for all),
-        weighted so the summed gradient is ``weight * mean over pairs`` either way.
+        weighted so the summed gradient is ``weight * mean over pairs`` either way;
+        ``config.replay_max_pairs`` replays a random subset. With several ranks each
+        replays its own pairs and the update uses the mean over all ranks' pairs (every
+        rank must call ``replay``, also one with nothing cached).
         With ``step`` the head's optimizer is zeroed before, then clipped and stepped.
 
         Returns:
-            the weighted replay loss (detached), or ``None`` when nothing is cached.
+            this rank's weighted replay loss (detached), or ``None`` when nothing is cached.
         """
-        if not self._replay:
-            return None
         cfg = self.config
         device = next(self.parameters()).device
+        groups = self._replay_groups()  # [(batch, segment indices)] in backward order
+        local_pairs = sum(self._pairs_in(batch, idx) for batch, idx in groups)
+        rank, world_size = world()
+        total_pairs = local_pairs
+        if world_size > 1:
+            counts = gather_ints([local_pairs, len(groups)], device)  # (world 2)
+            total_pairs = int(counts[:, 0].sum())
+            if total_pairs and self._strategy != "replicate" and bool((counts[:, 1] != counts[0, 1]).any()):
+                self._replay_closed = True
+                raise MiraiError(
+                    f"replay needs the same number of backwards on every rank under {self._strategy!r}, got "
+                    f"{counts[:, 1].tolist()}: give every rank the same batch, or set replay_max_pairs / "
+                    f"replay_segments so they match, or use the replicated head"
+                )
+        if total_pairs == 0:
+            self._replay_closed = True
+            return None
+
         if step:
             self.optimizer.zero_grad(set_to_none=True)
-        num_pairs = self.replay_pairs
         total = torch.zeros((), device=device)
-        for batch in self._replay:
-            group = cfg.replay_segments or batch.valid.shape[0]
-            for i in range(0, batch.valid.shape[0], group):
-                hidden = batch.hidden[:, i : i + group].to(device)  # (b g n d)
-                valid = batch.valid[i : i + group]
-                target = batch.target[:, i : i + group].to(device)
-                sub = SegmentTargets(target, valid.to(device), torch.arange(valid.shape[0]), cfg.offsets)
-                per_item = self._losses(hidden, sub, _tokens_per_frame_of(batch, cfg))
-                pair_sum = per_item.sum() if cfg.fusion == "mean" else per_item[sub.valid].sum()
-                (pair_sum * (cfg.weight / num_pairs)).backward()
-                total = total + pair_sum.detach()
+        for batch, idx in groups:
+            # Each rank's replicated / DDP gradient is averaged over ranks, hence world_size.
+            scale = batch.weight * world_size / total_pairs
+            group = _ReplayGroup(
+                hidden=batch.hidden[:, idx].to(device),
+                target=batch.target[:, idx].to(device),
+                valid=batch.valid[idx].to(device),
+                tokens_per_frame=batch.hidden.shape[2] // cfg.segment_frames,
+            )
+            pair_sum = self._through_wrapper(group)
+            (pair_sum * scale).backward()
+            total = total + pair_sum.detach() * batch.weight
         if step:
             self._clip_and_step()
         self._replay_closed = True
-        return total * (cfg.weight / num_pairs)
+        return total / local_pairs if local_pairs else None
+
+    def _replay_groups(self) -> list[tuple[_ReplayBatch, Tensor]]:
+        units = [(b, i) for b, batch in enumerate(self._replay) for i in range(batch.valid.shape[0])]
+        cap = self.config.replay_max_pairs
+        if cap is not None and len(units) > cap:
+            pick = torch.randperm(len(units), generator=self._replay_rng())[:cap].sort().values
+            units = [units[j] for j in pick.tolist()]
+        size = self.config.replay_segments
+        groups = []
+        for b, batch in enumerate(self._replay):
+            idx = torch.tensor([i for u, i in units if u == b], dtype=torch.long)
+            step = size or max(1, idx.numel())
+            groups.extend((batch, idx[j : j + step]) for j in range(0, idx.numel(), step))
+        return groups
+
+    def _replay_group_loss(self, group: _ReplayGroup) -> Tensor:
+        cfg = self.config
+        sub = SegmentTargets(group.target, group.valid, torch.arange(group.valid.shape[0]), cfg.offsets)
+        per_item = self._losses(group.hidden, sub, group.tokens_per_frame)
+        return per_item.sum() if cfg.fusion == "mean" else per_item[sub.valid].sum()
+
+    def _through_wrapper(self, item: Any) -> Tensor:
+        wrapper = self._wrapper
+        if wrapper is None:
+            return self(item)
+        self._inside_wrapper = True
+        try:
+            return wrapper(item)
+        finally:
+            self._inside_wrapper = False
+
+    def _replay_rng(self) -> torch.Generator:
+        if self._replay_generator is None:
+            self._replay_generator = torch.Generator().manual_seed(self.config.replay_seed + world()[0])
+        return self._replay_generator
 
     # ------------------------------------------------------------ optimizer
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """The head's own AdamW (``config.lr``, ``betas``, ``weight_decay``), made on first use."""
+        """The head's own AdamW (``config.lr``, ``betas``, ``weight_decay``), made on first use
+        over the parameters of the head (or of its FSDP1 wrapper)."""
         if self._optimizer is None:
             cfg = self.config
-            self._optimizer = torch.optim.AdamW(
-                self.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-            )
+            params = (self._wrapper or self).parameters()
+            self._optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         return self._optimizer
 
     def step(self) -> Tensor | None:
         """After the generator's backward: clip, step and zero the head's optimizer.
 
-        Also marks the replay cache complete: the next forward starts a new one.
-        Returns the gradient norm before clipping (``None`` without clipping).
+        Advances the weight schedule by one step and marks the replay cache complete:
+        the next forward starts a new one. Returns the gradient norm before clipping
+        (``None`` without clipping).
         """
         norm = self._clip_and_step()
+        self.steps_taken += 1
         self._replay_closed = True
         return norm
 
     def _clip_and_step(self) -> Tensor | None:
-        _average_gradients_across_ranks(self.parameters())
+        params = [p for p in (self._wrapper or self).parameters() if p.requires_grad]
+        if self._strategy == "replicate":
+            average_gradients(params)
         norm = None
         if self.config.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.max_grad_norm)
+            if self._strategy == "fsdp":
+                norm = self._wrapper.clip_grad_norm_(self.config.max_grad_norm)  # global norm over shards
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """For gradient-accumulation micro-steps before the last: skip the gradient
+        synchronisation of a DDP/FSDP head (a replicated head averages only in ``step``)."""
+        if self._strategy in ("ddp", "fsdp"):
+            with self._wrapper.no_sync():
+                yield
+        elif self._strategy == "fsdp2":
+            self.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.set_requires_gradient_sync(True)
+        else:
+            yield
+
+    # ------------------------------------------------------ training state
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything needed to resume the head exactly: weights, optimizer state, the
+        schedule position and every rank's replay-sampling RNG.
+
+        Weights and optimizer state are full (unsharded, CPU) under every strategy, so a
+        state written under FSDP loads into a replicated head and back. With a process
+        group this is a collective (call it on every rank); rank 0 always receives the
+        tensors (on GPUs only rank 0 does), so save rank 0's dict. The replay cache is
+        not included: resume at a generator step.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        module = self._wrapper if self._strategy == "fsdp" else self  # DDP: the inner head (no "module." keys)
+        # Offloading gathers to rank 0's CPU; for a head already on the CPU, FSDP1's offload
+        # frees the storage it is reading from, so CPU heads gather in place on every rank.
+        on_accelerator = next(self.parameters()).device.type != "cpu"
+        options = StateDictOptions(full_state_dict=True, cpu_offload=world()[1] > 1 and on_accelerator)
+        head_state = _to_cpu(get_model_state_dict(module, options=options))
+        # An optimizer that has not stepped has no state; reading it through
+        # get_optimizer_state_dict would take a zero step and change its step count.
+        stepped = self._optimizer is not None and bool(self._optimizer.state)
+        optimizer_state = _to_cpu(get_optimizer_state_dict(module, self._optimizer, options=options)) if stepped else None
+        return {
+            "format": "mirai_plugin.ForesightHead.training_state",
+            "head": head_state,
+            "optimizer": optimizer_state,
+            "steps_taken": self.steps_taken,
+            "replay_rng": self._gather_rng_states(),
+            "config": self.config.to_dict(),
+            "student_dim": self.student_dim,
+            "encoder_dim": self.encoder_dim,
+        }
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        """Resume from ``training_state()``. With a process group call it on every rank;
+        rank 0's dict is used (other ranks may pass ``{}``)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        rank, world_size = world()
+        device = next(self.parameters()).device
+        if rank == 0:
+            if state.get("format") != "mirai_plugin.ForesightHead.training_state":
+                raise MiraiError("not a head training state: pass what ForesightHead.training_state() returned")
+            if (state["student_dim"], state["encoder_dim"]) != (self.student_dim, self.encoder_dim):
+                raise MiraiError(
+                    f"training state is for widths {state['student_dim']}->{state['encoder_dim']}, "
+                    f"this head is {self.student_dim}->{self.encoder_dim}"
+                )
+        # Rank 0 decides; the others follow (they may hold an empty dict).
+        header = [int(state.get("optimizer") is not None), int(state.get("steps_taken", 0))] if rank == 0 else [0, 0]
+        header_t = torch.tensor(header, dtype=torch.int64, device=device)
+        if world_size > 1:
+            dist.broadcast(header_t, src=0)
+        has_optimizer, steps_taken = header_t.tolist()
+
+        module = self._wrapper if self._strategy == "fsdp" else self  # DDP: the inner head (no "module." keys)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size > 1)
+        # The loaders write sharded tensors back into the dicts they are given: hand them copies.
+        set_model_state_dict(module, _copy_containers(state.get("head", {})), options=options)
+        if has_optimizer:
+            optimizer_state = _copy_containers(state.get("optimizer", {}))
+            set_optimizer_state_dict(module, self.optimizer, optimizer_state, options=options)
+        self.steps_taken = steps_taken
+        self._load_rng_states(state.get("replay_rng") if rank == 0 else None, device)
+        self._replay.clear()
+        self._replay_closed = False
+
+    def _gather_rng_states(self) -> Tensor:
+        local = self._replay_rng().get_state()  # uint8 (S)
+        rank, world_size = world()
+        if world_size == 1:
+            return local[None].clone()
+        device = next(self.parameters()).device  # NCCL gathers device tensors
+        out = [torch.empty_like(local, device=device) for _ in range(world_size)]
+        dist.all_gather(out, local.to(device))
+        return torch.stack(out).cpu()  # (world S)
+
+    def _load_rng_states(self, states: Tensor | None, device: torch.device) -> None:
+        rank, world_size = world()
+        size = self._replay_rng().get_state().numel()
+        count = torch.tensor([states.shape[0] if states is not None else 0], device=device)
+        if world_size > 1:
+            dist.broadcast(count, src=0)
+        saved_ranks = int(count.item())
+        if saved_ranks != world_size:
+            if rank == 0 and saved_ranks:
+                warnings.warn(
+                    f"training state has replay RNG states of {saved_ranks} ranks, this run has {world_size}: "
+                    f"replay sampling restarts from replay_seed (only replay_max_pairs sampling is affected)",
+                    stacklevel=3,
+                )
+            self._replay_generator = None
+            return
+        rows = states.to(device) if states is not None else torch.empty(world_size, size, dtype=torch.uint8, device=device)
+        if world_size > 1:
+            dist.broadcast(rows, src=0)
+        self._replay_rng().set_state(rows[rank].cpu().clone())  # its own storage: set_state reads from offset 0
 
     # ------------------------------------------------------------ save/load
 
@@ -485,23 +761,25 @@ class ForesightHead(nn.Module):
         )
 
 
-def _average_gradients_across_ranks(parameters) -> None:
-    """Data parallelism without a DDP wrapper: every rank steps with the mean gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    params = list(parameters)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+def _to_cpu(value: Any) -> Any:
+    """Plain CPU tensors all the way down (FSDP2 may hand back DTensors)."""
+    if isinstance(value, Tensor):
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
 
 
-def _tokens_per_frame_of(batch: _ReplayBatch, cfg: ForesightConfig) -> int:
-    return batch.hidden.shape[2] // cfg.segment_frames
+def _copy_containers(value: Any) -> Any:
+    """New dicts and lists, the same tensors."""
+    if isinstance(value, dict):
+        return {k: _copy_containers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_containers(v) for v in value]
+    return value
 
 
 def _infer_tokens_per_frame(tokens: int, segment_frames: int) -> int:

@@ -73,10 +73,10 @@ class TinyWan(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, self.num_heads) for _ in range(depth))
         self.head = nn.Linear(dim, CHANNELS * PATCH * PATCH)
 
-    def new_cache(self, batch: int, tokens: int) -> list[dict]:
-        heads = self.blocks[0].heads
+    def new_cache(self, batch: int, tokens: int, dtype: torch.dtype | None = None) -> list[dict]:
+        heads = self.num_heads
         shape = (batch, heads, tokens, self.dim // heads)
-        dtype = self.head.weight.dtype
+        dtype = dtype or self.head.weight.dtype
         return [{"k": torch.zeros(shape, dtype=dtype), "v": torch.zeros(shape, dtype=dtype)} for _ in self.blocks]
 
     def forward(
@@ -155,12 +155,14 @@ def rollout(
     steps: tuple[int, ...] = (1000, 750, 500, 250),
     exit_index: int = 2,
     hidden_layer: int | None = None,
+    cache_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Self-Forcing-style training rollout; returns the video and, with ``hidden_layer``,
-    the explicit hidden state of each segment's grad-enabled exit call."""
+    the explicit hidden state of each segment's grad-enabled exit call. ``cache_dtype``:
+    the compute dtype under mixed precision (default: the weights' dtype)."""
     b, frames = noise.shape[:2]
     s = TOKENS_PER_FRAME
-    cache = _model(generator).new_cache(b, frames * s)
+    cache = _model(generator).new_cache(b, frames * s, cache_dtype)
     output = torch.zeros_like(noise)
     hidden_states = []
     for k in range(frames // segment_frames):

@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, capture_hidden
 from mirai_plugin.config import ForesightConfig, key_reader
+from mirai_plugin.distributed import broadcast_module, shard_head
 from mirai_plugin.encoder import FrozenEncoder
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.head import ForesightHead
@@ -78,7 +78,11 @@ class _UpstreamForesight:
         student = _core(model.generator)
         self.config = config = config.replace(num_heads=config.num_heads or getattr(student, "num_heads", None))
         self.head = ForesightHead(config, student.dim, self._encoder_dim()).to(device=_device(model))
-        _broadcast_from_rank0(self.head)
+        sharding = str(_get(args, "foresight_head_sharding", "replicate"))
+        if sharding == "replicate":
+            broadcast_module(self.head)  # ranks seed differently; the head starts identical everywhere
+        else:
+            shard_head(self.head, sharding, **_head_wrap_kwargs(sharding, args, self.head))
         init = _get(args, "foresight_head_init", None)
         if init:
             self.load_checkpoint_state(torch.load(init, map_location="cpu", weights_only=True), strict=True)
@@ -89,10 +93,18 @@ class _UpstreamForesight:
     def enabled(self) -> bool:
         return self.head is not None
 
+    @property
+    def active(self) -> bool:
+        """Enabled and on at this step of the weight schedule."""
+        return self.head is not None and self.head.active
+
     # ------------------------------------------------------------- the term
 
     @contextlib.contextmanager
-    def capturing(self) -> Iterator[CapturedHidden]:
+    def capturing(self) -> Iterator[CapturedHidden | None]:
+        if not self.head.active:  # off at this step by the weight schedule: no hook, no encoder
+            yield None
+            return
         with capture_hidden(self._model.generator, self.config.student_layer, select=self._select) as captured:
             self._captured = captured
             try:
@@ -135,15 +147,7 @@ class _UpstreamForesight:
         """``{"foresight": {...}}`` for the trainer's checkpoint (empty when disabled)."""
         if not self.enabled:
             return {}
-        return {
-            CHECKPOINT_KEY: {
-                "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
-                "optimizer": self.head.optimizer.state_dict(),
-                "config": self.config.to_dict(),
-                "student_dim": self.head.student_dim,
-                "encoder_dim": self.head.encoder_dim,
-            }
-        }
+        return {CHECKPOINT_KEY: self.head.training_state()}  # a collective: the trainer calls it on every rank
 
     def load_checkpoint_state(self, checkpoint: dict, *, strict: bool = False) -> None:
         """Resume the head (and its optimizer) from a checkpoint written by ``checkpoint_state``,
@@ -154,10 +158,7 @@ class _UpstreamForesight:
         if not self.enabled or not isinstance(checkpoint, dict):
             return
         if CHECKPOINT_KEY in checkpoint:
-            entry = checkpoint[CHECKPOINT_KEY]
-            self.head.load_state_dict(entry["head"], strict=True)
-            if entry.get("optimizer"):
-                self.head.optimizer.load_state_dict(entry["optimizer"])
+            self.head.load_training_state(checkpoint[CHECKPOINT_KEY])
         elif "mirai_projector" in checkpoint:
             official = ForesightHead.load_official(checkpoint, config=self.config)
             self.head.load_state_dict(official.state_dict(), strict=True)
@@ -194,8 +195,8 @@ class DMDForesight(_UpstreamForesight):
         return self._model.real_score
 
     def add_term(self, loss: Tensor, log_dict: dict, video: Tensor, conditional_dict: dict) -> Tensor:
-        """``loss`` plus the foresight term of the rollout ``video`` (unchanged when disabled)."""
-        if not self.enabled:
+        """``loss`` plus the foresight term of the rollout ``video`` (unchanged when disabled or off)."""
+        if not self.active:
             return loss
         return loss + self._term(video, conditional_dict, log_dict)
 
@@ -238,7 +239,7 @@ class ODEForesight(_UpstreamForesight):
 
     def add_term(self, loss: Tensor, log_dict: dict, clean_video: Tensor, conditional_dict: dict) -> Tensor:
         """``loss`` plus the foresight term with the ground-truth ``clean_video`` as the encoder input."""
-        if not self.enabled:
+        if not self.active:
             return loss
         patch = getattr(_core(self._model.generator), "patch_size", (1, 2, 2))
         tokens_per_frame = (clean_video.shape[-2] // patch[1]) * (clean_video.shape[-1] // patch[2])
@@ -276,12 +277,33 @@ def _get(args: Any, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def _broadcast_from_rank0(module: nn.Module) -> None:
-    # Ranks seed differently (seed + rank); the head must start identical everywhere.
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        with torch.no_grad():
-            for tensor in module.state_dict().values():
-                dist.broadcast(tensor, src=0)
+def _head_wrap_kwargs(sharding: str, args: Any, head: nn.Module) -> dict[str, Any]:
+    """The trainer's own FSDP settings (``sharding_strategy``, ``mixed_precision``, size-based
+    wrapping), as the official trainer wraps its projector."""
+    device = next(head.parameters()).device
+    if sharding == "ddp":
+        return {"device_ids": [device.index]} if device.type == "cuda" else {}
+    if sharding != "fsdp":
+        raise MiraiError(f"foresight_head_sharding must be replicate, ddp or fsdp, got {sharding!r}")
+    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
+    strategies = {
+        "full": ShardingStrategy.FULL_SHARD,
+        "hybrid_full": ShardingStrategy.HYBRID_SHARD,
+        "hybrid_zero2": ShardingStrategy._HYBRID_SHARD_ZERO2,
+        "no_shard": ShardingStrategy.NO_SHARD,
+    }
+    name = str(_get(args, "sharding_strategy", "full"))
+    if name not in strategies:
+        raise MiraiError(f"sharding_strategy {name!r} is not one of {sorted(strategies)}")
+    mixed = bool(_get(args, "mixed_precision", False))
+    return dict(
+        sharding_strategy=strategies[name],
+        mixed_precision=MixedPrecision(torch.bfloat16, torch.float32, torch.float32) if mixed else None,
+        auto_wrap_policy=functools.partial(size_based_auto_wrap_policy, min_num_params=int(5e7)),
+        device_id=device if device.type == "cpu" else device.index,
+    )
 
 
 def _build_frozen_wan(model_name: str, model: nn.Module) -> nn.Module:
