@@ -51,9 +51,10 @@ class _ReplayBatch:
 class _ReplayGroup:
     """Segments replayed in one backward; passed through ``forward`` so a DDP/FSDP wrapper sees it."""
 
-    hidden: Tensor  # (b g n d)
-    target: Tensor  # (b g ...)
-    valid: Tensor  # (g o)
+    hidden: Tensor  # (1 rows n d): one row per (video, segment)
+    target: Tensor  # (1 rows ...)
+    valid: Tensor  # (rows o)
+    row_weight: Tensor  # (rows): weight / videos in the row's micro-batch
     tokens_per_frame: int
 
 
@@ -428,8 +429,8 @@ class ForesightHead(nn.Module):
         """
         cfg = self.config
         device = next(self.parameters()).device
-        groups = self._replay_groups()  # [(batch, segment indices)] in backward order
-        local_pairs = sum(self._pairs_in(batch, idx) for batch, idx in groups)
+        groups = self._replay_groups()  # [[(batch, segment)...]] in backward order
+        local_pairs = sum(self._pairs_in(self._replay[b], [i]) for group in groups for b, i in group)
         rank, world_size = world()
         total_pairs = local_pairs
         if world_size > 1:
@@ -439,8 +440,8 @@ class ForesightHead(nn.Module):
                 self._replay_closed = True
                 raise MiraiError(
                     f"replay needs the same number of backwards on every rank under {self._strategy!r}, got "
-                    f"{counts[:, 1].tolist()}: give every rank the same batch, or set replay_max_pairs / "
-                    f"replay_segments so they match, or use the replicated head"
+                    f"{counts[:, 1].tolist()}: give every rank the same number of segments per step (or set "
+                    f"replay_max_pairs to at most that number), or use the replicated head"
                 )
         if total_pairs == 0:
             self._replay_closed = True
@@ -449,42 +450,56 @@ class ForesightHead(nn.Module):
         if step:
             self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
-        for batch, idx in groups:
-            # Each rank's replicated / DDP gradient is averaged over ranks, hence world_size.
-            scale = batch.weight * world_size / total_pairs
-            group = _ReplayGroup(
-                hidden=batch.hidden[:, idx].to(device),
-                target=batch.target[:, idx].to(device),
-                valid=batch.valid[idx].to(device),
-                tokens_per_frame=batch.hidden.shape[2] // cfg.segment_frames,
-            )
-            pair_sum = self._through_wrapper(group)
-            (pair_sum * scale).backward()
-            total = total + pair_sum.detach() * batch.weight
+        for units in groups:
+            weighted_sum = self._through_wrapper(self._replay_group(units, device))
+            # Replicated / DDP gradients are averaged over ranks afterwards, hence world_size.
+            (weighted_sum * (world_size / total_pairs)).backward()
+            total = total + weighted_sum.detach()
         if step:
             self._clip_and_step()
         self._replay_closed = True
         return total / local_pairs if local_pairs else None
 
-    def _replay_groups(self) -> list[tuple[_ReplayBatch, Tensor]]:
+    def _replay_groups(self) -> list[list[tuple[int, int]]]:
+        """The cached segments to replay, as ``(batch, segment)`` units in groups of
+        ``replay_segments``. Grouping ignores micro-step boundaries, so every rank with as
+        many units runs as many backwards (DDP/FSDP need that)."""
         units = [(b, i) for b, batch in enumerate(self._replay) for i in range(batch.valid.shape[0])]
         cap = self.config.replay_max_pairs
         if cap is not None and len(units) > cap:
             pick = torch.randperm(len(units), generator=self._replay_rng())[:cap].sort().values
             units = [units[j] for j in pick.tolist()]
-        size = self.config.replay_segments
-        groups = []
-        for b, batch in enumerate(self._replay):
-            idx = torch.tensor([i for u, i in units if u == b], dtype=torch.long)
-            step = size or max(1, idx.numel())
-            groups.extend((batch, idx[j : j + step]) for j in range(0, idx.numel(), step))
-        return groups
+        size = self.config.replay_segments or max(1, len(units))
+        return [units[j : j + size] for j in range(0, len(units), size)]
+
+    def _replay_group(self, units: list[tuple[int, int]], device: torch.device) -> _ReplayGroup:
+        # One row per (video, segment): micro-steps may differ in batch size. Each row is
+        # weighted weight / b so a segment's pair still averages over its videos.
+        hidden, target, valid, row_weight = [], [], [], []
+        for b, i in units:
+            batch = self._replay[b]
+            videos = batch.hidden.shape[0]
+            hidden.append(batch.hidden[:, i])  # (b n d)
+            target.append(batch.target[:, i])  # (b ...)
+            valid.append(batch.valid[i].expand(videos, -1))  # (b o)
+            row_weight.append(torch.full((videos,), batch.weight / videos))
+        first = self._replay[units[0][0]]
+        return _ReplayGroup(
+            hidden=torch.cat(hidden)[None].to(device),  # (1 rows n d)
+            target=torch.cat(target)[None].to(device),  # (1 rows ...)
+            valid=torch.cat(valid).to(device),  # (rows o)
+            row_weight=torch.cat(row_weight).to(device),  # (rows)
+            tokens_per_frame=first.hidden.shape[2] // self.config.segment_frames,
+        )
 
     def _replay_group_loss(self, group: _ReplayGroup) -> Tensor:
+        """Sum over the group's pairs of ``weight * pair loss``."""
         cfg = self.config
         sub = SegmentTargets(group.target, group.valid, torch.arange(group.valid.shape[0]), cfg.offsets)
-        per_item = self._losses(group.hidden, sub, group.tokens_per_frame)
-        return per_item.sum() if cfg.fusion == "mean" else per_item[sub.valid].sum()
+        per_item = self._losses(group.hidden, sub, group.tokens_per_frame)  # (rows) | (rows o)
+        if cfg.fusion == "mean":
+            return (per_item * group.row_weight).sum()
+        return (torch.where(sub.valid, per_item, 0.0) * group.row_weight[:, None]).sum()
 
     def _through_wrapper(self, item: Any) -> Tensor:
         wrapper = self._wrapper
