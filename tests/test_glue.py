@@ -98,3 +98,18 @@ def test_hooks_gone_after_a_failing_rollout_and_foresight_of_other_models():
     other = torch.nn.Linear(2, 2)
     assert not foresight_of(other).enabled and foresight_of(other).log_values() == {}
     assert foresight_of(dmd) is dmd.foresight
+
+
+def test_schedule_keys_turn_the_term_on_late_and_step_it_down():
+    dmd = TinyDMD({**ARGS, "foresight_weight": 0.4, "foresight_weight_start": 1, "foresight_weight_changes": [[2, 0.1]]})
+    seen = []
+    for _ in range(3):
+        loss, log = dmd.generator_loss()
+        seen.append((dmd.foresight.head.weight, "foresight_loss" in log))
+        loss.backward()
+        dmd.foresight.after_generator_step()
+        dmd.foresight.after_critic_step(False)
+        assert all_hooks(dmd.generator) == 0
+    assert seen == [(0.0, False), (0.4, True), (0.1, True)]
+    assert dmd.foresight.head.steps_taken == 3
+    assert dmd.foresight.checkpoint_state()["foresight"]["steps_taken"] == 3
