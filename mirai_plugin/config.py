@@ -125,7 +125,7 @@ class ForesightConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
         set_("offsets", _normalise_offsets(self.offsets))
         set_("betas", tuple(float(b) for b in self.betas))
-        set_("weight_changes", _normalise_changes(self.weight_changes))
+        set_("weight_changes", normalise_changes(self.weight_changes))
 
         _check(
             isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0,
@@ -168,18 +168,7 @@ class ForesightConfig:
             f"replay_max_pairs must be None (replay all) or an int >= 1, got {self.replay_max_pairs!r}",
         )
         _check(isinstance(self.replay_seed, int), f"replay_seed must be an int, got {self.replay_seed!r}")
-        for name in ("weight_start", "weight_ramp"):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                f"{name} must be an int >= 0 (generator steps), got {value!r}",
-            )
-        _check(
-            self.weight_stop is None
-            or (isinstance(self.weight_stop, int) and not isinstance(self.weight_stop, bool)
-                and self.weight_stop > self.weight_start),
-            f"weight_stop must be None or a step after weight_start={self.weight_start}, got {self.weight_stop!r}",
-        )
+        check_schedule(self)
         _check(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}",
@@ -219,15 +208,7 @@ class ForesightConfig:
         >>> [cfg.weight_at(s) for s in (0, 9, 10, 11, 13, 499, 500)]
         [0.0, 0.0, 0.5, 1.0, 2.0, 2.0, 1.0]
         """
-        if step < self.weight_start or (self.weight_stop is not None and step >= self.weight_stop):
-            return 0.0
-        weight = float(self.weight)
-        for change_step, value in self.weight_changes:
-            if step >= change_step:
-                weight = value
-        if self.weight_ramp:
-            weight *= min(1.0, (step - self.weight_start + 1) / self.weight_ramp)
-        return weight
+        return scheduled_weight(self, step)
 
     @property
     def max_offset(self) -> int:
@@ -373,7 +354,35 @@ def key_reader(args: Any):
     return lambda key, default: getattr(args, key, default)
 
 
-def _normalise_changes(changes: Any) -> tuple[tuple[int, float], ...]:
+def check_schedule(cfg: Any) -> None:
+    """Validate the weight-schedule fields shared by the video and image configs."""
+    for name in ("weight_start", "weight_ramp"):
+        value = getattr(cfg, name)
+        _check(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+            f"{name} must be an int >= 0 (generator steps), got {value!r}",
+        )
+    stop = cfg.weight_stop
+    _check(
+        stop is None or (isinstance(stop, int) and not isinstance(stop, bool) and stop > cfg.weight_start),
+        f"weight_stop must be None or a step after weight_start={cfg.weight_start}, got {stop!r}",
+    )
+
+
+def scheduled_weight(cfg: Any, step: int) -> float:
+    """``cfg.weight`` at generator step ``step`` under its start / ramp / changes / stop schedule."""
+    if step < cfg.weight_start or (cfg.weight_stop is not None and step >= cfg.weight_stop):
+        return 0.0
+    weight = float(cfg.weight)
+    for change_step, value in cfg.weight_changes:
+        if step >= change_step:
+            weight = value
+    if cfg.weight_ramp:
+        weight *= min(1.0, (step - cfg.weight_start + 1) / cfg.weight_ramp)
+    return weight
+
+
+def normalise_changes(changes: Any) -> tuple[tuple[int, float], ...]:
     message = f"weight_changes must be ((step, weight), ...) with increasing steps >= 0 and weights >= 0, got {changes!r}"
     try:
         pairs = tuple((step, weight) for step, weight in changes)

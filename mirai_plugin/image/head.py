@@ -1,0 +1,226 @@
+"""The image foresight term: one projection head per grid offset, cosine alignment.
+
+Legend: b batch, P prefix (condition) tokens, T = P + n sequence positions of the
+student, n student token positions, d student width, z target width.
+
+Data flow of one training step::
+
+    captured h (b T d), attached  ->  head k: MLP_k(h at t)           (b pairs z)
+    target (EMA hidden (b T z) or encoder patches (b H*W z)), no grad  ->  target at q = t + offset_k
+    term = weight * sum_k head_weight_k * mean over (batch, pairs) of foresight_loss
+
+The heads own their parameters and their AdamW; nothing is added to the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mirai_plugin.capture import CapturedHidden, HiddenRecord
+from mirai_plugin.distributed import average_gradients
+from mirai_plugin.errors import MiraiError
+from mirai_plugin.image.config import ImageForesightConfig
+from mirai_plugin.image.grid import grid_pairs
+from mirai_plugin.loss import foresight_loss
+
+
+def projector(width: int, hidden: int, out: int) -> nn.Sequential:
+    """Three linear layers with SiLU between them (the official head's shape)."""
+    return nn.Sequential(
+        nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out)
+    )
+
+
+class TokenForesightHead(nn.Module):
+    """Per-offset projection heads that turn a token AR model's hidden states into the
+    Mirai term.
+
+    Args:
+        config: an ``ImageForesightConfig``.
+        student_dim: width of the captured hidden states (GPT-B: 768).
+        target_dim: width of the targets (the model's own width for Mirai-E, the
+            encoder's for Mirai-I: DINOv2-B 768).
+        grid: the token grid ``(H, W)``.
+
+    Example:
+        >>> import torch
+        >>> cfg = ImageForesightConfig(source="ema", projector_dim=16)
+        >>> head = TokenForesightHead(cfg, student_dim=8, target_dim=8, grid=(4, 4))
+        >>> hidden = torch.randn(2, 16, 8, requires_grad=True)  # class token + 15 image tokens
+        >>> target = torch.randn(2, 16, 8)                      # the EMA copy's view of the same sequence
+        >>> term = head(hidden, target)
+        >>> term.shape, bool(-2.0 <= term <= 2.0)
+        (torch.Size([]), True)
+    """
+
+    def __init__(self, config: ImageForesightConfig, student_dim: int, target_dim: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        if not isinstance(config, ImageForesightConfig):
+            raise MiraiError(f"config must be an ImageForesightConfig, got {type(config).__name__}")
+        if len(grid) != 2 or min(grid) < 1:
+            raise MiraiError(f"grid must be (height, width) of the token grid, got {grid!r}")
+        self.config = config
+        self.student_dim, self.target_dim, self.grid = student_dim, target_dim, tuple(grid)
+        self.projectors = nn.ModuleList(
+            projector(student_dim, config.projector_dim, target_dim) for _ in config.offsets
+        )
+        for module in self.projectors.modules():
+            if isinstance(module, nn.Linear):  # LlamaGen's initialisation of its linear layers
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self.steps_taken = 0
+
+    @property
+    def weight(self) -> float:
+        return self.config.weight_at(self.steps_taken)
+
+    @property
+    def active(self) -> bool:
+        """Whether the term counts at this step (off during Mirai-E's warm-up, say): when
+        not, skip the target (the head returns 0)."""
+        return self.weight > 0
+
+    def forward(
+        self,
+        captured: CapturedHidden | Sequence[HiddenRecord] | Tensor,
+        target: Tensor | None,
+        *,
+        return_breakdown: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        """The weighted term for one batch.
+
+        Args:
+            captured: what ``capture_hidden(model, layer, blocks="layers")`` yielded over
+                one training forward, or the ``(b T d)`` hidden states.
+            target: ``EMASource`` output ``(b T' z)`` (same prefix) for ``source="ema"``,
+                ``FrozenImageEncoder`` output ``(b H*W z)`` for ``source="encoder"``.
+            return_breakdown: also return the unweighted loss of each head.
+        """
+        hidden = _hidden_of(captured)
+        if not self.active:
+            device = self.projectors[0][0].weight.device
+            zero = torch.zeros((), device=device)
+            return (zero, {"head_losses": [], "offsets": []}) if return_breakdown else zero
+        cfg = self.config
+        if target is None or target.dim() != 3 or target.shape[-1] != self.target_dim:
+            shape = None if target is None else tuple(target.shape)
+            raise MiraiError(f"target must be (batch, positions, {self.target_dim}), got {shape}")
+        if hidden.dim() != 3 or hidden.shape[-1] != self.student_dim:
+            raise MiraiError(
+                f"captured hidden has shape {tuple(hidden.shape)}; expected (batch, positions, {self.student_dim}) "
+                f"— check student_layer and student_dim"
+            )
+        if hidden.shape[0] != target.shape[0]:
+            raise MiraiError(f"batch mismatch: hidden {hidden.shape[0]}, target {target.shape[0]}")
+        prefix = cfg.prefix_tokens
+        target_prefix = prefix if cfg.source == "ema" else 0
+        student_tokens = hidden.shape[1] - prefix
+        target_tokens = target.shape[1] - target_prefix
+        if student_tokens < 1 or target_tokens < 1:
+            raise MiraiError(f"no token positions after {prefix} prefix tokens: hidden {tuple(hidden.shape)}")
+
+        dtype = self.projectors[0][0].weight.dtype
+        losses = []
+        for k, offset in enumerate(cfg.offsets):
+            t, q = grid_pairs(
+                offset, self.grid, student_tokens=student_tokens, target_tokens=target_tokens, border=cfg.border
+            )
+            rows, goals = t + prefix, q + target_prefix
+            if cfg.align_prefix:  # the condition tokens align with the target's own
+                rows = torch.cat([torch.arange(prefix), rows])
+                goals = torch.cat([torch.arange(prefix), goals])
+            if rows.numel() == 0:
+                losses.append(hidden.new_zeros((), dtype=torch.float32))
+                continue
+            pred = self.projectors[k](hidden[:, rows.to(hidden.device)].to(dtype))  # (b pairs z)
+            losses.append(foresight_loss(pred, target[:, goals.to(target.device)], kind=cfg.loss))
+        head_losses = torch.stack(losses)  # (K)
+        weights = torch.tensor(cfg.head_weights, device=head_losses.device)
+        term = self.weight * (weights * head_losses).sum()
+        if cfg.check_finite and not bool(torch.isfinite(term)):
+            bad = [cfg.offsets[k] for k in range(len(losses)) if not bool(torch.isfinite(head_losses[k]))]
+            where = "targets" if not bool(torch.isfinite(target).all()) else (
+                "captured hidden states" if not bool(torch.isfinite(hidden).all()) else "projector outputs"
+            )
+            raise MiraiError(f"image foresight term is not finite at offsets {bad}: NaN/inf in the {where}")
+        if not return_breakdown:
+            return term
+        return term, {"head_losses": head_losses.detach(), "offsets": list(cfg.offsets)}
+
+    # ------------------------------------------------------------ optimizer
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The heads' AdamW; matrices decay, biases do not (as LlamaGen's optimizer)."""
+        if self._optimizer is None:
+            cfg = self.config
+            params = [p for p in self.parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ]
+            self._optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        return self._optimizer
+
+    def step(self) -> Tensor | None:
+        """After the model's backward: average over ranks, clip, step, zero; advance the schedule."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        average_gradients(params)
+        norm = None
+        if self.config.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_taken += 1
+        return norm
+
+    # ------------------------------------------------------ training state
+
+    def training_state(self) -> dict[str, Any]:
+        """Weights, optimizer state and schedule position, to resume exactly."""
+        stepped = self._optimizer is not None and bool(self._optimizer.state)
+        return {
+            "format": "mirai_plugin.TokenForesightHead.training_state",
+            "head": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
+            "optimizer": self._optimizer.state_dict() if stepped else None,
+            "steps_taken": self.steps_taken,
+            "config": self.config.to_json(),
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        if state.get("format") != "mirai_plugin.TokenForesightHead.training_state":
+            raise MiraiError("not an image head training state: pass what TokenForesightHead.training_state() returned")
+        self.load_state_dict(state["head"], strict=True)
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_taken = int(state["steps_taken"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The training state as a ``torch.save`` file."""
+        torch.save(self.training_state(), os.fspath(path))
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return f"source={cfg.source!r}, offsets={cfg.offsets}, grid={self.grid}, weight={cfg.weight}"
+
+
+def _hidden_of(captured: Any) -> Tensor:
+    if isinstance(captured, Tensor):
+        return captured
+    records = captured.records if isinstance(captured, CapturedHidden) else list(captured)
+    if len(records) != 1:
+        raise MiraiError(
+            f"expected one captured training forward, got {len(records)}: capture one teacher-forced forward "
+            f"of the whole sequence (not KV-cache sampling)"
+        )
+    record = records[0]
+    hidden = record.hidden if isinstance(record, HiddenRecord) else record
+    if isinstance(captured, CapturedHidden):
+        captured.clear()
+    return hidden
