@@ -22,7 +22,7 @@ class ImageForesightConfig:
     Args:
         source: ``"ema"`` (Mirai-E: an EMA copy of the model's first layers, causal,
             K neighbours, one head per offset) or ``"encoder"`` (Mirai-I: a frozen
-            bidirectional image encoder, K=1 at the same position, one head).
+            bidirectional image encoder, K=1 at the input token's own patch, one head).
         student_layer: 0-based block whose output is aligned (7: the output of the
             first 8 of GPT-B's 12 layers, the paper's internal-layer injection; the
             last block is output-layer injection, the ablation).
