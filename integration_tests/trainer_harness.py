@@ -118,6 +118,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 import upstream
+from monkeypatch import patched
 
 __all__ = ["DEFAULT_MODELS", "PROMPTS", "SHAPE", "build_config", "load_result", "run_inference", "run_training"]
 
@@ -327,22 +328,6 @@ def main(argv=None) -> None:
 # ----------------------------------------------------------------------------- patching helpers
 
 
-@contextlib.contextmanager
-def _patched(obj, name: str, value):
-    """Set ``obj.name`` (a module, class or object) for the duration; restore it, or remove it if it
-    was inherited or absent, on exit."""
-    missing = object()
-    old = vars(obj).get(name, missing)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        if old is missing:
-            delattr(obj, name)
-        else:
-            setattr(obj, name, old)
-
-
 def _checkout_modules(root: Path):
     for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None)
@@ -356,7 +341,7 @@ def _replace_everywhere(stack: contextlib.ExitStack, root: Path, original, repla
     for module in _checkout_modules(root):
         for name, value in list(vars(module).items()):
             if value is original:
-                stack.enter_context(_patched(module, name, replacement))
+                stack.enter_context(patched(module, name, replacement))
 
 
 # ----------------------------------------------------------------------------- tiny models and stand-ins
@@ -479,9 +464,9 @@ def _dense_flex_attention(query, key, value, block_mask=None, **kwargs):
 def _apply_tiny_model_patches(stack: contextlib.ExitStack, up, cfg, sizes: dict, weights_seed: int) -> None:
     """Everything a tiny CPU run of the upstream models and pipelines needs (training and inference)."""
     _, frames, _, height, width = cfg.image_or_video_shape
-    stack.enter_context(_patched(up.CausalWanModel, "from_pretrained",
+    stack.enter_context(patched(up.CausalWanModel, "from_pretrained",
                                  _tiny_from_pretrained(sizes, weights_seed, causal=True)))
-    stack.enter_context(_patched(up.WanModel, "from_pretrained",
+    stack.enter_context(patched(up.WanModel, "from_pretrained",
                                  _tiny_from_pretrained(sizes, weights_seed, causal=False)))
 
     # diffusers 0.42 calls `_set_gradient_checkpointing(enable=..., gradient_checkpointing_func=...)`,
@@ -490,7 +475,7 @@ def _apply_tiny_model_patches(stack: contextlib.ExitStack, up, cfg, sizes: dict,
         self.gradient_checkpointing = enable
 
     for cls in (up.CausalWanModel, up.WanModel):
-        stack.enter_context(_patched(cls, "_set_gradient_checkpointing", set_gradient_checkpointing))
+        stack.enter_context(patched(cls, "_set_gradient_checkpointing", set_gradient_checkpointing))
 
     # `seq_len` is hard-coded to 32760 (the full-size 21x60x104 video): the bidirectional model
     # zero-pads every input to it. Use the tiny video's token count, set in `__init__` so that
@@ -502,7 +487,7 @@ def _apply_tiny_model_patches(stack: contextlib.ExitStack, up, cfg, sizes: dict,
         wrapper_init(self, *args, **kwargs)
         self.seq_len = math.prod(n // p for n, p in zip((frames, height, width), self.model.patch_size, strict=True))
 
-    stack.enter_context(_patched(up.WanDiffusionWrapper, "__init__", wrapper_init_tiny))
+    stack.enter_context(patched(up.WanDiffusionWrapper, "__init__", wrapper_init_tiny))
 
     # umT5-XXL and the Wan VAE need their checkpoints: small stand-ins.
     _replace_everywhere(stack, up.checkout, up.wan_wrapper.WanTextEncoder,
@@ -514,17 +499,17 @@ def _apply_tiny_model_patches(stack: contextlib.ExitStack, up, cfg, sizes: dict,
     for name in getattr(pipeline_pkg, "__all__", ()):
         cls = getattr(pipeline_pkg, name)
         if isinstance(cls, type) and hasattr(cls, "_initialize_kv_cache"):
-            stack.enter_context(_patched(cls, "__init__", _fitted_init(cls.__init__, height, width)))
+            stack.enter_context(patched(cls, "__init__", _fitted_init(cls.__init__, height, width)))
 
     # The teacher-forcing forward (`_forward_train` with `clean_x`, ODE) calls the compiled
     # `flex_attention`, which has no CPU backward.
     if hasattr(up.causal_model, "flex_attention"):
-        stack.enter_context(_patched(up.causal_model, "flex_attention", _dense_flex_attention))
+        stack.enter_context(patched(up.causal_model, "flex_attention", _dense_flex_attention))
 
     # Rollouts end with `.cuda()` on timestep tensors; the trainer takes its device from
     # `torch.cuda.current_device()` (also `fsdp_wrap(device_id=...)`, which must be the CPU device).
     stack.enter_context(upstream.cuda_is_identity())
-    stack.enter_context(_patched(torch.cuda, "current_device", lambda: torch.device("cpu")))
+    stack.enter_context(patched(torch.cuda, "current_device", lambda: torch.device("cpu")))
 
 
 def _fitted_init(init, height: int, width: int):
@@ -549,7 +534,7 @@ def _apply_trainer_patches(stack: contextlib.ExitStack, up, module, recorder: _R
     """What the upstream Trainer needs beyond the models: process group, state dicts, logging, data."""
     # nccl has no CPU support and `torch.cuda.set_device` needs CUDA: use gloo (torchrun's env://
     # rendezvous, or a one-process file:// group); `run_training` already created it.
-    stack.enter_context(_patched(module, "launch_distributed_job", upstream.ensure_process_group))
+    stack.enter_context(patched(module, "launch_distributed_job", upstream.ensure_process_group))
 
     # `fsdp_state_dict` gathers with `offload_to_cpu=True`, which segfaults on CPU tensors.
     distributed = sys.modules["utils.distributed"]
@@ -558,10 +543,10 @@ def _apply_trainer_patches(stack: contextlib.ExitStack, up, module, recorder: _R
     def no_offload(*args, **kwargs):
         return full_config(*args, **{**kwargs, "offload_to_cpu": False})
 
-    stack.enter_context(_patched(distributed, "FullStateDictConfig", no_offload))
+    stack.enter_context(patched(distributed, "FullStateDictConfig", no_offload))
 
     # wandb is a recorder, so `wandb.log(d, step=...)` calls are kept.
-    stack.enter_context(_patched(module, "wandb", recorder.wandb))
+    stack.enter_context(patched(module, "wandb", recorder.wandb))
 
     # `DataLoader(num_workers=8)` forks the whole trainer process per worker; on a CPU this only
     # costs time, and the batch order (the sampler's) does not depend on the workers.
@@ -570,16 +555,16 @@ def _apply_trainer_patches(stack: contextlib.ExitStack, up, module, recorder: _R
     def in_process_loader(*args, **kwargs):
         return data_loader(*args, **{**kwargs, "num_workers": 0})
 
-    stack.enter_context(_patched(torch.utils.data, "DataLoader", in_process_loader))
+    stack.enter_context(patched(torch.utils.data, "DataLoader", in_process_loader))
 
     if kind == "ode":
         # The ODE trainer reads ODE trajectories from an LMDB: a synthetic one per prompt instead.
-        stack.enter_context(_patched(module, "ODERegressionLMDBDataset",
+        stack.enter_context(patched(module, "ODERegressionLMDBDataset",
                                      functools.partial(_SyntheticODEDataset, seed=seed)))
         # It gathers per-sample losses into a stacked [world, *shape] tensor, which NCCL accepts
         # and gloo rejects (it wants [world * n, ...]): hand gloo a concatenated view of the
         # same memory.
-        stack.enter_context(_patched(dist, "all_gather_into_tensor", _gloo_all_gather(dist.all_gather_into_tensor)))
+        stack.enter_context(patched(dist, "all_gather_into_tensor", _gloo_all_gather(dist.all_gather_into_tensor)))
 
 
 def _gloo_all_gather(all_gather_into_tensor):

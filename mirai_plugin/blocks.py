@@ -43,15 +43,16 @@ def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> 
     if isinstance(blocks, nn.ModuleList):
         return blocks, f"{root}.<given ModuleList>"
     if isinstance(blocks, str):
-        try:
-            found = model.get_submodule(blocks)
-        except AttributeError:
-            raise MiraiError(
-                f"blocks={blocks!r} does not exist on {root}; ModuleLists present: {_module_lists(model)}"
-            ) from None
-        if not isinstance(found, nn.ModuleList):
-            raise MiraiError(f"blocks={blocks!r} on {root} is a {type(found).__name__}, not an nn.ModuleList")
-        return found, f"{root}.{blocks}"
+        # The name is relative to the model or to what a known wrapper (DDP, compile...) wraps.
+        for module, path in _wrapper_chain(model, root):
+            try:
+                found = module.get_submodule(blocks)
+            except AttributeError:
+                continue
+            if not isinstance(found, nn.ModuleList):
+                raise MiraiError(f"blocks={blocks!r} on {path} is a {type(found).__name__}, not an nn.ModuleList")
+            return found, f"{path}.{blocks}"
+        raise MiraiError(f"blocks={blocks!r} does not exist on {root}; ModuleLists present: {_module_lists(model)}")
     if blocks is not None:
         raise MiraiError(f"blocks must be None, a dotted path or an nn.ModuleList, got {type(blocks).__name__}")
 
@@ -78,6 +79,21 @@ def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> 
         f"{', '.join(_WRAPPER_ATTRS)}. ModuleLists present: {_module_lists(model)}. "
         f"Pass blocks='<dotted.path>' to name the list."
     )
+
+
+def _wrapper_chain(model: nn.Module, root: str) -> list[tuple[nn.Module, str]]:
+    """The model and the modules its wrappers wrap, outermost first."""
+    chain, module, path = [], model, root
+    for _ in range(_MAX_DEPTH):
+        chain.append((module, path))
+        for attr in _WRAPPER_ATTRS:
+            inner = module._modules.get(attr)
+            if isinstance(inner, nn.Module):
+                module, path = inner, f"{path}.{attr}"
+                break
+        else:
+            break
+    return chain
 
 
 def block_at(model: nn.Module, layer: int, blocks: str | nn.ModuleList | None = None) -> tuple[nn.Module, str]:

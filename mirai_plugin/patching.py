@@ -57,6 +57,13 @@ PATCHES = {
             "Stage-2 causal ODE distillation, target from the ground-truth future (optional); "
             "config configs/video_mirai_ode_chunkwise.yaml",
         ),
+        UpstreamPatch(
+            "llamagen",
+            "FoundationVision/LlamaGen",
+            "ce98ec41803a74a90ce68c40ababa9eaeffeb4ec",
+            "llamagen-ce98ec41803a-c2i.patch",
+            "class-conditional GPT training (train_c2i.py): Mirai-E / Mirai-I with --mirai E|I",
+        ),
     )
 }
 

@@ -1,0 +1,207 @@
+"""LlamaGen's real class-conditional trainer (``autoregressive/train/train_c2i.py``, ``main(args)``) on a CPU
+through ``llamagen_harness.py``: a tiny GPT on random image codes, single process and
+``torchrun --nproc_per_node 2`` (gloo, DDP).
+
+Needs a checkout (skipped otherwise): ``MIRAI_LLAMAGEN_DIR``. Every run is its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+HARNESS = HERE / "llamagen_harness.py"
+VAR = "MIRAI_LLAMAGEN_DIR"
+PINNED = "ce98ec41803a74a90ce68c40ababa9eaeffeb4ec"  # FoundationVision/LlamaGen
+
+
+def checkout(dest: Path) -> Path:
+    """A fresh copy of the pinned checkout at ``dest``."""
+    source = os.environ.get(VAR)
+    if not source:
+        pytest.skip(f"{VAR} is not set (path to an upstream checkout)")
+    subprocess.run(["git", "clone", "-q", "--no-checkout", source, str(dest)], check=True)
+    # A mirror may lack the blobs of the README images under assets/ (a plain checkout then fails);
+    # the trainer needs none of them: leave that folder out.
+    for command in (["sparse-checkout", "set", "--no-cone", "/*", "!/assets/"], ["checkout", "-q", PINNED]):
+        subprocess.run(["git", "-C", str(dest), *command], check=True, capture_output=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return checkout(tmp_path_factory.mktemp("llamagen") / "LlamaGen")
+
+
+def train(repo: Path, out: Path, *, steps: int, overrides=None, extra=(), nproc=1, expect_ok=True, grad_probe=False):
+    args = [str(HARNESS), "--checkout", str(repo), "--steps", str(steps), "--out", str(out),
+            "--overrides", json.dumps(overrides or {})]
+    if grad_probe:
+        args.append("--grad-probe")
+    if extra:
+        args += ["--", *extra]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc_per_node", str(nproc)]
+    result = subprocess.run(launcher + args, capture_output=True, text=True, cwd=HERE.parent, timeout=300)
+    if not expect_ok:
+        return result
+    assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return torch.load(out / "result.pt", map_location="cpu", weights_only=True)
+
+
+def losses(result: dict) -> list[float]:
+    return [record["loss"] for record in result["losses"]]
+
+
+def logged_losses(result: dict) -> list[float]:
+    """The "Train Loss" the trainer logs (averaged over ranks, 4 decimals)."""
+    return [float(line.split("Train Loss: ")[1].split(",")[0]) for line in result["logs"] if "Train Loss: " in line]
+
+
+def changed(before: dict, after: dict) -> dict[str, bool]:
+    assert before.keys() == after.keys()
+    return {name: not torch.equal(before[name], after[name]) for name in before}
+
+
+def test_three_steps_in_one_process(repo, tmp_path):
+    result = train(repo, tmp_path / "run", steps=3, overrides={"max_grad_norm": 0.5},
+                   extra=["--weight-decay", "0.04"])  # raw train_c2i.py arguments, after a bare --
+    extra = result["extra"]
+    assert extra["commit"] == PINNED and extra["world_size"] == 1 and extra["final_step"] == 3
+    # overrides and raw arguments both went through the trainer's own parser
+    assert result["args"]["max_grad_norm"] == 0.5 and result["args"]["weight_decay"] == 0.04
+    assert result["args"]["gpt_model"] == "GPT-tiny" and result["args"]["dist_backend"] == "gloo"
+
+    # one backpropagated loss per iteration, finite, going down; it is the loss the trainer logs
+    assert [(r["step"], r["index"]) for r in result["losses"]] == [(1, 0), (2, 0), (3, 0)]
+    values = losses(result)
+    assert all(math.isfinite(v) for v in values)
+    assert values[0] == pytest.approx(math.log(64), abs=1e-4)  # upstream zero-initialises the output layer
+    assert values[-1] < values[0] and len(set(values)) == 3
+    assert logged_losses(result) == [round(v, 4) for v in values]
+
+    # every parameter moved; the EMA moved towards the model; the optimizer took 3 steps
+    assert all(changed(result["model_init"], result["model"]).values())
+    assert any(changed(result["model_init"], result["ema"]).values())
+    assert any(changed(result["ema"], result["model"]).values())
+    assert {int(state["step"]) for state in result["optimizer"]["state"].values()} == {3}
+
+    # the trainer's own checkpoint (local and "cloud") holds the same weights, after step 3
+    assert [Path(p).name for p in result["checkpoints"]] == ["0000003.pt", "0000003.pt"]
+    for path in result["checkpoints"]:
+        saved = torch.load(path, map_location="cpu", weights_only=False)  # it pickles args
+        assert saved["steps"] == 3
+        assert not any(changed(result["model"], saved["model"]).values())
+        assert not any(changed(result["ema"], saved["ema"]).values())
+
+
+def test_two_ranks(repo, tmp_path):
+    result = train(repo, tmp_path / "run", steps=3, nproc=2)
+    assert result["extra"]["world_size"] == 2 and result["extra"]["final_step"] == 3
+    assert result["args"]["global_batch_size"] == 4  # 2 per rank
+    assert len(result["losses"]) == 3 and all(math.isfinite(v) for v in losses(result))  # rank 0's
+    assert len(logged_losses(result)) == 3 and all(math.isfinite(v) for v in logged_losses(result))  # averaged
+    assert all(changed(result["model_init"], result["model"]).values())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision(repo, tmp_path, precision):
+    """``torch.cuda.amp.autocast`` / ``GradScaler`` run as their CPU versions."""
+    result = train(repo, tmp_path / "run", steps=2, overrides={"mixed_precision": precision, "ema": False})
+    assert result["args"]["mixed_precision"] == precision and result["ema"] is None
+    assert len(result["losses"]) == 2 and all(math.isfinite(v) for v in losses(result))
+    assert any(changed(result["model_init"], result["model"]).values())
+
+
+def test_arguments_reach_the_trainers_parser_unchanged(repo, tmp_path):
+    """An option the unpatched train_c2i.py does not have is refused by its own parser."""
+    run = train(repo, tmp_path / "run", steps=1, extra=["--mirai-weight", "0.5"], expect_ok=False)
+    assert run.returncode != 0
+    assert "unrecognized arguments: --mirai-weight 0.5" in run.stderr
+
+
+# ------------------------------------------------------- the mirai-plugin patch
+
+MIRAI_E = ["--mirai", "E", "--mirai-layer", "1", "--mirai-projector-dim", "16"]
+
+
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory) -> Path:
+    repo = checkout(tmp_path_factory.mktemp("llamagen-patched") / "LlamaGen")
+    result = subprocess.run([sys.executable, "-m", "mirai_plugin.cli", "patch", "apply", "--upstream", "llamagen",
+                             str(repo)], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return repo
+
+
+def block_index(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+
+
+def test_patched_trainer_with_mirai_off_is_the_unpatched_trainer(repo, patched, tmp_path):
+    plain = train(repo, tmp_path / "plain", steps=3)
+    off = train(patched, tmp_path / "off", steps=3)  # --mirai none is the default
+    assert losses(off) == losses(plain)
+    assert not any(changed(plain["model"], off["model"]).values())
+    assert not any(changed(plain["ema"], off["ema"]).values())
+    saved = torch.load(off["checkpoints"][0], map_location="cpu", weights_only=False)
+    assert "mirai" not in saved
+
+
+def test_mirai_e_term_reaches_blocks_up_to_its_layer_and_is_saved(patched, tmp_path):
+    off = train(patched, tmp_path / "off", steps=2, grad_probe=True)
+    on = train(patched, tmp_path / "on", steps=2, grad_probe=True, extra=MIRAI_E)
+    assert all(math.isfinite(v) for v in losses(on)) and losses(on) != losses(off)
+    assert any("mirai (ema): term" in line for line in on["logs"])
+    # Step 1: LlamaGen zero-initialises its output layer, so the blocks' gradient is the term's alone.
+    reached = {}
+    for name, grad in on["grads"].items():
+        index = block_index(name)
+        if index is not None:
+            reached[index] = reached.get(index, 0.0) + grad.abs().sum().item()
+    assert reached[0] > 0 and reached[1] > 0 and reached[2] == 0 and reached[3] == 0, reached
+    assert all(off["grads"][n].abs().sum() == 0 for n in off["grads"] if block_index(n) is not None)
+
+    saved = torch.load(on["checkpoints"][0], map_location="cpu", weights_only=False)
+    assert saved["model"].keys() == on["model"].keys() == off["model"].keys()  # the GPT's entries unchanged
+    assert saved["mirai"]["head"]["steps_taken"] == 2 and "source" in saved["mirai"]
+    assert len(saved["mirai"]["source"]) < len(saved["model"])  # the EMA copy keeps blocks 0..1 only
+
+
+def test_mirai_e_resumes_from_the_trainers_checkpoint(patched, tmp_path):
+    first = train(patched, tmp_path / "first", steps=2, extra=MIRAI_E)
+    checkpoint = first["checkpoints"][0]
+    resumed = train(patched, tmp_path / "resumed", steps=2, extra=[*MIRAI_E, "--gpt-ckpt", checkpoint])
+    saved = torch.load(resumed["checkpoints"][0], map_location="cpu", weights_only=False)
+    assert saved["mirai"]["head"]["steps_taken"] == 4  # 2 restored + 2 more
+
+
+def test_mirai_e_on_two_ranks(patched, tmp_path):
+    result = train(patched, tmp_path / "run", steps=2, nproc=2, extra=MIRAI_E)
+    assert result["extra"]["world_size"] == 2 and all(math.isfinite(v) for v in losses(result))
+    assert any("mirai (ema): term" in line for line in result["logs"])
+
+
+def test_mirai_i_with_a_decoded_batch_and_a_frozen_encoder(patched, tmp_path):
+    sys.path.insert(0, str(HERE))
+    from mirai_standins import TinyPatchEncoder, TinyVQ
+
+    torch.manual_seed(0)
+    torch.save(TinyVQ(), tmp_path / "vq.pt")
+    torch.save(TinyPatchEncoder(), tmp_path / "encoder.pt")
+    extra = ["--mirai", "I", "--mirai-layer", "1", "--mirai-projector-dim", "16",
+             "--mirai-vq-ckpt", str(tmp_path / "vq.pt"), "--mirai-encoder", str(tmp_path / "encoder.pt")]  # fmt: skip
+    on = train(patched, tmp_path / "on", steps=2, grad_probe=True, extra=extra)
+    assert all(math.isfinite(v) for v in losses(on))
+    assert any("mirai (encoder): term" in line for line in on["logs"])
+    reached = {block_index(n): g.abs().sum().item() for n, g in on["grads"].items() if block_index(n) is not None and n.endswith("wo.weight")}
+    assert reached[0] > 0 and reached[1] > 0 and reached[2] == 0 and reached[3] == 0, reached

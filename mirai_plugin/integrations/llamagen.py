@@ -1,0 +1,224 @@
+"""Glue for LlamaGen's ``autoregressive/train/train_c2i.py``: what the patch lines call.
+
+The patch adds marked one-line calls only. Everything else — the heads, their
+optimizer, the EMA source, the capture, logging and the checkpoint entry — lives
+in this object, which the GPT does not own: the model's ``state_dict``, its
+optimizer and the checkpoint's ``model`` / ``ema`` entries are unchanged, and with
+``--mirai none`` (the default) every call is a no-op.
+
+Patched call sites::
+
+    add_mirai_arguments(parser)                                     # before parse_args
+    mirai = LlamaGenMirai(model, args, steps_per_epoch, device)     # after the data, before DDP
+    mirai.load_checkpoint_state(checkpoint)                         # when resuming from --gpt-ckpt
+    mirai.begin(model)                                              # before the training forward
+    loss = mirai.add_term(loss, c_indices, z_indices)               # right after it
+    mirai.after_step(model, scaler)                                 # after scaler.step(optimizer)
+    mirai.log(logger)                                               # next to the loss log
+    checkpoint.update(mirai.checkpoint_state())                     # when saving
+
+Mirai-E (``--mirai E``) only needs the model's own inputs. Mirai-I (``--mirai I``)
+needs the images of the batch: they are decoded from the codes with the VQ
+tokenizer (``--mirai-vq-ckpt``), so the code dataset stays as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mirai_plugin.capture import capture_hidden
+from mirai_plugin.distributed import broadcast_module
+from mirai_plugin.errors import MiraiError
+from mirai_plugin.image import EMASource, FrozenImageEncoder, ImageForesightConfig, TokenForesightHead
+
+CHECKPOINT_KEY = "mirai"
+
+
+def add_mirai_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--mirai*`` options (defaults: the paper's recipe; ``--mirai none`` is off)."""
+    group = parser.add_argument_group("mirai-plugin: Mirai foresight alignment (training only)")
+    group.add_argument("--mirai", choices=["none", "E", "I"], default="none",
+                       help="E: EMA-copy targets at the K nearest grid neighbours; I: frozen image encoder")
+    group.add_argument("--mirai-layer", type=int, default=7, help="0-based block (7: after 8 of GPT-B's 12)")
+    group.add_argument("--mirai-neighbours", type=int, default=None, help="K (default 3 for E, 1 for I)")
+    group.add_argument("--mirai-order", choices=["grid", "raster"], default="grid")
+    group.add_argument("--mirai-border", choices=["raster", "drop"], default="raster")
+    group.add_argument("--mirai-weight", type=float, default=2.0, help="lambda before the step-down")
+    group.add_argument("--mirai-weight-after", type=float, default=1.0, help="lambda after the step-down")
+    group.add_argument("--mirai-step-down", type=float, default=0.5, help="fraction of training at which lambda steps down")
+    group.add_argument("--mirai-warmup-steps", type=int, default=0, help="steps before the term starts")
+    group.add_argument("--mirai-ema-decay", type=float, default=0.9999)
+    group.add_argument("--mirai-projector-dim", type=int, default=2048)
+    group.add_argument("--mirai-encoder", type=str, default="dinov2_vitb14",
+                       help="I: a torch.hub DINOv2 name, or a file holding a torch.save'd encoder module")
+    group.add_argument("--mirai-vq-model", type=str, default="VQ-16")
+    group.add_argument("--mirai-vq-ckpt", type=str, default=None,
+                       help="I: the tokenizer that made the codes (its checkpoint, or a torch.save'd module)")
+
+
+class LlamaGenMirai:
+    """The Mirai term inside LlamaGen's c2i trainer (no-op with ``--mirai none``)."""
+
+    def __init__(self, model: nn.Module, args: Any, steps_per_epoch: int, device: torch.device | int) -> None:
+        self.enabled = getattr(args, "mirai", "none") != "none"
+        self.head: TokenForesightHead | None = None
+        self._capture: contextlib.ExitStack | None = None
+        self._captured = None
+        self._logged: list[float] = []
+        if not self.enabled:
+            return
+        if isinstance(device, int):  # LlamaGen passes the local GPU index
+            device = torch.device("cuda", device) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device(device)
+        source = "ema" if args.mirai == "E" else "encoder"
+        total_steps = args.epochs * max(1, steps_per_epoch)
+        grid = int(round(model.block_size ** 0.5))
+        self.config = ImageForesightConfig(
+            source=source,
+            student_layer=args.mirai_layer,
+            neighbours=args.mirai_neighbours,
+            order=args.mirai_order,
+            border=args.mirai_border,
+            prefix_tokens=model.cls_token_num,
+            projector_dim=args.mirai_projector_dim,
+            weight=args.mirai_weight,
+            weight_changes=((int(total_steps * args.mirai_step_down), args.mirai_weight_after),),
+            weight_start=args.mirai_warmup_steps,
+            ema_decay=args.mirai_ema_decay,
+            lr=args.lr,
+            betas=(args.beta1, args.beta2),
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm or None,
+        )
+        width = model.config.dim
+        if source == "ema":
+            self.source = EMASource(model, args.mirai_layer, decay=args.mirai_ema_decay, blocks="layers")
+            target_dim = width
+        else:
+            self.source = _image_source(args, grid, device)
+            target_dim = self.source.width
+        self.head = TokenForesightHead(self.config, width, target_dim, (grid, grid)).to(device)
+        broadcast_module(self.head)  # ranks seed differently; the heads start identical
+
+    # -------------------------------------------------------------- the term
+
+    def begin(self, model: nn.Module) -> None:
+        """Start capturing ``layers[mirai_layer]`` for the next training forward."""
+        self._end()
+        if not self.enabled or not self.head.active:
+            return
+        self._capture = contextlib.ExitStack()
+        self._captured = self._capture.enter_context(capture_hidden(model, self.config.student_layer, blocks="layers"))
+
+    def add_term(self, loss: Tensor, c_indices: Tensor, z_indices: Tensor) -> Tensor:
+        """``loss`` plus the term for this batch (unchanged when off); ends the capture."""
+        captured, self._captured = self._captured, None
+        self._end()
+        if captured is None:
+            return loss
+        if self.config.source == "ema":
+            # The copy runs in eval mode (no dropout, no label drop); LlamaGen's eval forward
+            # reads the rotary table at input_pos, so give it every position.
+            positions = torch.arange(self.config.prefix_tokens + z_indices.shape[1] - 1, device=z_indices.device)
+            target = self.source(cond_idx=c_indices, idx=z_indices[:, :-1], input_pos=positions)
+        else:
+            target = self.source(z_indices)
+        term = self.head(captured, target)
+        self._logged.append(term.detach().item())
+        return loss + term
+
+    def _end(self) -> None:
+        if self._capture is not None:
+            self._capture.close()  # removes the hook, also after a failed forward
+            self._capture = None
+
+    # --------------------------------------------------------- trainer hooks
+
+    def after_step(self, model: nn.Module, scaler: Any = None) -> None:
+        """After the model's optimizer step: the heads' step (unscaled for fp16) and the EMA update."""
+        if not self.enabled:
+            return
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+        grads = [p.grad for p in self.head.parameters() if p.grad is not None]
+        if scale != 1.0:
+            for g in grads:
+                g.div_(scale)
+        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):  # fp16 overflow: skip, as the scaler does
+            self.head.optimizer.zero_grad(set_to_none=True)
+            self.head.steps_taken += 1
+        else:
+            self.head.step()
+        if self.config.source == "ema":
+            self.source.update(model)
+
+    def log(self, logger: Any) -> None:
+        """Log the mean term since the last call (nothing when off)."""
+        values, self._logged = self._logged, []
+        if self.enabled:
+            mean = sum(values) / len(values) if values else 0.0
+            logger.info(f"mirai ({self.config.source}): term {mean:.4f}, lambda {self.head.weight:g}")
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        state = {"head": self.head.training_state()}
+        if self.config.source == "ema":
+            state["source"] = self.source.state_dict()
+        return {CHECKPOINT_KEY: state}
+
+    def load_checkpoint_state(self, checkpoint: dict) -> None:
+        if not self.enabled or CHECKPOINT_KEY not in checkpoint:
+            return
+        entry = checkpoint[CHECKPOINT_KEY]
+        self.head.load_training_state(entry["head"])
+        if self.config.source == "ema" and "source" in entry:
+            self.source.load_state_dict(entry["source"])
+
+
+class _DecodedImageEncoder:
+    """Mirai-I on a code dataset: codes -> VQ decode -> encoder patch features on the token grid."""
+
+    def __init__(self, vq: nn.Module, encoder: FrozenImageEncoder, grid: int, width: int) -> None:
+        self.vq, self.encoder, self.grid, self.width = vq, encoder, grid, width
+
+    @torch.no_grad()
+    def __call__(self, z_indices: Tensor) -> Tensor:
+        b = z_indices.shape[0]
+        channels = self.vq.config.codebook_embed_dim
+        images = self.vq.decode_code(z_indices, [b, channels, self.grid, self.grid])  # (b 3 h w) in [-1, 1]
+        images = (images.clamp(-1, 1) + 1) / 2
+        mean = images.new_tensor([0.485, 0.456, 0.406])[:, None, None]
+        std = images.new_tensor([0.229, 0.224, 0.225])[:, None, None]
+        size = 224 * max(1, images.shape[-1] // 256)  # DINOv2's resolution, as the official script
+        images = torch.nn.functional.interpolate((images - mean) / std, size=size, mode="bicubic")
+        return self.encoder(images)
+
+
+def _image_source(args: Any, grid: int, device: torch.device) -> _DecodedImageEncoder:
+    import importlib
+
+    if not args.mirai_vq_ckpt:
+        raise MiraiError("--mirai I decodes the codes to images: pass --mirai-vq-ckpt (the tokenizer that made them)")
+    state = torch.load(args.mirai_vq_ckpt, map_location="cpu", weights_only=False)
+    if isinstance(state, nn.Module):  # a whole tokenizer module
+        vq = state
+    else:  # LlamaGen's tokenizer checkpoint: {"model": state_dict}
+        vq = importlib.import_module("tokenizer.tokenizer_image.vq_model").VQ_models[args.mirai_vq_model]()
+        vq.load_state_dict(state.get("model", state))
+    vq = vq.to(device).eval().requires_grad_(False)
+    if args.mirai_encoder.startswith("dinov2"):
+        encoder = torch.hub.load("facebookresearch/dinov2", args.mirai_encoder)
+        features = lambda m, x: m.forward_features(x)["x_norm_patchtokens"]  # noqa: E731
+    else:
+        encoder = torch.load(args.mirai_encoder, map_location="cpu", weights_only=False)
+        features = None
+    encoder = encoder.to(device).eval().requires_grad_(False)
+    width = getattr(encoder, "embed_dim", None) or getattr(encoder, "width", None)
+    if width is None:
+        raise MiraiError("the Mirai-I encoder must say its feature width (an embed_dim or width attribute)")
+    return _DecodedImageEncoder(vq, FrozenImageEncoder(encoder, grid=(grid, grid), features=features), grid, width)
