@@ -1,6 +1,7 @@
 """The ``mirai-plugin`` command.
 
     mirai-plugin demo [--quick] [--steps N] [--seeds N] [--segment-frames N] [--offsets 0 1] [--layer L] [--out DIR]
+    mirai-plugin demo --image [--quick] [--steps N] [--seeds N] [--layer L] [--out DIR]
     mirai-plugin probe FEATURES.safetensors [--horizons 1 2 3] [--test-videos N] [--peak P] [--json]
     mirai-plugin score RESULTS.json [...] [--json]
     mirai-plugin compare BASELINE CANDIDATE [--bootstrap 10000] [--seed 0] [--json]
@@ -45,6 +46,8 @@ def _patch_command(args: argparse.Namespace) -> int:
 def _demo_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.image:
+        return _image_demo_command(args)
     from mirai_plugin.demo.run import make_config, run_demo
 
     cfg = make_config(
@@ -55,7 +58,26 @@ def _demo_command(args: argparse.Namespace) -> int:
         offsets=tuple(args.offsets) if args.offsets else None,
         layer=args.layer,
     )
-    run_demo(cfg, Path(args.out))
+    run_demo(cfg, Path(args.out or "mirai-demo"))
+    return 0
+
+
+def _image_demo_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mirai_plugin.demo.image import make_image_config, run_image_demo
+
+    video_only = [flag for flag, value in (("--segment-frames", args.segment_frames), ("--offsets", args.offsets))
+                  if value is not None]
+    if video_only:
+        raise MiraiError(f"{' and '.join(video_only)} apply to the video demo only; drop them with --image")
+    cfg = make_image_config(
+        quick=args.quick,
+        steps=args.steps,
+        seeds=tuple(range(args.seeds)) if args.seeds is not None else None,
+        layer=args.layer,
+    )
+    run_image_demo(cfg, Path(args.out or "mirai-demo-image"))
     return 0
 
 
@@ -225,14 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirai-plugin", description="Video-Mirai foresight loss for causal video diffusion trainers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="the method on a toy video world, baseline vs foresight, on a CPU")
+    demo = commands.add_parser("demo", help="the method on a toy video world (or --image: a token AR image model), on a CPU")
+    demo.add_argument("--image", action="store_true",
+                      help="Mirai on a tiny raster-order token AR image model: baseline, Mirai-E, Mirai-I")
     demo.add_argument("--quick", action="store_true", help="a reduced run (about a minute)")
     demo.add_argument("--steps", type=int, help="student training steps")
     demo.add_argument("--seeds", type=int, help="number of seeds (default 3)")
     demo.add_argument("--segment-frames", type=int, help="frames per segment (3 chunk-wise, 1 frame-wise)")
     demo.add_argument("--offsets", type=int, nargs="+", help="foresight offsets (default 0 1)")
     demo.add_argument("--layer", type=int, help="student block whose output is aligned (default 1 of 4)")
-    demo.add_argument("--out", default="mirai-demo", help="output folder (results.json, figure.png)")
+    demo.add_argument("--out", help="output folder (results.json, figure.png); default mirai-demo or mirai-demo-image")
     demo.set_defaults(run=_demo_command)
 
     probe = commands.add_parser("probe", help="train readouts from frozen features to future segments, report PSNR")
