@@ -1,16 +1,15 @@
 """Training overhead of the foresight term per DMD cycle, measured next to the FLOP estimate.
 
-    MIRAI_SELF_FORCING_DIR=/path/to/Self-Forcing python benchmarks/training_overhead.py
+    eval "$(../shared/upstreams/unpack /tmp/up)" && python benchmarks/training_overhead.py
 
-Copies the checkout, applies the patch with the mirai-plugin command, and times two
-DMD cycles (10 iterations: 2 generator steps, 10 critic steps, 8 projector replays) of
-the real upstream Trainer on tiny models (integration_tests/trainer_harness.py), with
-and without foresight, 3 runs each (medians). The same shapes go through
+Copies the checkout (``MIRAI_SELF_FORCING_DIR``, integration_tests/checkouts.py), applies the
+patch with the mirai-plugin command, and times two DMD cycles (10 iterations: 2 generator
+steps, 10 critic steps, 8 projector replays) of the real upstream Trainer on tiny models
+(integration_tests/trainer_harness.py), with and without foresight, 5 runs each (medians). The same shapes go through
 mirai_plugin.flops for the predicted overhead.
 """
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,9 @@ from mirai_plugin import ForesightConfig
 from mirai_plugin.flops import CycleShape, TransformerShape, dmd_cycle
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from integration_tests.checkouts import CheckoutMissing, checkout  # noqa: E402
+
 LAYERS = {"foresight_student_layer": 1, "foresight_teacher_layer": 2}
 RUNS, STEPS = 5, 10
 
@@ -35,15 +37,11 @@ def train_seconds(repo: Path, out: Path, overrides: dict) -> float:
 
 
 def main() -> None:
-    source = os.environ.get("MIRAI_SELF_FORCING_DIR")
-    if not source:
-        sys.exit("set MIRAI_SELF_FORCING_DIR to a Self-Forcing checkout")
     work = Path(tempfile.mkdtemp(prefix="mirai-overhead-"))
-    repo = work / "sf"
-    subprocess.run(["git", "clone", "-q", source, str(repo)], check=True)
-    subprocess.run(["git", "-C", str(repo), "checkout", "-q", "33593df3e81fa3ec10239271dd2c100facac6de1"], check=True)
-    subprocess.run([sys.executable, "-m", "mirai_plugin.cli", "patch", "apply", "--upstream", "self-forcing", str(repo)],
-                   check=True, capture_output=True)
+    try:
+        repo = checkout("self-forcing", work / "sf", "self-forcing")
+    except CheckoutMissing as missing:
+        sys.exit(str(missing))
     times = {"off": [], "on": []}
     for run in range(RUNS):
         for case, weight in (("off", 0.0), ("on", 0.2)):

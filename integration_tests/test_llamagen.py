@@ -2,43 +2,28 @@
 through ``llamagen_harness.py``: a tiny GPT on random image codes, single process and
 ``torchrun --nproc_per_node 2`` (gloo, DDP).
 
-Needs a checkout (skipped otherwise): ``MIRAI_LLAMAGEN_DIR``. Every run is its own process.
+Needs a checkout (skipped otherwise, see ``checkouts.py``): ``MIRAI_LLAMAGEN_DIR``. Every run is its own process.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from checkouts import UPSTREAMS, checkout
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "llamagen_harness.py"
-VAR = "MIRAI_LLAMAGEN_DIR"
-PINNED = "ce98ec41803a74a90ce68c40ababa9eaeffeb4ec"  # FoundationVision/LlamaGen
-
-
-def checkout(dest: Path) -> Path:
-    """A fresh copy of the pinned checkout at ``dest``."""
-    source = os.environ.get(VAR)
-    if not source:
-        pytest.skip(f"{VAR} is not set (path to an upstream checkout)")
-    subprocess.run(["git", "clone", "-q", "--no-checkout", source, str(dest)], check=True)
-    # A mirror may lack the blobs of the README images under assets/ (a plain checkout then fails);
-    # the trainer needs none of them: leave that folder out.
-    for command in (["sparse-checkout", "set", "--no-cone", "/*", "!/assets/"], ["checkout", "-q", PINNED]):
-        subprocess.run(["git", "-C", str(dest), *command], check=True, capture_output=True)
-    return dest
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    return checkout(tmp_path_factory.mktemp("llamagen") / "LlamaGen")
+    return checkout("llamagen", tmp_path_factory.mktemp("llamagen") / "LlamaGen")
 
 
 def train(repo: Path, out: Path, *, steps: int, overrides=None, extra=(), nproc=1, expect_ok=True, grad_probe=False):
@@ -75,7 +60,7 @@ def test_three_steps_in_one_process(repo, tmp_path):
     result = train(repo, tmp_path / "run", steps=3, overrides={"max_grad_norm": 0.5},
                    extra=["--weight-decay", "0.04"])  # raw train_c2i.py arguments, after a bare --
     extra = result["extra"]
-    assert extra["commit"] == PINNED and extra["world_size"] == 1 and extra["final_step"] == 3
+    assert extra["commit"] == UPSTREAMS["llamagen"].commit and extra["world_size"] == 1 and extra["final_step"] == 3
     # overrides and raw arguments both went through the trainer's own parser
     assert result["args"]["max_grad_norm"] == 0.5 and result["args"]["weight_decay"] == 0.04
     assert result["args"]["gpt_model"] == "GPT-tiny" and result["args"]["dist_backend"] == "gloo"
@@ -135,11 +120,7 @@ MIRAI_E = ["--mirai", "E", "--mirai-layer", "1", "--mirai-projector-dim", "16"]
 
 @pytest.fixture(scope="module")
 def patched(tmp_path_factory) -> Path:
-    repo = checkout(tmp_path_factory.mktemp("llamagen-patched") / "LlamaGen")
-    result = subprocess.run([sys.executable, "-m", "mirai_plugin.cli", "patch", "apply", "--upstream", "llamagen",
-                             str(repo)], capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return repo
+    return checkout("llamagen", tmp_path_factory.mktemp("llamagen-patched") / "LlamaGen", "llamagen")
 
 
 def block_index(name: str) -> int | None:

@@ -2,7 +2,7 @@
 official ``return_hidden_at_layer`` tensors, and the whole foresight term against the official
 loss and its gradients into the generator.
 
-Needs upstream checkouts (skipped otherwise):
+Needs upstream checkouts (skipped otherwise, see ``checkouts.py``):
 ``MIRAI_VIDEO_MIRAI_DIR`` (official Video-Mirai) and ``MIRAI_SELF_FORCING_DIR`` (Self-Forcing).
 Each check runs in its own Python process: the checkouts share top-level package
 names (``model``, ``utils``, ``pipeline``) and cannot be imported side by side.
@@ -10,12 +10,11 @@ names (``model``, ``utils``, ``pipeline``) and cannot be imported side by side.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from checkouts import source
 
 HERE = Path(__file__).resolve().parent
 STUDENT_LAYER, ENCODER_LAYER = 3, 5
@@ -33,33 +32,33 @@ RECIPE = dict(  # the official keys of the Stage-3 recipe, with the tiny models'
 )
 
 
-def _run_in_subprocess(check: str, env_var: str) -> None:
-    if not os.environ.get(env_var):
-        pytest.skip(f"{env_var} is not set (path to an upstream checkout)")
+def _run_in_subprocess(check: str, upstream: str) -> None:
+    root = source(upstream)  # imported in place, read-only
     result = subprocess.run(
-        [sys.executable, str(Path(__file__)), check], capture_output=True, text=True, cwd=HERE.parent, timeout=600
+        [sys.executable, str(Path(__file__)), check, str(root)], capture_output=True, text=True, cwd=HERE.parent,
+        timeout=600,
     )
     assert result.returncode == 0, f"{check} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
 
 
 def test_capture_encoder_and_term_match_official_video_mirai():
-    _run_in_subprocess("official_video_mirai", "MIRAI_VIDEO_MIRAI_DIR")
+    _run_in_subprocess("official_video_mirai", "video-mirai")
 
 
 def test_capture_on_the_unmodified_self_forcing_rollout():
-    _run_in_subprocess("self_forcing_rollout", "MIRAI_SELF_FORCING_DIR")
+    _run_in_subprocess("self_forcing_rollout", "self-forcing")
 
 
 # ---------------------------------------------------------------- checks (run as a script)
 
 
-def _setup(checkout_var: str, **foresight):
+def _setup(root: str, **foresight):
     import torch
 
     sys.path.insert(0, str(HERE))
     import upstream
 
-    up = upstream.import_upstream(os.environ[checkout_var])
+    up = upstream.import_upstream(root)
     torch.manual_seed(0)
     student = upstream.tiny_causal_wan(dim=16, num_heads=4, ffn_dim=32, num_layers=6)
     encoder = upstream.tiny_wan(dim=24, num_heads=4, ffn_dim=48, num_layers=8)
@@ -93,7 +92,7 @@ def official_video_mirai() -> None:
         foresight_weight=0.2, foresight_projector_type="dit", foresight_loss_type="cosine",
         foresight_include_current=True, foresight_delta_mean_pool=True,
     )
-    up, upstream, gen, enc, pipe, prompt, noise, extra = _setup("MIRAI_VIDEO_MIRAI_DIR", **official_keys)
+    up, upstream, gen, enc, pipe, prompt, noise, extra = _setup(sys.argv[2], **official_keys)
 
     # Stash the official return_hidden_at_layer tensors by wrapping the wrappers' forward.
     official_student, official_encoder = {}, []
@@ -174,7 +173,7 @@ def self_forcing_rollout() -> None:
 
     from mirai_plugin import capture_hidden
 
-    _, _, gen, _, pipe, prompt, noise, _ = _setup("MIRAI_SELF_FORCING_DIR")
+    _, _, gen, _, pipe, prompt, noise, _ = _setup(sys.argv[2])
     calls = []
     counter = gen.model.blocks[STUDENT_LAYER].register_forward_hook(
         lambda m, a, o: calls.append(torch.is_grad_enabled())

@@ -2,16 +2,15 @@
 ``mirai-plugin`` command, train tiny random-weight models on a CPU (``trainer_harness.py``),
 single process and ``torchrun --nproc_per_node 2`` (gloo, FULL_SHARD).
 
-Needs checkouts (skipped otherwise): ``MIRAI_SELF_FORCING_DIR``, ``MIRAI_CAUSAL_FORCING_DIR``,
-``MIRAI_VIDEO_MIRAI_DIR``. Every training run is its own process (the checkouts share
-top-level package names).
+Needs checkouts (skipped otherwise, see ``checkouts.py``): ``MIRAI_SELF_FORCING_DIR``,
+``MIRAI_CAUSAL_FORCING_DIR``, ``MIRAI_VIDEO_MIRAI_DIR``. Every training run is its own process
+(the checkouts share top-level package names).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -20,35 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from mirai_plugin.patching import PATCHES
+from checkouts import checkout
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "trainer_harness.py"
 LAYERS = {"foresight_student_layer": 1, "foresight_teacher_layer": 2}  # tiny models have 4 blocks
 TOLERANCE = 1e-5
-PINNED = {
-    "MIRAI_SELF_FORCING_DIR": PATCHES["self-forcing"].commit,
-    "MIRAI_CAUSAL_FORCING_DIR": PATCHES["causal-forcing"].commit,
-    "MIRAI_VIDEO_MIRAI_DIR": "281e47e46a0bb442437227fd8d664e8cb120d043",
-}
-
-
-def checkout(var: str, dest: Path, *patches: str) -> Path:
-    """A fresh copy of the pinned checkout at ``dest``, patched with the ``mirai-plugin`` command."""
-    source = os.environ.get(var)
-    if not source:
-        pytest.skip(f"{var} is not set (path to an upstream checkout)")
-    subprocess.run(["git", "clone", "-q", source, str(dest)], check=True)
-    subprocess.run(["git", "-C", str(dest), "checkout", "-q", PINNED[var]], check=True)
-    for name in patches:
-        result = subprocess.run(
-            [sys.executable, "-m", "mirai_plugin.cli", "patch", "apply", "--upstream", name, str(dest)],
-            capture_output=True, text=True,
-        )
-        assert result.returncode == 0, result.stderr
-        assert "added:" in result.stdout
-    return dest
 
 
 def train(repo: Path, config: str, out: Path, *, steps: int, overrides=None, nproc=1, trainer="dmd", grad_probe=False):
@@ -87,7 +63,7 @@ def block_index(name: str) -> int | None:
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_self_forcing_generator_and_critic_steps(tmp_path, nproc):
-    repo = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "sf", "self-forcing")
+    repo = checkout("self-forcing", tmp_path / "sf", "self-forcing")
     config = "configs/video_mirai_dmd_chunkwise.yaml"
     train(repo, config, tmp_path / "s0", steps=0, overrides=LAYERS, nproc=nproc)  # for its checkpoint
     train(repo, config, tmp_path / "s1", steps=1, overrides=LAYERS, nproc=nproc)
@@ -122,7 +98,7 @@ def test_self_forcing_generator_and_critic_steps(tmp_path, nproc):
 def test_self_forcing_two_ranks_with_an_fsdp_sharded_head(tmp_path):
     """`foresight_head_sharding: fsdp` (FULL_SHARD, size-based wrap, as the official trainer
     wraps its projector) trains like the replicated head: same losses, same head."""
-    repo = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "sf", "self-forcing")
+    repo = checkout("self-forcing", tmp_path / "sf", "self-forcing")
     config = "configs/video_mirai_dmd_chunkwise.yaml"
     replicated = train(repo, config, tmp_path / "rep", steps=2, overrides=LAYERS, nproc=2)
     sharded = train(repo, config, tmp_path / "fsdp", steps=2, nproc=2,
@@ -139,8 +115,8 @@ def test_self_forcing_two_ranks_with_an_fsdp_sharded_head(tmp_path):
 
 
 def test_same_losses_as_the_official_video_mirai(tmp_path):
-    official_repo = checkout("MIRAI_VIDEO_MIRAI_DIR", tmp_path / "vm")
-    repo = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "sf", "self-forcing")
+    official_repo = checkout("video-mirai", tmp_path / "vm")
+    repo = checkout("self-forcing", tmp_path / "sf", "self-forcing")
     config = "configs/video_mirai_dmd_chunkwise.yaml"
     official_overrides = {**LAYERS, "gradient_accumulation_steps": 1}
 
@@ -166,8 +142,8 @@ def test_same_losses_as_the_official_video_mirai(tmp_path):
 
 
 def test_weight_zero_reproduces_the_unpatched_trainer(tmp_path):
-    plain = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "plain")
-    patched = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "patched", "self-forcing")
+    plain = checkout("self-forcing", tmp_path / "plain")
+    patched = checkout("self-forcing", tmp_path / "patched", "self-forcing")
     baseline = train(plain, "configs/self_forcing_dmd.yaml", tmp_path / "a", steps=2)
     runs = [
         train(patched, "configs/video_mirai_dmd_chunkwise.yaml", tmp_path / "b", steps=2,
@@ -187,8 +163,8 @@ def test_weight_zero_reproduces_the_unpatched_trainer(tmp_path):
 
 
 def test_inference_is_untouched(tmp_path):
-    plain = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "plain")
-    patched = checkout("MIRAI_SELF_FORCING_DIR", tmp_path / "patched", "self-forcing")
+    plain = checkout("self-forcing", tmp_path / "plain")
+    patched = checkout("self-forcing", tmp_path / "patched", "self-forcing")
     train(patched, "configs/video_mirai_dmd_chunkwise.yaml", tmp_path / "run", steps=1, overrides=LAYERS)
     (saved,) = (tmp_path / "run" / "logs").glob("checkpoint_model_*/model.pt")
     assert {"generator", "foresight"} <= set(torch.load(saved, map_location="cpu", weights_only=False))
@@ -213,7 +189,7 @@ def test_inference_is_untouched(tmp_path):
 
 @pytest.mark.parametrize("segmenting", ["chunkwise", "framewise"])
 def test_causal_forcing_dmd(tmp_path, segmenting):
-    repo = checkout("MIRAI_CAUSAL_FORCING_DIR", tmp_path / "cf", "causal-forcing")
+    repo = checkout("causal-forcing", tmp_path / "cf", "causal-forcing")
     result = train(repo, f"configs/video_mirai_dmd_{segmenting}.yaml", tmp_path / "run", steps=2, overrides=LAYERS)
     (foresight,) = logged(result, "foresight_loss")
     (replay,) = logged(result, "replay_foresight_loss")
@@ -222,8 +198,8 @@ def test_causal_forcing_dmd(tmp_path, segmenting):
 
 
 def test_causal_forcing_stage2_ode_with_ground_truth_future(tmp_path):
-    plain = checkout("MIRAI_CAUSAL_FORCING_DIR", tmp_path / "plain")
-    repo = checkout("MIRAI_CAUSAL_FORCING_DIR", tmp_path / "cf", "causal-forcing-ode")
+    plain = checkout("causal-forcing", tmp_path / "plain")
+    repo = checkout("causal-forcing", tmp_path / "cf", "causal-forcing-ode")
     config = "configs/video_mirai_ode_chunkwise.yaml"
     on = train(repo, config, tmp_path / "on", steps=1, overrides=LAYERS, trainer="ode", grad_probe=True)
     (record,) = on["losses"]

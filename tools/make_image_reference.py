@@ -2,10 +2,11 @@
 
 Run from the repository root (CPU, float32, deterministic; a few seconds):
 
-    MIRAI_MIRAI_CODE_DIR=/path/to/mirai-code python tools/make_image_reference.py
+    eval "$(../shared/upstreams/unpack /tmp/up)" && python tools/make_image_reference.py
 
-The checkout (``y0urOy/Mirai-Code``) is imported at run time from its own
-directory; nothing from it is copied here. What runs for real: the official
+A fresh copy of the checkout named by ``MIRAI_MIRAI_CODE_DIR`` (``y0urOy/Mirai-Code``)
+at the pinned commit (``integration_tests/checkouts.py``) is imported at run time
+from its own directory; nothing from it is copied here. What runs for real: the official
 ``Transformer`` / ``ModelArgs`` (``autoregressive/models/Mirai.py``) and the two
 official ``calculate_foresight_loss`` functions (``autoregressive/train/
 train_c2i_Mirai_E.py`` and ``train_c2i_Mirai_I.py``). Importing the training
@@ -50,6 +51,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -58,9 +60,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
 from make_reference import save_canonical  # noqa: E402  (fixed header order -> byte-identical files)
 
-PINNED = "4e8611e54159c67fe31c29e6f922ba47c031c9df"  # y0urOy/Mirai-Code
+from integration_tests.checkouts import CheckoutMissing, checkout  # noqa: E402
 
 # The official head -> raster offset table (both training scripts, heads 0..8;
 # head i >= 9 falls back to offset i). Used only to check the official outputs.
@@ -373,15 +376,14 @@ def main():
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "data")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
-    checkout = os.environ.get("MIRAI_MIRAI_CODE_DIR")
-    if not checkout:
-        sys.exit(f"set MIRAI_MIRAI_CODE_DIR to a Mirai-Code checkout at {PINNED}")
+    try:
+        repo = checkout("mirai-code", Path(tempfile.mkdtemp(prefix="mirai-reference-")) / "mirai-code")
+    except CheckoutMissing as missing:
+        sys.exit(str(missing))
     torch.set_num_threads(SETUP["torch_threads"])
-    up = import_official(checkout)
+    up = import_official(repo)
     if up.stubbed:
         print(f"stubbed for the import (not installed, never called): {', '.join(up.stubbed)}", file=sys.stderr)
-    if up.commit != PINNED:
-        print(f"warning: checkout is at {up.commit}, not the pinned {PINNED}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     for variant in args.variants:
         tensors, meta = make_variant(up, variant)

@@ -2,7 +2,10 @@
 
 Run from the repository root (CPU, float32, deterministic; a few seconds):
 
-    MIRAI_VIDEO_MIRAI_DIR=/path/to/video-mirai python tools/make_reference.py
+    eval "$(../shared/upstreams/unpack /tmp/up)" && python tools/make_reference.py
+
+It imports a fresh copy of the checkout named by ``MIRAI_VIDEO_MIRAI_DIR`` at the
+pinned commit (``integration_tests/checkouts.py``).
 
 For each case it builds a tiny official student (`CausalWanModel`), a tiny
 official bidirectional encoder (`WanModel`, passed as `ema_generator` like the
@@ -25,18 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import struct
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-PINNED = "281e47e46a0bb442437227fd8d664e8cb120d043"  # y0urOy/Video-Mirai, the pinned commit (integration_tests/README.md)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from integration_tests import upstream  # noqa: E402
+from integration_tests.checkouts import CheckoutMissing, checkout  # noqa: E402
 
 # Batch 1: the official rollout cannot run B > 1 (its context re-noising
 # multiplies a [B, 3] timestep by ones([B * 3])); the official config uses 1.
@@ -291,13 +294,12 @@ def main():
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "data")
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     args = parser.parse_args()
-    checkout = os.environ.get("MIRAI_VIDEO_MIRAI_DIR")
-    if not checkout:
-        sys.exit(f"set MIRAI_VIDEO_MIRAI_DIR to a Video-Mirai checkout at {PINNED}")
+    try:
+        repo = checkout("video-mirai", Path(tempfile.mkdtemp(prefix="mirai-reference-")) / "video-mirai")
+    except CheckoutMissing as missing:
+        sys.exit(str(missing))
     torch.set_num_threads(SETUP["torch_threads"])
-    up = upstream.import_upstream(checkout)
-    if up.commit != PINNED:
-        print(f"warning: checkout is at {up.commit}, not the pinned {PINNED}", file=sys.stderr)
+    up = upstream.import_upstream(repo)
     args.out.mkdir(parents=True, exist_ok=True)
     for case in args.cases:
         tensors, meta = run_case(up, case, CASES[case])
