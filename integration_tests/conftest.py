@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+# Appended, not prepended: tests/ import their own `conftest` module by name.
+if str(HERE) not in sys.path:
+    sys.path.append(str(HERE))
 from checkouts import CheckoutMissing  # noqa: E402
 
 REQUIRED = os.environ.get("MIRAI_REQUIRE_UPSTREAMS") == "1"
