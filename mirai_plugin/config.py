@@ -20,6 +20,7 @@ from mirai_plugin.errors import MiraiError
 FUSIONS = ("mean", "none", "frame_mean")
 PREDICTORS = ("dit", "mlp", "multi_mlp")
 LOSSES = ("cosine", "mse")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # Official `foresight_projector_type` values and what they mean here.
 _UPSTREAM_PREDICTORS = {
@@ -69,8 +70,8 @@ class ForesightConfig:
             predictor on them at critic steps (official ``projector_every_step``).
         replay_device: where replay pairs are kept (``"cpu"`` as upstream, or ``None``
             to keep them where they were computed).
-        replay_segments: cached segments per replay backward; ``None`` (default) runs one
-            backward for all of them, ``1`` bounds memory to one segment at a time as the
+        replay_segments: cached segments per replay backward; ``None`` (default) takes as
+            many as ``activation_budget_mib`` allows, ``1`` runs one segment at a time as the
             official trainer does. The gradient is the same.
         replay_max_pairs: replay at most this many cached segments, drawn at random
             without replacement on each replay (official ``max_replay_pairs``); ``None``
@@ -84,6 +85,13 @@ class ForesightConfig:
             (Mirai's 2 -> 1 at half training: ``weight=2.0, weight_changes=((T // 2, 1.0),)``).
         weight_stop: generator step from which the term is off again (``None``: never).
         check_finite: raise, naming the segment (and the rank), when the loss is NaN/inf.
+        activation_budget_mib: the most predictor activations (MiB, with the prediction
+            and its gradient) kept for backward at once. Segments that fit go through the
+            predictor in one pass; beyond it they go in groups recomputed in the backward,
+            and a segment larger than the budget also recomputes each predictor block.
+            The gradients are the same; ``None``: no bound (always one pass).
+        compute_dtype: ``"float32"`` (default) or ``"bfloat16"``: the predictor computes
+            under bfloat16 autocast over its float32 weights; the loss stays float32.
 
     Example:
         >>> from mirai_plugin import ForesightConfig
@@ -120,6 +128,8 @@ class ForesightConfig:
     weight_changes: tuple[tuple[int, float], ...] = ()
     weight_stop: int | None = None
     check_finite: bool = True
+    activation_budget_mib: float | None = 1024
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -161,7 +171,17 @@ class ForesightConfig:
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check(
             self.replay_segments is None or (isinstance(self.replay_segments, int) and self.replay_segments >= 1),
-            f"replay_segments must be None (all at once) or an int >= 1, got {self.replay_segments!r}",
+            f"replay_segments must be None (from activation_budget_mib) or an int >= 1, got {self.replay_segments!r}",
+        )
+        budget = self.activation_budget_mib
+        _check(
+            budget is None or (isinstance(budget, (int, float)) and not isinstance(budget, bool)
+                               and math.isfinite(budget) and budget > 0),
+            f"activation_budget_mib must be a number of MiB > 0, or None (no bound), got {budget!r}",
+        )
+        _check(
+            self.compute_dtype in COMPUTE_DTYPES,
+            f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}",
         )
         _check(
             self.replay_max_pairs is None or (isinstance(self.replay_max_pairs, int) and self.replay_max_pairs >= 1),
@@ -253,7 +273,8 @@ class ForesightConfig:
         ``num_frame_per_block``; and this package's schedule keys
         ``foresight_weight_start``, ``foresight_weight_ramp``,
         ``foresight_weight_changes`` (a list of ``[step, weight]``) and
-        ``foresight_weight_stop``. Other keys absent from ``args`` keep the recipe
+        ``foresight_weight_stop``; ``foresight_activation_budget_mib`` and
+        ``foresight_compute_dtype``. Other keys absent from ``args`` keep the recipe
         defaults. Official options this package does not implement raise.
 
         Example:
@@ -324,6 +345,8 @@ class ForesightConfig:
             max_grad_norm=_first(get("max_grad_norm_generator", None), default.max_grad_norm),
             replay=bool(_first(get("projector_every_step", None), default.replay)),
             replay_max_pairs=int(get("max_replay_pairs", 0) or 0) or None,
+            activation_budget_mib=_first(get("foresight_activation_budget_mib", None), default.activation_budget_mib),
+            compute_dtype=str(_first(get("foresight_compute_dtype", None), default.compute_dtype)),
             weight_start=int(_first(get("foresight_weight_start", None), 0)),
             weight_ramp=int(_first(get("foresight_weight_ramp", None), 0)),
             weight_changes=tuple(tuple(c) for c in _first(get("foresight_weight_changes", None), ())),

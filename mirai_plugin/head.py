@@ -9,6 +9,11 @@ Data flow of one generator step::
     encoder z (b t e), no grad      ->  segment layout (targets)    ->  y_k
     loss = weight * mean over segments (or valid segment/offset pairs) of foresight_loss
 
+The predictor runs on groups of segments (``plan``): all of them in one pass when
+their activations fit ``config.activation_budget_mib``, else groups recomputed in
+the backward through one autograd node (``mirai_plugin.segmented``), so one group's
+activations are alive at a time. Replay uses the same groups.
+
 The head owns its parameters, its optimizer and the replay cache; nothing is
 added to the generator, so generator checkpoints are unchanged.
 """
@@ -31,9 +36,10 @@ from mirai_plugin.capture import CapturedHidden, HiddenRecord
 from mirai_plugin.config import ForesightConfig
 from mirai_plugin.distributed import average_gradients, gather_ints, gather_messages, world
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.fused import fused_mean_cosine
 from mirai_plugin.loss import foresight_loss
 from mirai_plugin.predictor import MLP, DiTPredictor, MultiMLP
-from mirai_plugin.fused import fused_mean_cosine
+from mirai_plugin.segmented import GroupedLosses, GroupPlan, groups_of, plan_groups
 from mirai_plugin.targets import SegmentLayout, SegmentTargets, materialise_targets, segment_count, segment_layout
 
 
@@ -48,14 +54,18 @@ class _ReplayBatch:
 
 
 @dataclass
-class _ReplayGroup:
-    """Segments replayed in one backward; passed through ``forward`` so a DDP/FSDP wrapper sees it."""
+class _Group:
+    """Segments whose losses run in one forward; passed through ``forward`` so a DDP/FSDP
+    wrapper sees the call. Targets are either materialised (``target``) or read from the
+    encoder's segments (``z`` with ``source``: the fused mean-cosine loss)."""
 
-    hidden: Tensor  # (1 rows n d): one row per (video, segment)
-    target: Tensor  # (1 rows ...)
-    valid: Tensor  # (rows o)
-    row_weight: Tensor  # (rows): weight / videos in the row's micro-batch
+    hidden: Tensor  # (b r n d)
+    valid: Tensor  # (r o)
     tokens_per_frame: int
+    checkpoint_blocks: bool = False
+    target: Tensor | None = None  # (b r ...)
+    z: Tensor | None = None  # (b K n e)
+    source: Tensor | None = None  # (r o)
 
 
 class ForesightHead(nn.Module):
@@ -121,7 +131,6 @@ class ForesightHead(nn.Module):
         self._optimizer: torch.optim.Optimizer | None = None
         self._strategy = "replicate"  # see mirai_plugin.distributed.shard_head
         self._wrapper_ref: tuple[nn.Module, ...] = ()  # DDP/FSDP1 wrapper, held outside the module tree
-        self._inside_wrapper = False
         self.steps_taken = 0  # head.step() calls: the position in the weight schedule
 
     # ------------------------------------------------------------- schedule
@@ -150,20 +159,13 @@ class ForesightHead(nn.Module):
     ) -> Tensor | tuple[Tensor, dict[str, Any]]:
         """The weighted foresight term for one rollout (see ``term`` for the arguments).
 
-        Under a DDP/FSDP1 wrapper (``shard_head``) the call goes through the wrapper,
-        so parameters are gathered and gradients synchronised as the wrapper does.
+        Under a DDP/FSDP1 wrapper (``shard_head``) every predictor call goes through the
+        wrapper, so parameters are gathered and gradients synchronised as the wrapper does.
         """
-        if isinstance(captured, _ReplayGroup):
-            return self._replay_group_loss(captured)
+        if isinstance(captured, _Group):  # a group of segments, called through the wrapper
+            return self._group_losses(captured)
         if not self.active:
             return self._inactive(captured, kwargs.get("return_breakdown", False))
-        wrapper = self._wrapper
-        if wrapper is not None and not self._inside_wrapper:
-            self._inside_wrapper = True
-            try:
-                return wrapper(captured, encoder_hidden, **kwargs)
-            finally:
-                self._inside_wrapper = False
         return self.term(captured, encoder_hidden, **kwargs)
 
     def term(
@@ -210,9 +212,10 @@ class ForesightHead(nn.Module):
                 f"encoder hidden has shape {tuple(encoder_hidden.shape)}; expected (batch, tokens, {self.encoder_dim}) "
                 f"— the head was built with encoder_dim={self.encoder_dim}"
             )
-        if encoder_hidden.shape[0] != hidden.shape[0]:
+        if encoder_hidden.shape[0] != hidden[0].shape[0]:
             raise MiraiError(
-                f"batch mismatch: captured hidden has batch {hidden.shape[0]}, encoder hidden {encoder_hidden.shape[0]}"
+                f"batch mismatch: captured hidden has batch {hidden[0].shape[0]}, "
+                f"encoder hidden {encoder_hidden.shape[0]}"
             )
         num_segments = segment_count(
             encoder_hidden.shape[1], segment_frames=cfg.segment_frames, tokens_per_frame=s, prefix_frames=prefix_frames
@@ -236,27 +239,39 @@ class ForesightHead(nn.Module):
                 f"no captured segment has a target: captured {segments}, encoder has {num_segments} segments "
                 f"and offsets {cfg.offsets} all point past the end"
             )
-        keep = torch.isin(torch.tensor(segments, device=layout.segments.device), layout.segments)
-        hidden = hidden[:, keep.to(hidden.device)]  # (b k n d): supervised segments only
+        supervised = set(layout.segments.tolist())
+        hidden = [h for h, segment in zip(hidden, segments) if segment in supervised]  # k x (b n d)
 
-        if self._fused:
-            # The official recipe's loss, one segment's target at a time (see fused.py).
-            b, k, n, _ = hidden.shape
-            pred = self.predict(rearrange(hidden, "b k n d -> (b k) n d")).view(b, k, n, -1)  # (b k n e)
-            per_item = fused_mean_cosine(pred, layout.z, layout.source, layout.valid)  # (k)
-            targets = None
+        # The official recipe's loss reads each segment's target from the encoder output (fused.py);
+        # the other losses get materialised targets.
+        targets = None if self._fused else materialise_targets(
+            layout, fusion=cfg.fusion, segment_frames=cfg.segment_frames, tokens_per_frame=s)
+        b, n = hidden[0].shape[0], hidden[0].shape[1]
+        plan = self.plan(len(hidden), batch=b, tokens=n)
+
+        def run(rows: range, group_hidden: Sequence[Tensor]) -> Tensor:
+            item = _Group(
+                torch.stack(list(group_hidden), dim=1), layout.valid[rows.start : rows.stop], s,  # (b r n d)
+                checkpoint_blocks=plan.checkpoint_blocks,
+                target=None if targets is None else targets.target[:, rows.start : rows.stop],
+                z=layout.z if targets is None else None,
+                source=layout.source[rows.start : rows.stop] if targets is None else None,
+            )
+            return self._through_wrapper(item)  # (r) | (r o)
+
+        groups = groups_of(len(hidden), plan.size)
+        if plan.recompute and torch.is_grad_enabled():
+            anchor = torch.zeros((), requires_grad=True)
+            per_item = GroupedLosses.apply(run, groups, anchor, *hidden)  # (k) | (k o)
         else:
-            targets = materialise_targets(layout, fusion=cfg.fusion, segment_frames=cfg.segment_frames, tokens_per_frame=s)
-            per_item = self._losses(hidden, targets, s)  # (k) for mean fusion, (k o) otherwise
+            per_item = torch.cat([run(rows, hidden[rows.start : rows.stop]) for rows in groups])  # (k) | (k o)
         loss = per_item.mean() if cfg.fusion == "mean" else per_item[layout.valid].mean()
         if cfg.check_finite:
             self._check_finite(loss, hidden, layout, per_item)
 
         weight = self.weight
         if cfg.replay and self.training and torch.is_grad_enabled():
-            if targets is None:
-                targets = materialise_targets(layout, fusion=cfg.fusion, segment_frames=cfg.segment_frames, tokens_per_frame=s)
-            self._cache_for_replay(hidden, targets, weight)
+            self._cache_for_replay(hidden, layout, s, weight)
 
         weighted = loss * weight
         if not return_breakdown:
@@ -268,6 +283,33 @@ class ForesightHead(nn.Module):
             "per_segment": per_item.detach(),
         }
 
+    def plan(self, segments: int, *, batch: int, tokens: int) -> GroupPlan:
+        """How ``segments`` segments of ``batch`` x ``tokens`` go through the predictor under
+        ``config.activation_budget_mib``: all in one pass when they fit, else in groups
+        recomputed in the backward (see ``mirai_plugin.segmented``)."""
+        budget = self.config.activation_budget_mib
+        budget_bytes = None if budget is None else int(budget * 2**20)
+        return plan_groups(segments, self.segment_bytes(batch, tokens),
+                           self.segment_bytes(batch, tokens, checkpoint_blocks=True), budget_bytes)
+
+    def segment_bytes(self, batch: int, tokens: int, *, checkpoint_blocks: bool = False) -> int:
+        """What one segment keeps alive in its backward: the predictor's saved activations,
+        the projection's input, the prediction and its gradient."""
+        itemsize = self.compute_dtype.itemsize
+        rows_tokens = batch * tokens
+        saved = self.predictor.saved_bytes(rows_tokens, itemsize, checkpoint_blocks=checkpoint_blocks)
+        if self.project is not None:
+            saved += rows_tokens * self.student_dim * itemsize
+        return saved + 2 * rows_tokens * self.encoder_dim * itemsize
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The predictor's compute dtype: bfloat16 under ``config.compute_dtype="bfloat16"``
+        (autocast over float32 weights), else the parameters' dtype."""
+        if self.config.compute_dtype == "bfloat16":
+            return torch.bfloat16
+        return next(self.parameters()).dtype
+
     def _inactive(self, captured: Any, return_breakdown: bool) -> Tensor | tuple[Tensor, dict[str, Any]]:
         # Off by the schedule: nothing runs, the graph references are dropped.
         if isinstance(captured, CapturedHidden):
@@ -278,22 +320,36 @@ class ForesightHead(nn.Module):
             return zero
         return zero, {"foresight_loss": zero, "foresight_loss_unweighted": zero, "segments": [], "per_segment": zero[None][:0]}
 
-    def predict(self, hidden: Tensor, offset: int | None = None) -> Tensor:
+    def predict(self, hidden: Tensor, offset: int | None = None, *, checkpoint_blocks: bool = False) -> Tensor:
         """Predictor then projection: ``(B n d)`` -> ``(B n e)``; each row is one segment."""
-        param = next(self.parameters())
-        x = self.predictor(hidden.to(param.dtype), offset)  # (B n d)
-        return self.project(x) if self.project is not None else x  # (B n e)
+        dtype = self.compute_dtype
+        if dtype == next(self.parameters()).dtype:
+            x = self.predictor(hidden.to(dtype), offset, checkpoint_blocks=checkpoint_blocks)  # (B n d)
+            return self.project(x) if self.project is not None else x  # (B n e)
+        with torch.autocast(hidden.device.type, dtype=dtype):  # bfloat16 compute, float32 weights
+            x = self.predictor(hidden.to(dtype), offset, checkpoint_blocks=checkpoint_blocks)  # (B n d)
+            return self.project(x) if self.project is not None else x  # (B n e)
 
-    def _losses(self, hidden: Tensor, targets: SegmentTargets, s: int) -> Tensor:
+    def _group_losses(self, group: _Group) -> Tensor:
+        """Per-segment ``(r)`` or per-pair ``(r o)`` losses of one group."""
+        if group.z is not None:  # fused mean-cosine: targets read from the encoder's segments
+            b, r, n, _ = group.hidden.shape
+            rows = rearrange(group.hidden, "b r n d -> (b r) n d")
+            pred = self.predict(rows, checkpoint_blocks=group.checkpoint_blocks).view(b, r, n, -1)  # (b r n e)
+            return fused_mean_cosine(pred, group.z, group.source, group.valid)  # (r)
+        targets = SegmentTargets(group.target, group.valid, torch.arange(group.valid.shape[0]), self.config.offsets)
+        return self._losses(group.hidden, targets, group.tokens_per_frame, group.checkpoint_blocks)
+
+    def _losses(self, hidden: Tensor, targets: SegmentTargets, s: int, checkpoint_blocks: bool = False) -> Tensor:
         cfg = self.config
         b, k, n, _ = hidden.shape
         rows = rearrange(hidden, "b k n d -> (b k) n d")
         if cfg.fusion == "mean":
-            pred = self.predict(rows).view(b, k, n, -1)  # (b k n e)
+            pred = self.predict(rows, checkpoint_blocks=checkpoint_blocks).view(b, k, n, -1)  # (b k n e)
             return foresight_loss(pred, targets.target, kind=cfg.loss, keep_dims=(1,))  # (k)
 
         if not self._per_offset:
-            pred = self.predict(rows).view(b, k, 1, n, -1)  # (b k 1 n e), same for every offset
+            pred = self.predict(rows, checkpoint_blocks=checkpoint_blocks).view(b, k, 1, n, -1)  # (b k 1 n e)
             return self._pair_loss(pred, targets.target, s)  # (k o)
 
         columns = []
@@ -301,7 +357,8 @@ class ForesightHead(nn.Module):
             valid = targets.valid[:, o].to(hidden.device)
             column = torch.zeros(k, device=hidden.device)
             if bool(valid.any()):
-                pred = self.predict(rearrange(hidden[:, valid], "b k n d -> (b k) n d"), offset)
+                pred = self.predict(rearrange(hidden[:, valid], "b k n d -> (b k) n d"), offset,
+                                    checkpoint_blocks=checkpoint_blocks)
                 pred = pred.view(b, -1, 1, n, pred.shape[-1])  # (b k' 1 n e)
                 losses = self._pair_loss(pred, targets.target[:, valid, o : o + 1], s)[:, 0]  # (k')
                 column = column.index_put((valid.nonzero()[:, 0],), losses)
@@ -317,8 +374,8 @@ class ForesightHead(nn.Module):
 
     def _segments_from_records(
         self, records: list[HiddenRecord], seg_tokens: int, s: int, prefix_frames: int
-    ) -> tuple[Tensor, list[int]]:
-        """Split records into segments: ``(b k n d)`` in record order and the segment index of each row."""
+    ) -> tuple[list[Tensor], list[int]]:
+        """Split records into segments: one ``(b n d)`` view per segment in record order, and its index."""
         chunks, segments = [], []
         next_segment = 0
         for record in records:
@@ -351,16 +408,16 @@ class ForesightHead(nn.Module):
                     )
                 first = frame // self.config.segment_frames
             count = h.shape[1] // seg_tokens
-            chunks.append(h.unflatten(1, (count, seg_tokens)))  # (b m n d)
+            chunks.extend(h.split(seg_tokens, dim=1))  # count x (b n d), views
             segments.extend(range(first, first + count))
             next_segment = first + count
         if len(set(segments)) != len(segments):
             raise MiraiError(f"segments captured twice: {segments}; capture one grad-enabled call per segment")
         if len({c.shape[0] for c in chunks}) != 1:
             raise MiraiError(f"captured hidden states disagree on batch size: {[tuple(c.shape) for c in chunks]}")
-        return torch.cat(chunks, dim=1), segments  # (b k n d)
+        return chunks, segments
 
-    def _check_finite(self, loss: Tensor, hidden: Tensor, layout: SegmentLayout, per_item: Tensor) -> None:
+    def _check_finite(self, loss: Tensor, hidden: list[Tensor], layout: SegmentLayout, per_item: Tensor) -> None:
         """Raise on NaN/inf, naming the segments; with several ranks every rank raises together
         (naming the rank), so none is left waiting in a collective."""
         problem = None if bool(torch.isfinite(loss)) else self._diagnose_nonfinite(hidden, layout, per_item)
@@ -374,11 +431,11 @@ class ForesightHead(nn.Module):
         reports = [f"rank {r}: {m}" for r, m in enumerate(gather_messages(problem)) if m is not None]
         raise MiraiError(f"foresight loss is not finite on {len(reports)} of {world_size} ranks — " + "; ".join(reports))
 
-    def _diagnose_nonfinite(self, hidden: Tensor, layout: SegmentLayout, per_item: Tensor) -> str:
+    def _diagnose_nonfinite(self, hidden: list[Tensor], layout: SegmentLayout, per_item: Tensor) -> str:
         segs = layout.segments.tolist()
         finite_z = torch.isfinite(layout.z).flatten(2).all(dim=2).all(dim=0)  # (K)
         bad_target = [segs[i] for i in range(len(segs)) if not bool(finite_z[layout.source[i][layout.valid[i]]].all())]
-        bad_hidden = [segs[i] for i in range(len(segs)) if not bool(torch.isfinite(hidden[:, i]).all())]
+        bad_hidden = [segs[i] for i in range(len(segs)) if not bool(torch.isfinite(hidden[i]).all())]
         if bad_target:
             return f"encoder targets contain NaN/inf at segments {bad_target}"
         if bad_hidden:
@@ -390,13 +447,28 @@ class ForesightHead(nn.Module):
 
     # --------------------------------------------------------------- replay
 
-    def _cache_for_replay(self, hidden: Tensor, targets: SegmentTargets, weight: float) -> None:
+    def _cache_for_replay(self, hidden: list[Tensor], layout: SegmentLayout, s: int, weight: float) -> None:
+        """Copy the step's pairs to ``replay_device`` one segment at a time (no full-size copy where
+        they were computed)."""
         if self._replay_closed:
             self._replay.clear()
             self._replay_closed = False
-        device = self.config.replay_device
-        move = (lambda t: t.detach().to(device)) if device is not None else (lambda t: t.detach())
-        self._replay.append(_ReplayBatch(move(hidden), move(targets.target), targets.valid.detach().cpu(), weight))
+        cfg = self.config
+        device = cfg.replay_device if cfg.replay_device is not None else hidden[0].device
+        cached_hidden = torch.empty((hidden[0].shape[0], len(hidden), *hidden[0].shape[1:]),
+                                    dtype=hidden[0].dtype, device=device)  # (b k n d)
+        cached_target = None
+        for i, h in enumerate(hidden):
+            cached_hidden[:, i].copy_(h.detach())
+            one = layout._replace(source=layout.source[i : i + 1], valid=layout.valid[i : i + 1],
+                                  segments=layout.segments[i : i + 1])
+            target = materialise_targets(one, fusion=cfg.fusion, segment_frames=cfg.segment_frames,
+                                         tokens_per_frame=s).target  # (b 1 ...)
+            if cached_target is None:
+                cached_target = torch.empty((target.shape[0], len(hidden), *target.shape[2:]), dtype=target.dtype,
+                                            device=device)  # (b k ...)
+            cached_target[:, i].copy_(target[:, 0])
+        self._replay.append(_ReplayBatch(cached_hidden, cached_target, layout.valid.detach().cpu(), weight))
 
     @property
     def replay_pairs(self) -> int:
@@ -416,9 +488,9 @@ class ForesightHead(nn.Module):
     def replay(self, *, step: bool = True) -> Tensor | None:
         """Projector-only update on the pairs of the last generator step (critic steps).
 
-        ``config.replay_segments`` segments go through each backward (1: one backward per
-        segment, the official trainer's memory bound; ``None``: one backward for all),
-        weighted so the summed gradient is ``weight * mean over pairs`` either way;
+        ``config.replay_segments`` segments go through each backward (``None``: as many as
+        ``config.activation_budget_mib`` allows; 1: one backward per segment, as the official
+        trainer does), weighted so the summed gradient is ``weight * mean over pairs`` either way;
         ``config.replay_max_pairs`` replays a random subset. With several ranks each
         replays its own pairs and the update uses the mean over all ranks' pairs (every
         rank must call ``replay``, also one with nothing cached).
@@ -427,9 +499,8 @@ class ForesightHead(nn.Module):
         Returns:
             this rank's weighted replay loss (detached), or ``None`` when nothing is cached.
         """
-        cfg = self.config
         device = next(self.parameters()).device
-        groups = self._replay_groups()  # [[(batch, segment)...]] in backward order
+        groups, checkpoint_blocks = self._replay_groups()  # [[(batch, segment)...]] in backward order
         local_pairs = sum(self._pairs_in(self._replay[b], [i]) for group in groups for b, i in group)
         rank, world_size = world()
         total_pairs = local_pairs
@@ -451,7 +522,12 @@ class ForesightHead(nn.Module):
             self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         for units in groups:
-            weighted_sum = self._through_wrapper(self._replay_group(units, device))
+            group, row_weight = self._replay_group(units, device, checkpoint_blocks)
+            per_item = self._through_wrapper(group)  # (rows) | (rows o)
+            if self.config.fusion != "mean":
+                per_item = torch.where(group.valid, per_item, 0.0)
+                row_weight = row_weight[:, None]
+            weighted_sum = (per_item * row_weight).sum()
             # Replicated / DDP gradients are averaged over ranks afterwards, hence world_size.
             (weighted_sum * (world_size / total_pairs)).backward()
             total = total + weighted_sum.detach()
@@ -460,19 +536,26 @@ class ForesightHead(nn.Module):
         self._replay_closed = True
         return total / local_pairs if local_pairs else None
 
-    def _replay_groups(self) -> list[list[tuple[int, int]]]:
-        """The cached segments to replay, as ``(batch, segment)`` units in groups of
-        ``replay_segments``. Grouping ignores micro-step boundaries, so every rank with as
-        many units runs as many backwards (DDP/FSDP need that)."""
+    def _replay_groups(self) -> tuple[list[list[tuple[int, int]]], bool]:
+        """The cached segments to replay, as ``(batch, segment)`` units in groups (of
+        ``replay_segments``, or planned from the budget), and whether the predictor blocks are
+        checkpointed. Grouping ignores micro-step boundaries, so every rank with as many units
+        runs as many backwards (DDP/FSDP need that)."""
         units = [(b, i) for b, batch in enumerate(self._replay) for i in range(batch.valid.shape[0])]
         cap = self.config.replay_max_pairs
         if cap is not None and len(units) > cap:
             pick = torch.randperm(len(units), generator=self._replay_rng())[:cap].sort().values
             units = [units[j] for j in pick.tolist()]
-        size = self.config.replay_segments or max(1, len(units))
-        return [units[j : j + size] for j in range(0, len(units), size)]
+        if not units:
+            return [], False
+        # Replay rows are one (video, segment) each.
+        plan = self.plan(len(units), batch=1, tokens=self._replay[units[0][0]].hidden.shape[2])
+        size = self.config.replay_segments or plan.size
+        return [units[j : j + size] for j in range(0, len(units), size)], plan.checkpoint_blocks
 
-    def _replay_group(self, units: list[tuple[int, int]], device: torch.device) -> _ReplayGroup:
+    def _replay_group(self, units: list[tuple[int, int]], device: torch.device,
+                      checkpoint_blocks: bool) -> tuple[_Group, Tensor]:
+        """The group of cached pairs and each row's weight (weight / videos in its micro-batch)."""
         # One row per (video, segment): micro-steps may differ in batch size. Each row is
         # weighted weight / b so a segment's pair still averages over its videos.
         hidden, target, valid, row_weight = [], [], [], []
@@ -484,32 +567,21 @@ class ForesightHead(nn.Module):
             valid.append(batch.valid[i].expand(videos, -1))  # (b o)
             row_weight.append(torch.full((videos,), batch.weight / videos))
         first = self._replay[units[0][0]]
-        return _ReplayGroup(
-            hidden=torch.cat(hidden)[None].to(device),  # (1 rows n d)
-            target=torch.cat(target)[None].to(device),  # (1 rows ...)
-            valid=torch.cat(valid).to(device),  # (rows o)
-            row_weight=torch.cat(row_weight).to(device),  # (rows)
-            tokens_per_frame=first.hidden.shape[2] // self.config.segment_frames,
-        )
+        hidden_rows = torch.cat(hidden)[None].to(device)  # (1 rows n d)
+        target_rows = torch.cat(target)[None].to(device)  # (1 rows ...)
+        valid_rows = torch.cat(valid).to(device)  # (rows o)
+        s = first.hidden.shape[2] // self.config.segment_frames
+        if self._fused:  # the fused loss over already-fused targets: each row is its own source
+            rows = valid_rows.shape[0]
+            group = _Group(hidden_rows, torch.ones(rows, 1, dtype=torch.bool, device=device), s,
+                           checkpoint_blocks=checkpoint_blocks, z=target_rows,
+                           source=torch.arange(rows, device=device)[:, None])
+        else:
+            group = _Group(hidden_rows, valid_rows, s, checkpoint_blocks=checkpoint_blocks, target=target_rows)
+        return group, torch.cat(row_weight).to(device)  # (rows)
 
-    def _replay_group_loss(self, group: _ReplayGroup) -> Tensor:
-        """Sum over the group's pairs of ``weight * pair loss``."""
-        cfg = self.config
-        sub = SegmentTargets(group.target, group.valid, torch.arange(group.valid.shape[0]), cfg.offsets)
-        per_item = self._losses(group.hidden, sub, group.tokens_per_frame)  # (rows) | (rows o)
-        if cfg.fusion == "mean":
-            return (per_item * group.row_weight).sum()
-        return (torch.where(sub.valid, per_item, 0.0) * group.row_weight[:, None]).sum()
-
-    def _through_wrapper(self, item: Any) -> Tensor:
-        wrapper = self._wrapper
-        if wrapper is None:
-            return self(item)
-        self._inside_wrapper = True
-        try:
-            return wrapper(item)
-        finally:
-            self._inside_wrapper = False
+    def _through_wrapper(self, item: _Group) -> Tensor:
+        return (self._wrapper or self)(item)
 
     def _replay_rng(self) -> torch.Generator:
         if self._replay_generator is None:

@@ -5,18 +5,23 @@ K segments, k supervised segments, o offsets, p valid (segment, offset) pairs,
 n tokens per segment, d student width, e encoder width, F predictor FFN width,
 h predictor heads, L predictor depth, P head parameters, N ranks, A gradient
 accumulation micro-steps; cb bytes of the compute dtype (generator and encoder
-tensors), hb bytes of the head's dtype (its parameters, and so its activations:
-``ForesightHead.predict`` casts its input to the parameter dtype).
+tensors), pb bytes of the head's parameter dtype, hb of its compute dtype (its
+activations: ``ForesightHead.predict`` casts its input to it; bfloat16 under
+``compute_dtype="bfloat16"``); r segments of one group (``ForesightHead.plan``: all
+k when they fit ``activation_budget_mib``, else as many as fit, recomputed in the
+backward, and with each predictor block recomputed when one segment is over it).
 
 On the GPU of every rank:
 
-    head parameters, gradients       P hb each            (P/N each with FSDP)
-    AdamW moments                    2 P hb               (2 P/N with FSDP)
-    FSDP: one unsharded unit         2 U hb               (U: the largest unit, a predictor block or the head)
+    head parameters, gradients       P pb each            (P/N each with FSDP)
+    AdamW moments                    2 P pb               (2 P/N with FSDP)
+    FSDP: one unsharded unit         2 U pb               (U: the largest unit, a predictor block or the head)
     captured student states          0                    (the generator's graph keeps them)
     encoder output                   b t e cb             (one per generator step, no activations: no_grad)
-    predictor activations            b k n (L (14 d + 2 F) hb + 8 L d + L (4 hb + 8 + 4 h) + d hb) + 2 L d hb
-    prediction and its gradient      2 b k n e hb
+    predictor activations            b r n (L (14 d + 2 F) hb + 8 L d + L (4 hb + 8 + 4 h) + d hb) + 2 L d hb
+                                     checkpointed blocks: b r n (L d hb + one block's share + d hb)
+    prediction and its gradient      2 b r n e hb
+    gradient to the generator        b k n d cb
 
 In replay_device memory (CPU RAM by default):
 
@@ -67,9 +72,10 @@ class ForesightMemory:
     unsharded_unit: int = _row("FSDP: largest unit unsharded (params + grads)", "forward / backward")
     gradient_averaging: int = _row("gradient averaging buffers (head.step, N > 1)", "head.step()")
     captured_states: int = _row("captured student states (references)", "generator step")
-    stacked_hidden: int = _row("stacked captured states (b k n d), copy", "head forward")
+    stacked_hidden: int = _row("stacked captured states of one group, copy", "head forward / backward")
+    hidden_gradient: int = _row("gradient to the generator (b k n d)", "backward")
     encoder_output: int = _row("encoder output (b t e)", "generator step")
-    targets: int = _row("materialised targets", "head forward")
+    targets: int = _row("targets built (all; or one segment, for replay)", "head forward")
     loss_buffers: int = _row("loss buffers", "generator step")
     predictor_activations: int = _row("predictor activations (saved for backward)", "generator step")
     prediction: int = _row("prediction (b k n e)", "generator step")
@@ -100,7 +106,8 @@ class ForesightMemory:
         return self.persistent + sum(
             getattr(self, name)
             for name in (
-                "gradients", "unsharded_unit", "captured_states", "stacked_hidden", "encoder_output", "targets",
+                "gradients", "unsharded_unit", "captured_states", "stacked_hidden", "hidden_gradient",
+                "encoder_output", "targets",
                 "loss_buffers", "predictor_activations", "prediction", "prediction_gradient",
             )
         )
@@ -215,14 +222,14 @@ def foresight_memory(
         return ForesightMemory(**context)
 
     with torch.device("meta"):  # exact parameter count, no memory, no drift from the real head
-        head = ForesightHead(config, student_dim, encoder_dim)
+        head = ForesightHead(config, student_dim, encoder_dim).to(head_dtype)
     b, d, e, s = batch_per_rank, student_dim, encoder_dim, tokens_per_frame
-    cb, hb = compute_dtype.itemsize, head_dtype.itemsize
+    cb, pb, hb = compute_dtype.itemsize, head_dtype.itemsize, head.compute_dtype.itemsize
     n = config.segment_frames * s
     shape = _segment_shape(config, frames)
     k, o, pairs = shape["supervised"], len(config.offsets), shape["pairs"]
     per_offset = config.predictor == "multi_mlp" or config.offset_conditioning
-    fused = config.fusion == "mean" and config.loss == "cosine"  # ForesightHead's memory-lean path
+    fused = config.fusion == "mean" and config.loss == "cosine"  # ForesightHead's memory-lean loss
 
     # --- head state: parameters, gradients, AdamW moments
     count = sum(p.numel() for p in head.parameters())
@@ -230,29 +237,37 @@ def foresight_memory(
     largest_unit = max(_unit_sizes(head)) if fsdp_units == "blocks" else count
     state = {
         "parameter_count": count,
-        "parameters": per_rank * hb,
-        "gradients": per_rank * hb,
-        "optimizer_state": 2 * per_rank * hb,
+        "parameters": per_rank * pb,
+        "gradients": per_rank * pb,
+        "optimizer_state": 2 * per_rank * pb,
         # FSDP gathers one unit's parameters for its forward and backward and holds its full
         # gradient until the reduce-scatter; backward prefetch can add a second unit.
-        "unsharded_unit": 2 * largest_unit * hb if sharded and world_size > 1 else 0,
+        "unsharded_unit": 2 * largest_unit * pb if sharded and world_size > 1 else 0,
         # head.step() averages a replicated head's gradients itself: one flat buffer plus new
         # per-parameter gradients while the old ones are still referenced (DDP would keep ~1x in buckets).
-        "gradient_averaging": 2 * count * hb if not sharded and world_size > 1 else 0,
+        "gradient_averaging": 2 * count * pb if not sharded and world_size > 1 else 0,
     }
 
-    # --- one generator step (per micro-step; freed by its backward)
+    # --- one generator step (per micro-step): one group of segments alive at a time (ForesightHead.plan)
+    plan = head.plan(k, batch=b, tokens=n)
+    group = min(plan.size, k)
     target_row = {"mean": n, "none": o * n, "frame_mean": o * s}[config.fusion] * e  # elements per (b, k)
-    passes = [b * c for c in shape["valid_per_offset"] if c] if per_offset else [b * k]
+    if per_offset:  # one predictor pass per offset, on the segments whose offset is valid
+        passes = [b * c for c in shape["valid_per_offset"] if c] if not plan.recompute else [b * group] * o
+    else:
+        passes = [b * group]
     predicted_rows = sum(passes)
     step = {
         "captured_states": 0,  # references to block outputs the generator's graph saves anyway
-        "stacked_hidden": b * k * n * d * cb if compute_dtype != head_dtype else 0,  # else it is block 0's input
+        "stacked_hidden": b * group * n * d * cb if cb != hb else 0,  # else it is block 0's input
+        "hidden_gradient": b * k * n * d * cb,
         "encoder_output": b * frames * s * e * cb,
-        # The fused loss reads targets from the encoder output; they are built only to be cached for replay.
-        "targets": b * k * target_row * cb if (not fused or config.replay) else 0,
-        "loss_buffers": _loss_buffers(config, fused, b=b, k=k, o=o, n=n, s=s, e=e, pairs=pairs, cb=cb, hb=hb),
-        "predictor_activations": sum(_predictor_activations(head, rows, n, hb) for rows in passes),
+        # The fused loss reads targets from the encoder output; replay caches them one segment at a time.
+        "targets": (0 if fused else b * k * target_row * cb) + (b * target_row * cb if config.replay else 0),
+        "loss_buffers": _loss_buffers(config, fused, b=b, k=group, o=o, n=n, s=s, e=e,
+                                      pairs=pairs if not plan.recompute else group * o, cb=cb, hb=hb),
+        "predictor_activations": sum(
+            _predictor_activations(head, rows, n, hb, plan.checkpoint_blocks) for rows in passes),
         "prediction": predicted_rows * n * e * hb,
         "prediction_gradient": predicted_rows * n * e * hb,
     }
@@ -262,17 +277,18 @@ def foresight_memory(
     if config.replay:
         one_step = b * k * n * d * cb + b * k * target_row * cb + k * o  # hidden, targets, validity (bool)
         replay["replay_cache"] = accumulation_steps * one_step
-        # One backward per group of segments of one micro-step; replay_max_pairs replays a
-        # random subset, so a group never holds more than that.
-        group = min(config.replay_segments or k, k, config.replay_max_pairs or k)
-        group_pairs = min(pairs, group * o) if per_offset else group
-        group_rows = b * group_pairs
-        copies = 0 if _on_gpu(config.replay_device) else b * group * (n * d + target_row) * cb
+        # One backward per group of (video, segment) rows; replay_max_pairs replays a random
+        # subset, so a group never holds more than that.
+        units = min(b * k, config.replay_max_pairs or b * k)
+        replay_plan = head.plan(units, batch=1, tokens=n)
+        rows = min(config.replay_segments or replay_plan.size, units)
+        group_pairs = min(pairs, rows * o) if per_offset else rows
+        copies = rows * (n * d + target_row) * cb  # the group's rows, concatenated where the head is
         replay["replay_step"] = (
             copies
-            + _predictor_activations(head, group_rows, n, hb)
-            + 2 * group_rows * n * e * hb
-            + _loss_buffers(config, False, b=b, k=group, o=o, n=n, s=s, e=e, pairs=group_pairs, cb=cb, hb=hb)
+            + _predictor_activations(head, rows, n, hb, replay_plan.checkpoint_blocks) * (o if per_offset else 1)
+            + 2 * rows * n * e * hb * (o if per_offset else 1)
+            + _loss_buffers(config, fused, b=1, k=rows, o=o, n=n, s=s, e=e, pairs=group_pairs, cb=cb, hb=hb)
         )
     return ForesightMemory(**state, **step, **replay, **context)
 
@@ -321,31 +337,11 @@ def _unit_sizes(head: ForesightHead) -> list[int]:
     return [sum(p.numel() for p in block.parameters()) for block in blocks] + [root]
 
 
-def _predictor_activations(head: ForesightHead, rows: int, n: int, hb: int) -> int:
+def _predictor_activations(head: ForesightHead, rows: int, n: int, hb: int, checkpoint_blocks: bool = False) -> int:
     """Bytes autograd saves when ``rows`` segments of ``n`` tokens go through the predictor and projection."""
-    d, tokens = head.student_dim, rows * n
-    predictor = head.predictor
-    if isinstance(predictor, DiTPredictor):
-        block = predictor.blocks[0]
-        ffn, heads = block.ffn_in.out_features, block.num_heads
-        per_token = (
-            # block input, norm1 output, modulated attention input, q and k normalised and after the
-            # RMSNorm weight (4), v, attention output, to_out output, residual, norm2 output,
-            # modulated FFN input, ffn_out output: 14 width-d tensors in the head dtype
-            14 * d * hb
-            + 2 * ffn * hb  # FFN hidden before and after GELU
-            + 2 * d * _FLOAT32  # to_q / to_k outputs, kept in float32 by RMSNorm
-            + 4 * hb  # LayerNorm mean and rstd, two norms
-            + 2 * _FLOAT32  # RMSNorm rsqrt, q and k
-            + heads * _FLOAT32  # attention log-sum-exp
-        )
-        per_block = tokens * per_token + 2 * d * hb  # (1 + scale) of the two modulations
-        saved = len(predictor.blocks) * per_block
-    else:  # MLP (one per offset for multi_mlp; one runs per pass): input, hidden, GELU(hidden)
-        ffn = predictor.fc1.out_features if hasattr(predictor, "fc1") else predictor.heads[0].fc1.out_features
-        saved = tokens * (d + 2 * ffn) * hb
+    saved = head.predictor.saved_bytes(rows * n, hb, checkpoint_blocks=checkpoint_blocks)
     if head.project is not None:
-        saved += tokens * d * hb  # the projection's input
+        saved += rows * n * head.student_dim * hb  # the projection's input
     return saved
 
 

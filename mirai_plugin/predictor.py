@@ -5,7 +5,12 @@ h heads, c head width.
 
 All predictors keep the student width; ``ForesightHead`` adds the bias-free
 projection to the encoder width. A predictor sees one segment per row, so
-attention never crosses segments.
+attention never crosses segments, and rows can go through it in any grouping.
+
+``saved_bytes(tokens, itemsize)`` is what autograd saves when ``tokens`` tokens go
+through a predictor whose parameters have ``itemsize`` bytes per element; counted
+tensor by tensor from the forward, exact on the CPU kernels (tests/test_memory.py).
+The head sizes its groups of segments with it, and mirai_plugin.memory reports it.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 _FREQ_DIM = 256  # sinusoidal features of the offset embedding
+_FLOAT32 = 4  # bytes: statistics that norms and attention keep in float32 whatever the input dtype
 
 
 class RMSNorm(nn.Module):
@@ -125,15 +132,43 @@ class DiTPredictor(nn.Module):
             DiTBlock(dim, num_heads, ffn_dim, conditioned=offset_conditioning) for _ in range(depth)
         )
 
-    def forward(self, x: Tensor, offset: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, offset: int | None = None, *, checkpoint_blocks: bool = False) -> Tensor:
+        """``checkpoint_blocks`` keeps only each block's input for backward and recomputes
+        the block there: one block's activations alive at a time, one more block forward."""
         cond = None
         if self.offset_embedder is not None:
             if offset is None:
                 raise TypeError("this predictor is offset-conditioned: pass the target offset")
             cond = self.offset_embedder(offset, dtype=x.dtype)  # (1 d)
+        recompute = checkpoint_blocks and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cond)
+            x = checkpoint(block, x, cond, use_reentrant=False) if recompute else block(x, cond)
         return x
+
+    def block_saved_bytes(self, tokens: int, itemsize: int) -> int:
+        """What one block saves for backward over ``tokens`` tokens."""
+        block = self.blocks[0]
+        d, ffn, heads = block.to_q.in_features, block.ffn_in.out_features, block.num_heads
+        per_token = (
+            # block input, norm1 output, modulated attention input, q and k normalised and after the
+            # RMSNorm weight (4), v, attention output, to_out output, residual, norm2 output,
+            # modulated FFN input, ffn_out output: 14 width-d tensors
+            14 * d * itemsize
+            + 2 * ffn * itemsize  # FFN hidden before and after GELU
+            + 2 * d * _FLOAT32  # to_q / to_k outputs, kept in float32 by RMSNorm
+            + 4 * itemsize  # LayerNorm mean and rstd, two norms
+            + 2 * _FLOAT32  # RMSNorm rsqrt, q and k
+            + heads * _FLOAT32  # attention log-sum-exp
+        )
+        return tokens * per_token + 2 * d * itemsize  # (1 + scale) of the two modulations
+
+    def saved_bytes(self, tokens: int, itemsize: int, *, checkpoint_blocks: bool = False) -> int:
+        """What autograd holds for backward: every block's activations, or with
+        ``checkpoint_blocks`` each block's input plus the one block being recomputed."""
+        one = self.block_saved_bytes(tokens, itemsize)
+        if not checkpoint_blocks:
+            return len(self.blocks) * one
+        return len(self.blocks) * tokens * self.blocks[0].to_q.in_features * itemsize + one
 
 
 class MLP(nn.Module):
@@ -147,8 +182,12 @@ class MLP(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x: Tensor, offset: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, offset: int | None = None, *, checkpoint_blocks: bool = False) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
+
+    def saved_bytes(self, tokens: int, itemsize: int, *, checkpoint_blocks: bool = False) -> int:
+        """Input, hidden and GELU(hidden) (there are no blocks to checkpoint)."""
+        return tokens * (self.fc1.in_features + 2 * self.fc1.out_features) * itemsize
 
 
 class MultiMLP(nn.Module):
@@ -159,7 +198,11 @@ class MultiMLP(nn.Module):
         self.offsets = offsets
         self.heads = nn.ModuleList(MLP(dim, ffn_dim) for _ in offsets)
 
-    def forward(self, x: Tensor, offset: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, offset: int | None = None, *, checkpoint_blocks: bool = False) -> Tensor:
         if offset not in self.offsets:
             raise TypeError(f"offset {offset!r} has no head; heads exist for offsets {self.offsets}")
         return self.heads[self.offsets.index(offset)](x)
+
+    def saved_bytes(self, tokens: int, itemsize: int, *, checkpoint_blocks: bool = False) -> int:
+        """One offset's MLP (one runs per pass)."""
+        return self.heads[0].saved_bytes(tokens, itemsize)

@@ -8,6 +8,19 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device for the tests that take the `device` fixture (e.g. cuda)")
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    """``--device`` (default cpu): tests that take it run their tensors and heads there."""
+    chosen = torch.device(request.config.getoption("--device"))
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda given but no CUDA device is available")
+    return chosen
+
+
 @pytest.fixture
 def process_group(tmp_path):
     """A one-process gloo group, for wrappers (DDP, FSDP) that need one."""

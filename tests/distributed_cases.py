@@ -67,9 +67,9 @@ def _entry(rank: int, world_size: int, init_file: str, case: Callable, args: tup
 # ------------------------------------------------------------------ helpers
 
 
-def _models(seed: int = 0):
+def _models(seed: int = 0, config: ForesightConfig = CONFIG):
     generator, encoder = make_pair(seed)
-    head = ForesightHead(CONFIG, 32, 48)
+    head = ForesightHead(config, 32, 48)
     return generator, encoder, head
 
 
@@ -155,9 +155,11 @@ def _head_wrap_kwargs(strategy: str, mixed: bool) -> dict:
 # -------------------------------------------------------------------- cases
 
 
-def equivalence(rank: int, world_size: int, generator_kind: str, head_strategy: str, mixed: bool) -> None:
+def equivalence(rank: int, world_size: int, generator_kind: str, head_strategy: str, mixed: bool,
+                budget: float | None = None) -> None:
     """Loss, head gradient norm, head and generator updates, replay and training state
-    under the strategy equal the single-process run on the global batch."""
+    under the strategy equal the single-process run on the global batch (one pass). With a
+    ``budget`` (MiB) the distributed head runs its segments in groups recomputed in the backward."""
     tol = 3e-2 if mixed else 2e-5
     noise, cond = make_inputs(0, batch=GLOBAL_BATCH, frames=FRAMES)
     mine = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
@@ -173,7 +175,8 @@ def equivalence(rank: int, world_size: int, generator_kind: str, head_strategy: 
     ref_after_replay = copy.deepcopy(ref_head.state_dict())
 
     # The same models, distributed.
-    generator, encoder, head = _models()
+    config = CONFIG.replace(activation_budget_mib=budget) if budget is not None else CONFIG
+    generator, encoder, head = _models(config=config)
     generator = _wrap_generator(generator, generator_kind, mixed)
     if generator_kind == "fsdp":  # the trainer FSDP-wraps the real score too; the encoder runs it as it is
         encoder = _wrap_generator(encoder, "fsdp", mixed)
@@ -202,7 +205,7 @@ def equivalence(rank: int, world_size: int, generator_kind: str, head_strategy: 
         assert state["steps_taken"] == 1 and state["optimizer"] is not None
 
     # Round trip: a fresh head under the same strategy resumes the state exactly (rank 0's dict only).
-    _, _, fresh = _models(seed=1)
+    _, _, fresh = _models(seed=1, config=config)
     shard_head(fresh, head_strategy, **_head_wrap_kwargs(head_strategy, mixed))
     fresh.load_training_state(state if rank == 0 else {})
     assert fresh.steps_taken == 1

@@ -22,6 +22,14 @@ def test_two_ranks_equal_one_process_on_the_global_batch(generator_kind, head_st
     cases.spawn(cases.equivalence, generator_kind, head_strategy, mixed)
 
 
+@pytest.mark.parametrize("head_strategy", ["replicate", "ddp", "fsdp", "fsdp2"])
+def test_segments_recomputed_in_the_backward_under_every_strategy(head_strategy):
+    """A budget below one segment: groups of one segment with checkpointed predictor blocks,
+    recomputed inside the generator's backward through the DDP/FSDP wrapper."""
+    generator_kind = {"replicate": "ddp", "ddp": "ddp", "fsdp": "fsdp", "fsdp2": "fsdp2"}[head_strategy]
+    cases.spawn(cases.equivalence, generator_kind, head_strategy, False, 1e-6)
+
+
 def test_nonfinite_term_on_one_rank_is_reported_by_every_rank():
     cases.spawn(cases.nonfinite_on_one_rank)
 

@@ -1,0 +1,32 @@
+"""The prepared GPU check runs at reduced sizes on a CPU, so it cannot rot between GPU runs."""
+
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_smoke_prints_every_row():
+    result = subprocess.run(["bash", "benchmarks/gpu/check.sh", "--smoke"], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    table = {(what.strip(), quantity.strip()): float(value) for what, quantity, value, _ in rows[1:]}
+    for dtype in ("float32", "bfloat16"):
+        for step in ("generator", "critic"):
+            assert table[(f"head, {step} step ({dtype})", "time")] > 0
+        assert (f"fused loss, forward + backward ({dtype})", "peak above inputs") in table
+    ratio = table[("generator step + foresight term", "time ratio")]
+    assert math.isfinite(ratio) and ratio > 1  # the term adds the encoder, the head and its backward
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the check runs for real")
+def test_gpu_check_without_cuda_says_so():
+    result = subprocess.run(["bash", "benchmarks/gpu/check.sh", "--device", "cuda:0"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: no CUDA device")
