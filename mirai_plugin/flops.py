@@ -21,7 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from mirai_plugin.config import ForesightConfig, key_reader
+from mirai_plugin.head import ForesightHead
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,20 @@ def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> di
             predictor = per_offset * 4 * rows * d * int(d * foresight.ffn_ratio)
         projection = 2 * rows * d * e * (per_offset if d != e else 0)
         head_step = 3 * (predictor + projection)  # forward + backward
+        # Over the activation budget the head recomputes (ForesightHead.plan): its groups once
+        # more in the backward, and each predictor block once more when one segment is over it.
+        with torch.device("meta"):
+            plan = ForesightHead(foresight, d, e).plan(supervised, batch=1, tokens=n)
+        generator_recompute = (predictor + projection) * plan.recompute + predictor * plan.checkpoint_blocks
+        replays = cycle.critic_ratio - 1 if foresight.replay else 0
         extras = {
             "encoder forward to block l (one pass, t = 0)": forward_flops(
                 cycle.real_score, video, video, blocks=foresight.encoder_layer + 1
             ),
             "predictor + projection forward and backward": head_step,
-            "projector replay (critic steps)": (cycle.critic_ratio - 1) * head_step if foresight.replay else 0,
+            "recomputation under the activation budget": generator_recompute,
+            "projector replay (critic steps)": replays * head_step,
+            "replay recomputation under the activation budget": replays * predictor * plan.checkpoint_blocks,
         }
     extra = sum(extras.values())
     return {
