@@ -39,6 +39,8 @@ def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> 
     >>> len(found), path
     (3, 'Net.blocks')
     """
+    if not isinstance(model, nn.Module):
+        raise MiraiError(f"model must be an nn.Module (the transformer, bare or wrapped), got {type(model).__name__}")
     root = type(model).__name__
     if isinstance(blocks, nn.ModuleList):
         return blocks, f"{root}.<given ModuleList>"

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mirai_plugin.blocks import block_at
+from mirai_plugin.checks import is_int, show
 from mirai_plugin.errors import MiraiError
 
 
@@ -145,7 +146,7 @@ def capture_hidden(
             hidden = select(hidden)
         if clone:
             hidden = hidden.clone()
-        captured._add(hidden, _position(kwargs.get("current_start")))
+        captured._add(hidden, _position(kwargs.get("current_start"), location))
 
     handle = block.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -154,9 +155,23 @@ def capture_hidden(
         handle.remove()
 
 
-def _position(current_start: object) -> int | None:
+def _position(current_start: object, location: str) -> int | None:
+    """The call's first token offset from the block's ``current_start`` keyword."""
     if current_start is None:
         return None
+    expected = "one token offset (an int >= 0, or a one-element integer tensor) per call"
     if isinstance(current_start, Tensor):
-        return int(current_start.item())
+        if current_start.device.type == "meta":
+            raise MiraiError(f"current_start passed to {location} is on the meta device; capture needs {expected}")
+        values = current_start.flatten()
+        same = values.numel() >= 1 and bool((values == values[0]).all())
+        if not same or current_start.is_floating_point() or current_start.is_complex() or values.dtype == torch.bool:
+            raise MiraiError(
+                f"current_start passed to {location} must be {expected}, got a {current_start.dtype} tensor of shape "
+                f"{tuple(current_start.shape)} (values {values[:8].tolist()}); videos that start at different "
+                f"positions cannot be captured as one call"
+            )
+        current_start = values[0].item()  # one position shared by every video
+    if not is_int(current_start) or current_start < 0:
+        raise MiraiError(f"current_start passed to {location} must be {expected}, got {show(current_start)}")
     return int(current_start)

@@ -8,16 +8,23 @@
     mirai-plugin vbench VIDEOS_DIR --mode standard|long [--dimensions ...] --out DIR --name NAME
     mirai-plugin flops [CONFIG.yaml] [--json]
     mirai-plugin memory [CONFIG.yaml] [--world-size N] [--sharded] [--batch B] [--accumulation A] [--json]
+    mirai-plugin config check CONFIG.yaml [--stage dmd|ode] [--json]
     mirai-plugin patch list
     mirai-plugin patch check  --upstream self-forcing PATH
     mirai-plugin patch apply  --upstream self-forcing PATH
     mirai-plugin patch revert --upstream self-forcing PATH
+
+A user error (a bad flag value, a missing or malformed file, a config that does not
+check) prints one line ``error: ...`` on stderr and exits with status 2, without a
+traceback; ``--debug`` or ``MIRAI_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
 from mirai_plugin.errors import MiraiError
 
@@ -34,7 +41,10 @@ def _patch_command(args: argparse.Namespace) -> int:
     patch = state.patch
     print(f"{patch.repository} at {patch.commit[:12]}: {state.path}")
     if args.action == "check":
-        print("patch is applied" if state.applied else "patch applies cleanly (not applied yet)")
+        if state.applied and state.lacking:
+            print(f"patch is applied, except in {list(state.lacking)} (restored or removed since); revert removes the rest")
+        else:
+            print("patch is applied" if state.applied else "patch applies cleanly (not applied yet)")
         return 0
     verb = "added" if args.action == "apply" else "removed"
     for change in parse_patch(patch.text()):
@@ -43,9 +53,29 @@ def _patch_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(flag: str, value: Any, minimum: int, fix: str = "") -> None:
+    if value is not None and value < minimum:
+        raise MiraiError(f"{flag} must be an int >= {minimum}, got {value}" + (f"; {fix}" if fix else ""))
+
+
+def _check_demo_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag of the demo, checked before anything runs."""
+    _at_least("--steps", args.steps, 1, "leave it out for the default")
+    _at_least("--seeds", args.seeds, 1, "give at least one seed, or leave it out for the default of 3")
+    _at_least("--segment-frames", args.segment_frames, 1, "3 chunk-wise, 1 frame-wise")
+    _at_least("--layer", args.layer, 0, "a 0-based block index")
+    for offset in args.offsets or ():
+        _at_least("--offsets", offset, 0, "0 is the current segment, 1 the next")
+    if args.offsets and len(set(args.offsets)) != len(args.offsets):
+        raise MiraiError(f"--offsets has duplicates: {args.offsets}; give each offset once")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise MiraiError(f"--out {args.out} is a file; the demo writes results.json and figure.png into a folder")
+
+
 def _demo_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    _check_demo_flags(args)
     if args.image:
         return _image_demo_command(args)
     from mirai_plugin.demo.run import make_config, run_demo
@@ -53,7 +83,7 @@ def _demo_command(args: argparse.Namespace) -> int:
     cfg = make_config(
         quick=args.quick,
         steps=args.steps,
-        seeds=tuple(range(args.seeds)) if args.seeds else None,
+        seeds=tuple(range(args.seeds)) if args.seeds is not None else None,
         segment_frames=args.segment_frames,
         offsets=tuple(args.offsets) if args.offsets else None,
         layer=args.layer,
@@ -84,11 +114,10 @@ def _image_demo_command(args: argparse.Namespace) -> int:
 def _probe_command(args: argparse.Namespace) -> int:
     import json
 
-    from safetensors.torch import load_file
-
+    from mirai_plugin.files import read_safetensors
     from mirai_plugin.probe import probe
 
-    tensors = load_file(args.features)
+    tensors, _ = read_safetensors(args.features, what="probe features")
     if "targets" not in tensors:
         raise MiraiError(f"{args.features} has no 'targets' tensor (videos, segments, tokens, values)")
     sets = {k.partition(".")[2] or "features": v for k, v in tensors.items() if k.split(".")[0] == "features"}
@@ -117,25 +146,51 @@ def _result_files(path: str) -> list:
         if not files:
             raise MiraiError(f"{folder} holds no *_eval_results.json files")
         return files
+    if not folder.exists():
+        raise MiraiError(f"no such file or folder: {folder}")
     return [folder]
 
 
-def _scores_of(paths: list[str]) -> dict[str, float]:
+def _read_json(path: str, what: str) -> Any:
     import json
     from pathlib import Path
 
-    from mirai_plugin.eval import load_results, scores_from_percent
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MiraiError(f"{path} is not {what} (not JSON: {error})") from None
+
+
+def _read_percent_csv(path: str) -> dict[str, Any]:
+    """``dimension,percent`` rows (a header row starting with ``dimension`` is skipped)."""
+    from pathlib import Path
+
+    table: dict[str, Any] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip() or line.lower().startswith("dimension"):
+            continue
+        cells = [cell.strip() for cell in line.split(",")]
+        if len(cells) != 2:
+            raise MiraiError(f"{path} line {number}: expected 'dimension,percent', got {line!r}")
+        try:
+            table[cells[0]] = float(cells[1])
+        except ValueError:
+            raise MiraiError(f"{path} line {number}: the score of {cells[0]!r} is not a number: {cells[1]!r}") from None
+    return table
+
+
+def _scores_of(paths: list[str]) -> dict[str, float]:
+    from pathlib import Path
+
+    from mirai_plugin.eval import load_aggregates, scores_from_percent
 
     if len(paths) == 1 and Path(paths[0]).is_file():
-        text = Path(paths[0]).read_text()
         if paths[0].endswith(".csv"):
-            rows = [line.split(",") for line in text.splitlines() if line.strip() and not line.startswith("dimension")]
-            return scores_from_percent({name: float(value) for name, value in rows})
-        data = json.loads(text)
-        if isinstance(data, dict) and all(isinstance(v, (int, float)) for v in data.values()):
+            return scores_from_percent(_read_percent_csv(paths[0]))
+        data = _read_json(paths[0], "a VBench result file or a table of the 16 dimensions in percent")
+        if isinstance(data, dict) and data and not any(isinstance(v, list) for v in data.values()):
             return scores_from_percent(data)  # a table of the 16 dimensions in percent
-    files = [f for path in paths for f in _result_files(path)]
-    return {name: result.reported for name, result in load_results(files).items()}
+    return load_aggregates([f for path in paths for f in _result_files(path)])
 
 
 def _score_command(args: argparse.Namespace) -> int:
@@ -161,7 +216,14 @@ def _compare_command(args: argparse.Namespace) -> int:
 
     from mirai_plugin.eval import compare, load_results
 
-    frames = json.loads(open(args.frames).read()) if args.frames else None
+    _at_least("--bootstrap", args.bootstrap, 2, "10000 is the usual count")
+    _at_least("--seed", args.seed, 0)
+    if not 0 < args.level < 1:
+        raise MiraiError(f"--level must be a confidence level in (0, 1), got {args.level}; 0.95 for a 95% interval")
+    frames = _read_json(args.frames, "a JSON object {video file name: frames}") if args.frames else None
+    if frames is not None and not isinstance(frames, dict):
+        raise MiraiError(f"--frames {args.frames} must hold a JSON object {{video file name: frames}}, "
+                         f"got {type(frames).__name__}")
     baseline = load_results(_result_files(args.baseline), frames=frames)
     candidate = load_results(_result_files(args.candidate), frames=frames)
     start = time.perf_counter()
@@ -197,11 +259,7 @@ def _flops_command(args: argparse.Namespace) -> int:
     from mirai_plugin.flops import CycleShape, cycle_from_upstream, dmd_cycle, report
 
     if args.config:
-        try:
-            from omegaconf import OmegaConf
-        except ImportError:
-            raise MiraiError("reading a YAML config needs omegaconf: pip install omegaconf") from None
-        cycle, foresight = cycle_from_upstream(OmegaConf.load(args.config))
+        cycle, foresight = cycle_from_upstream(_load_config(args.config))
         if not foresight.enabled:
             foresight = foresight.replace(weight=ForesightConfig().weight)  # estimate the recipe's term anyway
     else:
@@ -217,20 +275,18 @@ def _memory_command(args: argparse.Namespace) -> int:
     import torch
 
     from mirai_plugin import ForesightConfig
+    from mirai_plugin.checks import Rule, check
     from mirai_plugin.flops import CycleShape, cycle_from_upstream
     from mirai_plugin.memory import memory_for_cycle
 
     mixed_precision = True
     if args.config:
-        try:
-            from omegaconf import OmegaConf
-        except ImportError:
-            raise MiraiError("reading a YAML config needs omegaconf: pip install omegaconf") from None
-        upstream = OmegaConf.load(args.config)
+        upstream = _load_config(args.config)
         cycle, foresight = cycle_from_upstream(upstream)
         if not foresight.enabled:
             foresight = foresight.replace(weight=ForesightConfig().weight)  # estimate the recipe's term anyway
-        mixed_precision = bool(upstream.get("mixed_precision", True))
+        value = upstream.get("mixed_precision")
+        mixed_precision = True if value is None else check("mixed_precision", value, Rule("bool"), coerce=True)
     else:
         cycle, foresight = CycleShape(), ForesightConfig()
     compute_dtype = getattr(torch, args.compute_dtype) if args.compute_dtype else (
@@ -243,11 +299,81 @@ def _memory_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_config(path: str) -> Any:
+    """A trainer's YAML config as OmegaConf loads it."""
+    from pathlib import Path
+
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:
+        raise MiraiError("reading a YAML config needs omegaconf: pip install omegaconf") from None
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    file = Path(path)
+    if not file.is_file():
+        raise MiraiError(f"no such config file: {file}" if not file.exists() else f"{file} is not a file")
+    try:
+        return OmegaConf.load(file)
+    except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as error:
+        raise MiraiError(f"{file} is not a readable YAML config: {' '.join(str(error).split())}") from None
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from mirai_plugin.integrations.self_forcing import ODE_ENCODER, upstream_config
+    from mirai_plugin.keys import GLUE_KEYS, glue_value
+
+    config = _load_config(args.config)
+    stage = args.stage or ("ode" if "foresight_encoder_name" in config else "dmd")
+    base = Path(args.config).with_name("default_config.yaml")
+    merged_over = None
+    if not args.no_defaults and base.is_file() and base.resolve() != Path(args.config).resolve():
+        config, merged_over = OmegaConf.merge(_load_config(str(base)), config), base  # as the trainers merge them
+    foresight = upstream_config(config, stage)
+    glue = {key: glue_value(config, key) for key in GLUE_KEYS}
+    init = glue["foresight_head_init"]
+    if foresight.enabled and init is not None and not os.path.isfile(init):
+        raise MiraiError(
+            f"foresight_head_init: no such file: {init} (a relative path is read from the folder the trainer "
+            f"runs in; run the check there)"
+        )
+    glue["foresight_head_sharding"] = glue["foresight_head_sharding"] or "replicate"
+    if stage == "ode":
+        glue["foresight_encoder_name"] = glue["foresight_encoder_name"] or ODE_ENCODER
+    else:
+        glue.pop("foresight_encoder_name")
+    if args.json:
+        report = {"stage": stage, "enabled": foresight.enabled, "config": foresight.to_dict(), "glue": glue}
+        print(json.dumps(report, indent=2))
+        return 0
+    over = f" (merged over {merged_over}, as the trainer does)" if merged_over else ""
+    print(f"{args.config}{over}: stage {stage}")
+    state = f"ON, weight {foresight.weight:g}" if foresight.enabled else "OFF (foresight_weight is 0 or absent)"
+    print(f"foresight term: {state}")
+    for name, value in foresight.to_dict().items():
+        print(f"  {name:24s} {value}")
+    for key, value in glue.items():
+        print(f"  {key:24s} {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mirai-plugin", description="Video-Mirai foresight loss for causal video diffusion trainers.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (or set MIRAI_DEBUG=1)")
+    parser = argparse.ArgumentParser(prog="mirai-plugin", parents=[common],
+                                     description="Video-Mirai foresight loss for causal video diffusion trainers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="the method on a toy video world (or --image: a token AR image model), on a CPU")
+    def command(group: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return group.add_parser(name, parents=[common], **kwargs)
+
+    demo = command(commands, "demo", help="the method on a toy video world (or --image: a token AR image model), on a CPU")
     demo.add_argument("--image", action="store_true",
                       help="Mirai on a tiny raster-order token AR image model: baseline, Mirai-E, Mirai-I")
     demo.add_argument("--quick", action="store_true", help="a reduced run (about a minute)")
@@ -259,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="output folder (results.json, figure.png); default mirai-demo or mirai-demo-image")
     demo.set_defaults(run=_demo_command)
 
-    probe = commands.add_parser("probe", help="train readouts from frozen features to future segments, report PSNR")
+    probe = command(commands, "probe", help="train readouts from frozen features to future segments, report PSNR")
     probe.add_argument("features", help="safetensors file: 'targets' and 'features' or 'features.<name>'")
     probe.add_argument("--horizons", type=int, nargs="+", default=[1, 2, 3])
     probe.add_argument("--test-videos", type=int, help="held-out videos (default a quarter)")
@@ -267,12 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--steps", type=int, default=400, help="readout training steps")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(run=_probe_command)
-    score = commands.add_parser("score", help="VBench Quality/Semantic/Total from result files or a percent table")
+    score = command(commands, "score", help="VBench Quality/Semantic/Total from result files or a percent table")
     score.add_argument("results", nargs="+", help="*_eval_results.json files or folders, or one table (JSON/CSV, percent)")
     score.add_argument("--json", action="store_true")
     score.set_defaults(run=_score_command)
 
-    comp = commands.add_parser("compare", help="paired prompt-level bootstrap of the VBench difference")
+    comp = command(commands, "compare", help="paired prompt-level bootstrap of the VBench difference")
     comp.add_argument("baseline", help="result file or folder of *_eval_results.json")
     comp.add_argument("candidate", help="result file or folder of *_eval_results.json")
     comp.add_argument("--bootstrap", type=int, default=10_000, help="replicates")
@@ -282,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--json", action="store_true")
     comp.set_defaults(run=_compare_command)
 
-    vb = commands.add_parser("vbench", help="run VBench (needs the vbench package and its weights)")
+    vb = command(commands, "vbench", help="run VBench (needs the vbench package and its weights)")
     vb.add_argument("videos")
     vb.add_argument("--mode", choices=("standard", "long"), default="standard")
     vb.add_argument("--dimensions", nargs="+")
@@ -291,12 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     vb.add_argument("--device", default="cuda")
     vb.set_defaults(run=_vbench_command)
 
-    flops = commands.add_parser("flops", help="FLOPs of one DMD cycle with and without the foresight term")
+    flops = command(commands, "flops", help="FLOPs of one DMD cycle with and without the foresight term")
     flops.add_argument("config", nargs="?", help="an upstream config (default: the official recipe)")
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(run=_flops_command)
 
-    memory = commands.add_parser("memory", help="memory the foresight term adds per rank, by component")
+    memory = command(commands, "memory", help="memory the foresight term adds per rank, by component")
     memory.add_argument("config", nargs="?", help="an upstream config (default: the official recipe)")
     memory.add_argument("--world-size", type=int, default=1, help="ranks (default 1)")
     memory.add_argument("--sharded", action="store_true", help="the head sharded with FSDP (default: replicated)")
@@ -307,27 +433,62 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--json", action="store_true")
     memory.set_defaults(run=_memory_command)
 
-    patch = commands.add_parser("patch", help="splice mirai_plugin into an upstream trainer checkout")
+    config = command(commands, "config", help="check a trainer config's foresight keys before a run")
+    config_actions = config.add_subparsers(dest="action", required=True)
+    check = command(config_actions, "check", help="print the resolved foresight settings, or the errors")
+    check.add_argument("config", help="the trainer's YAML config")
+    check.add_argument("--stage", choices=("dmd", "ode"),
+                       help="Stage 3 DMD or Stage 2 ODE glue (default: ode when foresight_encoder_name is set)")
+    check.add_argument("--no-defaults", action="store_true",
+                       help="do not merge the default_config.yaml next to the config (the trainers merge it)")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(run=_config_command)
+
+    patch = command(commands, "patch", help="splice mirai_plugin into an upstream trainer checkout")
     actions = patch.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="the patches and the upstream commits they target").set_defaults(run=_patch_command)
+    command(actions, "list", help="the patches and the upstream commits they target").set_defaults(run=_patch_command)
     for action, text in (
         ("check", "verify the commit and the tree, say whether the patch is applied"),
         ("apply", "apply the patch with git"),
         ("revert", "remove the patch with git"),
     ):
-        sub = actions.add_parser(action, help=text)
+        sub = command(actions, action, help=text)
         sub.add_argument("--upstream", required=True, help="which upstream (see `mirai-plugin patch list`)")
         sub.add_argument("path", help="the upstream git checkout")
         sub.set_defaults(run=_patch_command)
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that come from the user's input (files, values), not from a bug: reported in one line."""
+    import json
+
+    errors: list[type[BaseException]] = [MiraiError, OSError, UnicodeError, json.JSONDecodeError]
+    # Only if loaded: importing them here would slow every command down.
+    for module, name in (("yaml", "YAMLError"), ("omegaconf.errors", "OmegaConfBaseException"),
+                         ("safetensors", "SafetensorError")):
+        error = getattr(sys.modules.get(module), name, None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            errors.append(error)
+    return tuple(errors)
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    text = " ".join(str(error).split())
+    return text if isinstance(error, MiraiError) else f"{text or type(error).__name__} ({type(error).__name__})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("MIRAI_DEBUG", "").lower() not in ("", "0", "false", "no")
     try:
         return args.run(args)
-    except MiraiError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except _user_errors() as error:
+        if debug:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mirai_plugin.checks import Rule, check, did_you_mean, fail, is_int, is_number, parse_device, show
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.keys import OURS, check_keys, check_not_implemented, config_view
 
 FUSIONS = ("mean", "none", "frame_mean")
 PREDICTORS = ("dit", "mlp", "multi_mlp")
@@ -31,14 +32,35 @@ _UPSTREAM_PREDICTORS = {
     "multi_mlp": ("multi_mlp", False),
 }
 
-# Official keys that select behaviour this package does not implement. Reading a
-# config that turns one on must fail loudly instead of training something else.
-_UNSUPPORTED_UPSTREAM = {
-    "foresight_virtual_blocks": False,
-    "foresight_spatial_offset": False,
-    "foresight_online_mean_pool": False,
-    "block_wise_using_frame_wise_foresight": False,
+_LAYER = "a 0-based block index >= 0"
+# What each scalar field may be; the same rules check the upstream keys that feed them.
+_RULES = {
+    "weight": Rule("number", minimum=0, fix="use 0 to disable the foresight term"),
+    "student_layer": Rule("int", minimum=0, what=_LAYER),
+    "encoder_layer": Rule("int", minimum=0, what=_LAYER),
+    "fusion": Rule("choice", choices=FUSIONS),
+    "predictor": Rule("choice", choices=PREDICTORS),
+    "predictor_depth": Rule("int", minimum=1, fix="the official recipe uses 3 DiT blocks"),
+    "ffn_ratio": Rule("number", above=0, fix="the official recipe uses 4"),
+    "num_heads": Rule("int", minimum=1, none=True, fix="None uses a head width of 128"),
+    "offset_conditioning": Rule("bool"),
+    "loss": Rule("choice", choices=LOSSES),
+    "segment_frames": Rule("int", minimum=1, fix="3 chunk-wise, 1 frame-wise"),
+    "lr": Rule("number", above=0, fix="the official recipe uses 2e-6"),
+    "weight_decay": Rule("number", minimum=0),
+    "max_grad_norm": Rule("number", above=0, none=True, fix="None disables clipping"),
+    "replay": Rule("bool"),
+    "replay_segments": Rule("int", minimum=1, none=True, fix="None takes as many as activation_budget_mib allows"),
+    "replay_max_pairs": Rule("int", minimum=1, none=True, fix="None replays all of them"),
+    "replay_seed": Rule("int", minimum=0, maximum=2**63 - 1),
+    "check_finite": Rule("bool"),
+    "activation_budget_mib": Rule("number", above=0, none=True,
+                                  fix="a budget in MiB such as 1024 (the default), or None to keep every segment's "
+                                      "activations (one pass)"),
+    "compute_dtype": Rule("choice", choices=COMPUTE_DTYPES),
 }
+_STEP = "an int >= 0 (generator steps)"
+_BETA = Rule("number", minimum=0, below=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,67 +154,14 @@ class ForesightConfig:
     compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
-        set_("offsets", _normalise_offsets(self.offsets))
-        set_("betas", tuple(float(b) for b in self.betas))
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # (frozen)
+        for name, rule in _RULES.items():
+            set_(name, check(name, getattr(self, name), rule))
+        set_("offsets", normalise_offsets(self.offsets))
+        set_("betas", normalise_betas(self.betas))
+        set_("replay_device", parse_device("replay_device", self.replay_device, none=True))
         set_("weight_changes", normalise_changes(self.weight_changes))
-
-        _check(
-            isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0,
-            f"weight must be a finite number >= 0, got {self.weight!r}; use 0 to disable the foresight term",
-        )
-        for name in ("student_layer", "encoder_layer"):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                f"{name} must be a 0-based block index >= 0, got {value!r}",
-            )
-        _check(self.fusion in FUSIONS, f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        _check(self.predictor in PREDICTORS, f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
-        _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
-        _check(
-            isinstance(self.predictor_depth, int) and self.predictor_depth >= 1,
-            f"predictor_depth must be an int >= 1, got {self.predictor_depth!r}",
-        )
-        _check(self.ffn_ratio > 0, f"ffn_ratio must be > 0, got {self.ffn_ratio!r}")
-        _check(
-            self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads >= 1),
-            f"num_heads must be None or an int >= 1, got {self.num_heads!r}",
-        )
-        _check(
-            isinstance(self.segment_frames, int) and self.segment_frames >= 1,
-            f"segment_frames must be an int >= 1 (3 chunk-wise, 1 frame-wise), got {self.segment_frames!r}",
-        )
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
-        _check(
-            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
-            f"betas must be two numbers in [0, 1), got {self.betas!r}",
-        )
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        _check(
-            self.replay_segments is None or (isinstance(self.replay_segments, int) and self.replay_segments >= 1),
-            f"replay_segments must be None (from activation_budget_mib) or an int >= 1, got {self.replay_segments!r}",
-        )
-        budget = self.activation_budget_mib
-        _check(
-            budget is None or (isinstance(budget, (int, float)) and not isinstance(budget, bool)
-                               and math.isfinite(budget) and budget > 0),
-            f"activation_budget_mib must be a number of MiB > 0, or None (no bound), got {budget!r}",
-        )
-        _check(
-            self.compute_dtype in COMPUTE_DTYPES,
-            f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}",
-        )
-        _check(
-            self.replay_max_pairs is None or (isinstance(self.replay_max_pairs, int) and self.replay_max_pairs >= 1),
-            f"replay_max_pairs must be None (replay all) or an int >= 1, got {self.replay_max_pairs!r}",
-        )
-        _check(isinstance(self.replay_seed, int), f"replay_seed must be an int, got {self.replay_seed!r}")
         check_schedule(self)
-        _check(
-            self.max_grad_norm is None or self.max_grad_norm > 0,
-            f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}",
-        )
 
         # Cross-field rules.
         per_offset = self.fusion != "mean"
@@ -240,6 +209,7 @@ class ForesightConfig:
         >>> ForesightConfig().replace(weight=0.1).weight
         0.1
         """
+        check_field_names(type(self), changes, "replace")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,27 +225,96 @@ class ForesightConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ForesightConfig:
-        return cls(**json.loads(text))
+        """Rebuild the config ``to_json`` wrote."""
+        return cls(**fields_from_json(cls, text))
+
+    def to_upstream(self) -> dict[str, Any]:
+        """The trainer-config keys that ``from_upstream`` reads back into this config.
+
+        Official keys where they exist (the window as ``foresight_delta`` /
+        ``foresight_skip`` / ``foresight_include_current`` when it is one), this
+        package's ``foresight_*`` keys for the rest. ``beta1``, ``beta2``,
+        ``weight_decay``, ``num_frame_per_block`` and ``max_grad_norm_generator`` are
+        the trainer's own keys: the official trainer shares them with the generator.
+
+        >>> cfg = ForesightConfig(offsets=(0, 1, 2), fusion="none")
+        >>> keys = cfg.to_upstream()
+        >>> keys["foresight_delta"], keys["foresight_delta_mean_pool"]
+        (2, False)
+        >>> ForesightConfig.from_upstream(keys) == cfg
+        True
+        """
+        if self.max_grad_norm is None:
+            raise MiraiError(
+                "max_grad_norm=None (no clipping) has no trainer key: the trainer clips the head at "
+                "max_grad_norm_generator; give max_grad_norm a number to write the config as trainer keys"
+            )
+        projector = {"dit": "dit_adaln" if self.offset_conditioning else "dit"}.get(self.predictor, self.predictor)
+        keys: dict[str, Any] = {
+            "foresight_weight": self.weight,
+            "foresight_student_layer": self.student_layer,
+            "foresight_teacher_layer": self.encoder_layer,
+            **_window_keys(self.offsets),
+            "foresight_delta_mean_pool": self.fusion == "mean",
+            "foresight_projector_type": projector,
+            "projection_layers_num": self.predictor_depth,
+            "foresight_ffn_ratio": self.ffn_ratio,
+            "foresight_loss_type": self.loss,
+            "num_frame_per_block": self.segment_frames,
+            "lr_foresight": self.lr,
+            "beta1": self.betas[0],
+            "beta2": self.betas[1],
+            "weight_decay": self.weight_decay,
+            "max_grad_norm_generator": self.max_grad_norm,
+            "projector_every_step": self.replay,
+            "max_replay_pairs": self.replay_max_pairs or 0,
+            "foresight_replay_device": self.replay_device if self.replay_device is not None else "none",
+            "foresight_replay_seed": self.replay_seed,
+            "foresight_check_finite": self.check_finite,
+            "foresight_activation_budget_mib": "none" if self.activation_budget_mib is None else self.activation_budget_mib,
+            "foresight_compute_dtype": self.compute_dtype,
+            "foresight_weight_start": self.weight_start,
+            "foresight_weight_ramp": self.weight_ramp,
+            "foresight_weight_changes": [list(change) for change in self.weight_changes],
+        }
+        if self.fusion == "frame_mean":
+            keys["foresight_fusion"] = "frame_mean"
+        optional = {
+            "foresight_num_heads": self.num_heads,
+            "foresight_replay_segments": self.replay_segments,
+            "foresight_weight_stop": self.weight_stop,
+        }
+        keys.update({key: value for key, value in optional.items() if value is not None})
+        return keys
 
     @classmethod
     def from_upstream(cls, args: Any) -> ForesightConfig:
-        """Read the official Video-Mirai config keys from an argparse namespace, an
-        OmegaConf config, a dict or any attribute container.
+        """Read the foresight keys of a trainer config: an argparse namespace, an OmegaConf
+        config or a dict (the whole trainer config; its other keys pass untouched).
 
-        Keys read: ``foresight_weight`` (absent means 0: the term is off, as in the
-        official trainer), ``foresight_student_layer`` / ``foresight_teacher_layer``
-        (falling back to ``foresight_layer``), ``foresight_delta``,
-        ``foresight_include_current``, ``foresight_skip``,
-        ``foresight_delta_mean_pool``, ``foresight_projector_type``,
-        ``projection_layers_num``, ``foresight_ffn_ratio``, ``foresight_loss_type``,
-        ``lr_foresight`` (falling back to ``lr``), ``beta1``/``beta2``,
-        ``weight_decay``, ``max_grad_norm_generator``, ``projector_every_step``, ``max_replay_pairs`` and
-        ``num_frame_per_block``; and this package's schedule keys
-        ``foresight_weight_start``, ``foresight_weight_ramp``,
-        ``foresight_weight_changes`` (a list of ``[step, weight]``) and
-        ``foresight_weight_stop``; ``foresight_activation_budget_mib`` and
-        ``foresight_compute_dtype``. Other keys absent from ``args`` keep the recipe
-        defaults. Official options this package does not implement raise.
+        Keys read (``mirai_plugin.keys`` lists them all): ``foresight_weight`` (absent
+        means 0: the term is off, as in the official trainer),
+        ``foresight_student_layer`` / ``foresight_teacher_layer`` (both from
+        ``foresight_layer`` when neither is set), ``foresight_delta``,
+        ``foresight_include_current``, ``foresight_skip`` (or ``foresight_offsets``),
+        ``foresight_delta_mean_pool`` (or ``foresight_fusion``),
+        ``foresight_projector_type``, ``projection_layers_num``,
+        ``foresight_ffn_ratio``, ``foresight_loss_type``, ``lr_foresight`` (falling
+        back to ``lr``), ``beta1``/``beta2``, ``weight_decay``,
+        ``max_grad_norm_generator``, ``projector_every_step``, ``max_replay_pairs`` and
+        ``num_frame_per_block``; and this package's ``foresight_num_heads``,
+        ``foresight_replay_device`` / ``_segments`` / ``_seed``,
+        ``foresight_check_finite``, ``foresight_activation_budget_mib`` (a number, or
+        ``none``), ``foresight_compute_dtype`` and the schedule keys ``foresight_weight_start``,
+        ``foresight_weight_ramp``, ``foresight_weight_changes`` (a list of
+        ``[step, weight]``) and ``foresight_weight_stop``. Other keys absent from
+        ``args`` keep the recipe defaults; ``null`` counts as absent.
+
+        Values are read as YAML and command lines write them (``"false"``, ``"off"``
+        and ``0`` are false; ``"2e-6"`` is a number); anything else raises, naming
+        the key. So do keys that look like ours but are not known (a typo such as
+        ``foresight_wieght``, with the closest known key) and official options this
+        package does not implement.
 
         Example:
             >>> from argparse import Namespace
@@ -287,71 +326,71 @@ class ForesightConfig:
             >>> cfg == ForesightConfig()
             True
         """
-        get = key_reader(args)
+        keys, get = config_view(args)
+        check_keys(keys)
+        check_not_implemented(get)
         default = cls()
 
-        for key, off_value in _UNSUPPORTED_UPSTREAM.items():
-            value = get(key, None)
-            if value is not None and value != off_value:
-                raise MiraiError(
-                    f"upstream option {key}={value!r} is not implemented by mirai_plugin; "
-                    f"set {key}: {off_value!r} (the released recipe) or remove the key"
-                )
+        def read(key: str, rule: Rule | str, otherwise: Any = None) -> Any:
+            value = get(key)
+            if value is None:
+                return otherwise
+            return check(key, value, _RULES[rule] if isinstance(rule, str) else rule, coerce=True)
 
-        layer = get("foresight_layer", None)
-        student_layer = _first(get("foresight_student_layer", None), layer, default.student_layer)
-        encoder_layer = _first(get("foresight_teacher_layer", None), layer, default.encoder_layer)
-
-        include_current = bool(_first(get("foresight_include_current", None), True))
-        delta = int(_first(get("foresight_delta", None), 1))
-        skip = int(_first(get("foresight_skip", None), 0))
-        _check(delta >= 0 and skip >= 0, f"foresight_delta and foresight_skip must be >= 0, got {delta}, {skip}")
-        offsets = ([0] if include_current else []) + list(range(1 + skip, delta + 1 + skip))
-        _check(
-            bool(offsets),
-            "foresight_delta=0 with foresight_include_current=false leaves no target offset; "
-            "set foresight_delta >= 1 or foresight_include_current: true",
-        )
-
-        mean_pool = bool(_first(get("foresight_delta_mean_pool", None), True))
-        projector_type = str(_first(get("foresight_projector_type", None), "dit"))
-        if projector_type not in _UPSTREAM_PREDICTORS:
-            raise MiraiError(
-                f"foresight_projector_type={projector_type!r} is unknown; "
-                f"use one of {sorted(_UPSTREAM_PREDICTORS)}"
-            )
+        student_layer, encoder_layer = _layers(read, default)
+        offsets = _offsets(get, read)
+        fusion = _fusion(read)
+        projector_type = read("foresight_projector_type", Rule("choice", choices=tuple(_UPSTREAM_PREDICTORS)), "dit")
         predictor, offset_conditioning = _UPSTREAM_PREDICTORS[projector_type]
+        if (predictor == "multi_mlp" or offset_conditioning) and fusion == "mean":
+            raise MiraiError(
+                f"foresight_projector_type={projector_type!r} predicts each offset separately and needs one target "
+                f"per offset: set foresight_delta_mean_pool: false (it is true, or absent and the recipe's true), "
+                f"or use foresight_projector_type: dit"
+            )
+        max_pairs = read("max_replay_pairs", Rule("int", minimum=0, fix="0 replays all pairs"), 0)
+        budget = get("foresight_activation_budget_mib")
+        budget_off = isinstance(budget, str) and budget.strip().lower() == "none"  # no bound: one pass
+        replay_device = get("foresight_replay_device")
+        if isinstance(replay_device, str) and replay_device.strip().lower() == "none":
+            replay_device = None
+        else:
+            replay_device = parse_device("foresight_replay_device", _first(replay_device, default.replay_device))
 
-        lr = _first(get("lr_foresight", None), get("lr", None), default.lr)
-        betas = (
-            float(_first(get("beta1", None), default.betas[0])),
-            float(_first(get("beta2", None), default.betas[1])),
-        )
-        return cls(
-            weight=float(_first(get("foresight_weight", None), 0.0)),
-            student_layer=int(student_layer),
-            encoder_layer=int(encoder_layer),
-            offsets=tuple(offsets),
-            fusion="mean" if mean_pool else "none",
+        cfg = cls(
+            weight=read("foresight_weight", "weight", 0.0),
+            student_layer=student_layer,
+            encoder_layer=encoder_layer,
+            offsets=offsets,
+            fusion=fusion,
             predictor=predictor,
-            predictor_depth=int(_first(get("projection_layers_num", None), default.predictor_depth)),
-            ffn_ratio=_first(get("foresight_ffn_ratio", None), default.ffn_ratio),
+            predictor_depth=read("projection_layers_num", "predictor_depth", default.predictor_depth),
+            ffn_ratio=read("foresight_ffn_ratio", "ffn_ratio", default.ffn_ratio),
+            num_heads=read("foresight_num_heads", "num_heads"),
             offset_conditioning=offset_conditioning,
-            loss=str(_first(get("foresight_loss_type", None), default.loss)),
-            segment_frames=int(_first(get("num_frame_per_block", None), default.segment_frames)),
-            lr=float(lr),
-            betas=betas,
-            weight_decay=float(_first(get("weight_decay", None), default.weight_decay)),
-            max_grad_norm=_first(get("max_grad_norm_generator", None), default.max_grad_norm),
-            replay=bool(_first(get("projector_every_step", None), default.replay)),
-            replay_max_pairs=int(get("max_replay_pairs", 0) or 0) or None,
-            activation_budget_mib=_first(get("foresight_activation_budget_mib", None), default.activation_budget_mib),
-            compute_dtype=str(_first(get("foresight_compute_dtype", None), default.compute_dtype)),
-            weight_start=int(_first(get("foresight_weight_start", None), 0)),
-            weight_ramp=int(_first(get("foresight_weight_ramp", None), 0)),
-            weight_changes=tuple(tuple(c) for c in _first(get("foresight_weight_changes", None), ())),
-            weight_stop=get("foresight_weight_stop", None),
+            loss=read("foresight_loss_type", "loss", default.loss),
+            segment_frames=read("num_frame_per_block", "segment_frames", default.segment_frames),
+            lr=read("lr_foresight", "lr") or read("lr", "lr", default.lr),  # `or`: lr is read only without lr_foresight
+            betas=(read("beta1", _BETA, default.betas[0]), read("beta2", _BETA, default.betas[1])),
+            weight_decay=read("weight_decay", "weight_decay", default.weight_decay),
+            max_grad_norm=read("max_grad_norm_generator", "max_grad_norm", default.max_grad_norm),
+            replay=read("projector_every_step", "replay", default.replay),
+            replay_device=replay_device,
+            replay_segments=read("foresight_replay_segments", "replay_segments"),
+            replay_max_pairs=max_pairs or None,
+            replay_seed=read("foresight_replay_seed", "replay_seed", default.replay_seed),
+            weight_start=read("foresight_weight_start", Rule("int", minimum=0, what=_STEP), 0),
+            weight_ramp=read("foresight_weight_ramp", Rule("int", minimum=0, what=_STEP), 0),
+            weight_changes=_changes(get("foresight_weight_changes")),
+            weight_stop=read("foresight_weight_stop", Rule("int", minimum=1, what="an int >= 1 (generator steps)")),
+            check_finite=read("foresight_check_finite", "check_finite", default.check_finite),
+            activation_budget_mib=None if budget_off else read("foresight_activation_budget_mib",
+                                                               "activation_budget_mib", default.activation_budget_mib),
+            compute_dtype=read("foresight_compute_dtype", "compute_dtype", default.compute_dtype),
         )
+        if not cfg.enabled:
+            _note_off(keys, get)
+        return cfg
 
 
 def _check(condition: bool, message: str) -> None:
@@ -366,34 +405,154 @@ def _first(*values: Any) -> Any:
     return None
 
 
+def _layers(read, default: ForesightConfig) -> tuple[int, int]:
+    layer = read("foresight_layer", "student_layer")
+    student = read("foresight_student_layer", "student_layer")
+    teacher = read("foresight_teacher_layer", "encoder_layer")
+    if layer is not None and (student is None) != (teacher is None):
+        given, value = ("foresight_student_layer", student) if student is not None else ("foresight_teacher_layer", teacher)
+        raise MiraiError(
+            f"foresight_layer={layer} is set with only {given}={value}: the official trainer then uses "
+            f"foresight_layer for both blocks and ignores {given}; set both foresight_student_layer and "
+            f"foresight_teacher_layer, or only foresight_layer"
+        )
+    if student is None and teacher is None and layer is not None:
+        return layer, layer
+    return _first(student, default.student_layer), _first(teacher, default.encoder_layer)
+
+
+def _offsets(get, read) -> tuple[int, ...]:
+    window = [key for key in ("foresight_delta", "foresight_skip", "foresight_include_current") if get(key) is not None]
+    explicit = get("foresight_offsets")
+    if explicit is not None:
+        if window:
+            raise MiraiError(
+                f"foresight_offsets and {', '.join(window)} both set the target offsets; keep foresight_offsets "
+                f"or the official window keys, not both"
+            )
+        if isinstance(explicit, (str, bytes)) or not isinstance(explicit, Iterable):
+            fail("foresight_offsets", "a list of ints >= 0 such as [0, 1]", explicit)
+        offset = Rule("int", minimum=0, what="a list of ints >= 0 such as [0, 1]")
+        return normalise_offsets([check("foresight_offsets", v, offset, coerce=True) for v in explicit])
+    include_current = read("foresight_include_current", Rule("bool"), True)
+    delta = read("foresight_delta", Rule("int", minimum=0), 1)
+    skip = read("foresight_skip", Rule("int", minimum=0), 0)
+    offsets = ([0] if include_current else []) + list(range(1 + skip, delta + 1 + skip))
+    if not offsets:
+        raise MiraiError(
+            "foresight_delta=0 with foresight_include_current=false leaves no target offset; "
+            "set foresight_delta >= 1 or foresight_include_current: true"
+        )
+    return tuple(offsets)
+
+
+def _window_keys(offsets: tuple[int, ...]) -> dict[str, Any]:
+    """The official window keys that give ``offsets``, or ``foresight_offsets`` when none do."""
+    rest = [d for d in offsets if d > 0]
+    if not rest:
+        return {"foresight_include_current": True, "foresight_delta": 0, "foresight_skip": 0}
+    if rest == list(range(rest[0], rest[-1] + 1)):
+        return {"foresight_include_current": offsets[0] == 0, "foresight_delta": len(rest), "foresight_skip": rest[0] - 1}
+    return {"foresight_offsets": list(offsets)}
+
+
+def _fusion(read) -> str:
+    mean_pool = read("foresight_delta_mean_pool", Rule("bool"))
+    fusion = read("foresight_fusion", "fusion")
+    if fusion is None:
+        return "none" if mean_pool is False else "mean"
+    if mean_pool is not None and mean_pool != (fusion == "mean"):
+        raise MiraiError(
+            f"foresight_fusion={fusion!r} disagrees with foresight_delta_mean_pool={mean_pool}: 'mean' is "
+            f"foresight_delta_mean_pool: true, 'none' and 'frame_mean' are false; keep one of the two keys"
+        )
+    return fusion
+
+
+def _changes(value: Any) -> tuple[tuple[int, float], ...]:
+    """``foresight_weight_changes`` from a YAML list of ``[step, weight]`` pairs."""
+    if value is None:
+        return ()
+    expected = "a list of [step, weight] pairs such as [[1000, 1.0]]"
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        fail("foresight_weight_changes", expected, value)
+    pairs = []
+    for pair in value:
+        try:
+            step, weight = pair
+        except (TypeError, ValueError):  # not a pair (a 0-d tensor says it is iterable)
+            fail("foresight_weight_changes", expected, value)
+        if isinstance(pair, (str, bytes, Mapping)):
+            fail("foresight_weight_changes", expected, value)
+        pairs.append((
+            check("foresight_weight_changes", step, Rule("int", minimum=0, what=f"{expected} with steps >= 0"), coerce=True),
+            check("foresight_weight_changes", weight, Rule("number", minimum=0, what=f"{expected} with weights >= 0"),
+                  coerce=True),
+        ))
+    return normalise_changes(pairs, name="foresight_weight_changes")
+
+
+def _note_off(keys: list[str], get) -> None:
+    """Say once (rank 0, Python logging) that a config with foresight keys leaves the term off."""
+    from mirai_plugin.distributed import log_once
+
+    ours = sorted(key for key in keys if key in OURS and key != "foresight_weight" and get(key) is not None)
+    if not ours:
+        return
+    weight = get("foresight_weight")
+    listed = ", ".join(ours[:4]) + (", ..." if len(ours) > 4 else "")
+    log_once(
+        f"the trainer config sets foresight keys ({listed}) but foresight_weight is "
+        f"{'absent' if weight is None else repr(weight)}: the foresight term is off "
+        f"(foresight_weight: 0.2 is the official recipe)"
+    )
+
+
+def check_field_names(cls: type, names: Iterable[str], where: str) -> None:
+    """Refuse names that are not fields of the dataclass ``cls``, with the closest field."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [name for name in names if name not in fields]
+    if unknown:
+        raise MiraiError(
+            f"{cls.__name__}.{where}: unknown field(s) "
+            + ", ".join(f"{name!r}{did_you_mean(name, fields)}" for name in unknown)
+            + f"; the fields are {fields}"
+        )
+
+
+def fields_from_json(cls: type, text: Any) -> dict[str, Any]:
+    """The fields a ``to_json`` wrote, checked: JSON text of an object whose keys are fields of ``cls``."""
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError) as error:
+        raise MiraiError(
+            f"{cls.__name__}.from_json needs the JSON text that to_json() writes, got {show(text)} ({error})"
+        ) from None
+    if not isinstance(data, dict):
+        raise MiraiError(f"{cls.__name__}.from_json needs a JSON object of fields, got {type(data).__name__}")
+    check_field_names(cls, data, "from_json")
+    return data
+
+
 def key_reader(args: Any):
-    """``get(key, default)`` over an argparse namespace, an OmegaConf config, a dict or any object."""
-    if isinstance(args, Mapping):
-        return lambda key, default: args.get(key, default)
-    # OmegaConf DictConfig and argparse.Namespace both answer getattr; DictConfig
-    # also answers `in`, which avoids its struct-mode errors on missing keys.
-    if hasattr(args, "__contains__") and not isinstance(args, (str, bytes)):
-        return lambda key, default: getattr(args, key) if key in args else default
-    return lambda key, default: getattr(args, key, default)
+    """``get(key, default)`` over a trainer config (a mapping or a namespace; see ``mirai_plugin.keys``)."""
+    _, get = config_view(args)
+    return lambda key, default: _first(get(key), default)
 
 
 def check_schedule(cfg: Any) -> None:
-    """Validate the weight-schedule fields shared by the video and image configs."""
+    """Validate (and normalise) the weight-schedule fields shared by the video and image configs."""
     for name in ("weight_start", "weight_ramp"):
-        value = getattr(cfg, name)
-        _check(
-            isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-            f"{name} must be an int >= 0 (generator steps), got {value!r}",
-        )
+        object.__setattr__(cfg, name, check(name, getattr(cfg, name), Rule("int", minimum=0, what=_STEP)))
     stop = cfg.weight_stop
-    _check(
-        stop is None or (isinstance(stop, int) and not isinstance(stop, bool) and stop > cfg.weight_start),
-        f"weight_stop must be None or a step after weight_start={cfg.weight_start}, got {stop!r}",
-    )
+    if stop is not None and not (is_int(stop) and stop > cfg.weight_start):
+        fail("weight_stop", f"None or a step after weight_start={cfg.weight_start}", stop)
+    object.__setattr__(cfg, "weight_stop", None if stop is None else int(stop))
 
 
 def scheduled_weight(cfg: Any, step: int) -> float:
     """``cfg.weight`` at generator step ``step`` under its start / ramp / changes / stop schedule."""
+    step = check("step", step, Rule("int", minimum=0, what="a generator step (an int >= 0)"))
     if step < cfg.weight_start or (cfg.weight_stop is not None and step >= cfg.weight_stop):
         return 0.0
     weight = float(cfg.weight)
@@ -405,29 +564,41 @@ def scheduled_weight(cfg: Any, step: int) -> float:
     return weight
 
 
-def normalise_changes(changes: Any) -> tuple[tuple[int, float], ...]:
-    message = f"weight_changes must be ((step, weight), ...) with increasing steps >= 0 and weights >= 0, got {changes!r}"
+def normalise_changes(changes: Any, *, name: str = "weight_changes") -> tuple[tuple[int, float], ...]:
+    expected = "((step, weight), ...) with increasing steps >= 0 and finite weights >= 0"
+    if isinstance(changes, (str, bytes, Mapping)):
+        fail(name, expected, changes)
     try:
         pairs = tuple((step, weight) for step, weight in changes)
     except (TypeError, ValueError):
-        raise MiraiError(message) from None
+        fail(name, expected, changes)
     for step, weight in pairs:
-        _check(isinstance(step, int) and not isinstance(step, bool) and step >= 0, message)
-        _check(isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0, message)
-    _check(all(a[0] < b[0] for a, b in zip(pairs, pairs[1:])), message)
-    return tuple((step, float(weight)) for step, weight in pairs)
+        if not (is_int(step) and step >= 0 and is_number(weight) and weight >= 0 and weight < float("inf")):
+            fail(name, expected, changes)
+    if any(a[0] >= b[0] for a, b in zip(pairs, pairs[1:])):
+        fail(name, expected, changes, "sort the steps and give each step once")
+    return tuple((int(step), float(weight)) for step, weight in pairs)
 
 
-def _normalise_offsets(offsets: Any) -> tuple[int, ...]:
-    try:
-        values = tuple(offsets)
-    except TypeError:
-        raise MiraiError(f"offsets must be a sequence of ints such as (0, 1), got {offsets!r}") from None
-    _check(len(values) > 0, "offsets is empty: give at least one segment offset, e.g. offsets=(0, 1)")
-    for v in values:
-        _check(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-            f"offsets must be ints >= 0 (0 = current segment, 1 = next), got {offsets!r}",
-        )
-    _check(len(set(values)) == len(values), f"offsets has duplicates: {offsets!r}")
-    return tuple(sorted(values))
+def normalise_betas(betas: Any, *, name: str = "betas") -> tuple[float, float]:
+    expected = "two numbers in [0, 1) such as (0.0, 0.999)"
+    if isinstance(betas, (str, bytes, Mapping)) or not isinstance(betas, Iterable):
+        fail(name, expected, betas)
+    values = tuple(betas)
+    if len(values) != 2 or not all(is_number(b) and 0.0 <= b < 1.0 for b in values):
+        fail(name, expected, betas)
+    return float(values[0]), float(values[1])
+
+
+def normalise_offsets(offsets: Any) -> tuple[int, ...]:
+    expected = "a non-empty sequence of distinct ints >= 0 such as (0, 1) (0 = current segment, 1 = next)"
+    if isinstance(offsets, (str, bytes, Mapping)) or not isinstance(offsets, Iterable):
+        fail("offsets", expected, offsets)
+    values = tuple(offsets)
+    if not values:
+        raise MiraiError("offsets is empty: give at least one segment offset, e.g. offsets=(0, 1)")
+    if not all(is_int(v) and v >= 0 for v in values):
+        fail("offsets", expected, offsets)
+    if len(set(values)) != len(values):
+        fail("offsets", expected, offsets, "offsets has duplicates; give each offset once")
+    return tuple(sorted(int(v) for v in values))

@@ -14,6 +14,7 @@ clips with the wrapper's global norm. Either way you keep calling the head.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -30,6 +31,19 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+_SAID: set[str] = set()
+
+
+def log_once(message: str, level: int = logging.WARNING) -> None:
+    """Log ``message`` through the ``mirai_plugin`` logger, once per process, on rank 0 only
+    (never into the trainer's own metric logs)."""
+    if message in _SAID:
+        return
+    _SAID.add(message)
+    if world()[0] == 0:
+        logging.getLogger("mirai_plugin").log(level, message)
 
 
 def broadcast_module(module: nn.Module, src: int = 0) -> None:

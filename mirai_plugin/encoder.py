@@ -13,6 +13,7 @@ after ``layer`` and the output head never run.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -129,10 +130,13 @@ class FrozenEncoder:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise MiraiError(f"FrozenEncoder wraps an nn.Module, got {type(model).__name__}")
+        if call is not None and not callable(call):
+            raise MiraiError(f"call must be a callable call(model, *args, **kwargs), got {type(call).__name__}")
         self._block, self.location = block_at(model, layer, blocks)
         self._model = model
         self.layer = layer
         self._call = call
+        self._swallow_reported = False
         names = _parameter_names(_innermost(model))
         if call is not None:
             self.convention = "custom"
@@ -177,12 +181,16 @@ class FrozenEncoder:
     # --------------------------------------------------------------- internals
 
     def _run_to_layer(self, run: Callable[[], Any]) -> Tensor:
+        outputs: list[object] = []  # what blocks[layer] returned, kept even if the forward swallows the exit
+
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             hidden = output[0] if isinstance(output, (tuple, list)) else output
+            outputs.append(hidden)
             raise _EarlyExit(self, hidden)
 
         was_training = self._model.training
         handle = self._block.register_forward_hook(hook)
+        exited = False
         try:
             self._model.eval()
             with torch.no_grad():
@@ -190,14 +198,28 @@ class FrozenEncoder:
         except _EarlyExit as exit_:
             if exit_.owner is not self:
                 raise
-            return exit_.hidden.detach()
+            exited = True
         finally:
             handle.remove()
             self._model.train(was_training)
-        raise MiraiError(
-            f"the encoder forward finished without calling {self.location}; "
-            f"check that layer {self.layer} is used by the forward you call"
-        )
+        if not outputs:
+            raise MiraiError(
+                f"the encoder forward finished without calling {self.location}; "
+                f"check that layer {self.layer} is used by the forward you call"
+            )
+        if not exited and not self._swallow_reported:
+            # The block ran and its output is the target; the forward caught the exception that stops it.
+            self._swallow_reported = True
+            warnings.warn(
+                f"the forward of {type(self._model).__name__} caught the exception FrozenEncoder raises after "
+                f"{self.location} and went on: the target is {self.location}'s output as it should be, but the "
+                f"blocks after it ran too (slower); let exceptions from the blocks through to skip them",
+                stacklevel=3,
+            )
+        hidden = outputs[0]
+        if not isinstance(hidden, Tensor):
+            raise MiraiError(f"{self.location} returned {type(hidden).__name__}; the encoder target needs a tensor")
+        return hidden.detach()
 
     def _wan_wrapper_call(self, video: Tensor, conditional_dict: dict, *, timestep: Tensor | None = None, **kwargs):
         b, f = _video_shape(video)

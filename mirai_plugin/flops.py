@@ -18,11 +18,13 @@ forward. One DMD cycle is one generator step and ``critic_ratio`` critic steps
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from mirai_plugin.checks import Rule, check, fail
 from mirai_plugin.config import ForesightConfig, key_reader
 from mirai_plugin.head import ForesightHead
 
@@ -133,24 +135,35 @@ def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> di
 
 def cycle_from_upstream(args: Any) -> tuple[CycleShape, ForesightConfig]:
     """Shapes and foresight settings from an upstream (Self-Forcing / Causal-Forcing) config."""
+    foresight = ForesightConfig.from_upstream(args)  # refuses what is not a config first
     read = key_reader(args)
-    get = lambda key, default=None: read(key, default)  # noqa: E731
+
+    def get(key: str, rule: Rule, default: Any = None) -> Any:
+        value = read(key, None)
+        return default if value is None else check(key, value, rule, coerce=True)
+
     cycle = CycleShape()
-    shape = get("image_or_video_shape")
+    shape = read("image_or_video_shape", None)
     if shape is not None:
-        _, frames, _, height, width = list(shape)
-        cycle = replace(cycle, frames=int(frames), tokens_per_frame=(int(height) // 2) * (int(width) // 2))
-    real = WAN_BY_NAME.get(get("real_name", "Wan2.1-T2V-1.3B"), WAN_1_3B)
-    steps = get("denoising_step_list")
+        expected = "[batch, frames, channels, height, width]: five ints >= 1"
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable) or len(list(shape)) != 5:
+            fail("image_or_video_shape", expected, shape)
+        _, frames, _, height, width = (check("image_or_video_shape", v, Rule("int", minimum=1, what=expected),
+                                             coerce=True) for v in shape)
+        cycle = replace(cycle, frames=frames, tokens_per_frame=(height // 2) * (width // 2))
+    real_name = get("real_name", Rule("choice", choices=tuple(WAN_BY_NAME)), "Wan2.1-T2V-1.3B")
+    steps = read("denoising_step_list", None)
+    if steps is not None and (isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable) or not list(steps)):
+        fail("denoising_step_list", "a non-empty list of timesteps", steps)
     cycle = replace(
         cycle,
-        real_score=real,
-        segment_frames=int(get("num_frame_per_block", 1)),
+        real_score=WAN_BY_NAME[real_name],
+        segment_frames=get("num_frame_per_block", Rule("int", minimum=1), 1),
         denoising_steps=len(list(steps)) if steps is not None else cycle.denoising_steps,
-        critic_ratio=int(get("dfake_gen_update_ratio", cycle.critic_ratio)),
-        checkpointing=bool(get("gradient_checkpointing", True)),
+        critic_ratio=get("dfake_gen_update_ratio", Rule("int", minimum=1), cycle.critic_ratio),
+        checkpointing=get("gradient_checkpointing", Rule("bool"), True),
     )
-    return cycle, ForesightConfig.from_upstream(args)
+    return cycle, foresight
 
 
 def report(result: dict[str, Any]) -> str:

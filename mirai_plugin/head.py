@@ -33,10 +33,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, HiddenRecord
-from mirai_plugin.config import ForesightConfig
+from mirai_plugin.checks import Rule, check, check_device_available, check_tensor, parse_device
+from mirai_plugin.config import ForesightConfig, check_field_names
 from mirai_plugin.distributed import average_gradients, gather_ints, gather_messages, world
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.fused import fused_mean_cosine
+from mirai_plugin.files import load_checkpoint, read_safetensors, state_problems
 from mirai_plugin.loss import foresight_loss
 from mirai_plugin.predictor import MLP, DiTPredictor, MultiMLP
 from mirai_plugin.segmented import GroupedLosses, GroupPlan, groups_of, plan_groups
@@ -93,8 +95,7 @@ class ForesightHead(nn.Module):
         if not isinstance(config, ForesightConfig):
             raise MiraiError(f"config must be a ForesightConfig, got {type(config).__name__}")
         for name, value in (("student_dim", student_dim), ("encoder_dim", encoder_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise MiraiError(f"{name} must be a positive int, got {value!r}")
+            check(name, value, Rule("int", minimum=1, what="a positive int (a hidden-state width)"))
         self.config = config
         self.student_dim = student_dim
         self.encoder_dim = encoder_dim
@@ -199,6 +200,7 @@ class ForesightHead(nn.Module):
             raise MiraiError("the head needs the encoder hidden states: head(captured, encoder(video.detach(), ...))")
         if not records:
             raise MiraiError(_nothing_captured_message(capture))
+        _check_term_inputs(self, records, encoder_hidden, tokens_per_frame, prefix_frames)
 
         segment_tokens_first = records[0].hidden.shape[1] if records[0].hidden.dim() == 3 else -1
         s = tokens_per_frame or _infer_tokens_per_frame(segment_tokens_first, cfg.segment_frames)
@@ -322,6 +324,7 @@ class ForesightHead(nn.Module):
 
     def predict(self, hidden: Tensor, offset: int | None = None, *, checkpoint_blocks: bool = False) -> Tensor:
         """Predictor then projection: ``(B n d)`` -> ``(B n e)``; each row is one segment."""
+        check_tensor("hidden", hidden, dims=3, layout=f"(rows, tokens, {self.student_dim})")
         dtype = self.compute_dtype
         if dtype == next(self.parameters()).dtype:
             x = self.predictor(hidden.to(dtype), offset, checkpoint_blocks=checkpoint_blocks)  # (B n d)
@@ -454,6 +457,8 @@ class ForesightHead(nn.Module):
             self._replay.clear()
             self._replay_closed = False
         cfg = self.config
+        if cfg.replay_device is not None:
+            check_device_available("replay_device", cfg.replay_device)  # parsed with the config, checked at first use
         device = cfg.replay_device if cfg.replay_device is not None else hidden[0].device
         cached_hidden = torch.empty((hidden[0].shape[0], len(hidden), *hidden[0].shape[1:]),
                                     dtype=hidden[0].dtype, device=device)  # (b k n d)
@@ -694,13 +699,7 @@ class ForesightHead(nn.Module):
         rank, world_size = world()
         device = next(self.parameters()).device
         if rank == 0:
-            if state.get("format") != "mirai_plugin.ForesightHead.training_state":
-                raise MiraiError("not a head training state: pass what ForesightHead.training_state() returned")
-            if (state["student_dim"], state["encoder_dim"]) != (self.student_dim, self.encoder_dim):
-                raise MiraiError(
-                    f"training state is for widths {state['student_dim']}->{state['encoder_dim']}, "
-                    f"this head is {self.student_dim}->{self.encoder_dim}"
-                )
+            _check_training_state(self, state)  # before anything is loaded: a bad state changes nothing
         # Rank 0 decides; the others follow (they may hold an empty dict).
         header = [int(state.get("optimizer") is not None), int(state.get("steps_taken", 0))] if rank == 0 else [0, 0]
         header_t = torch.tensor(header, dtype=torch.int64, device=device)
@@ -757,21 +756,30 @@ class ForesightHead(nn.Module):
         """Write the head's weights and settings to a ``.safetensors`` file."""
         from safetensors.torch import save_file
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise MiraiError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
         tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
         save_file(tensors, os.fspath(path), metadata=self._metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ForesightHead:
         """Rebuild a head written by ``save`` (settings included)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        device = parse_device("device", device)
+        check_device_available("device", device)
+        tensors, meta = read_safetensors(path, what="ForesightHead.load:")  # one error naming the file
+        name = os.fspath(path)
         if "config" not in meta:
-            raise MiraiError(f"{path} was not written by ForesightHead.save (no config in its metadata)")
-        head = cls(ForesightConfig.from_json(meta["config"]), int(meta["student_dim"]), int(meta["encoder_dim"]))
-        head.load_state_dict(load_file(os.fspath(path), device=str(device)), strict=True)
+            raise MiraiError(f"{name} was not written by ForesightHead.save (no config in its metadata)")
+        try:
+            config = ForesightConfig.from_json(meta["config"])
+            dims = int(meta["student_dim"]), int(meta["encoder_dim"])
+        except (MiraiError, KeyError, ValueError) as error:
+            raise MiraiError(f"{name}: its metadata is not what ForesightHead.save writes ({error})") from None
+        head = cls(config, *dims)
+        problems = state_problems(head.state_dict(), tensors)
+        if problems:
+            raise MiraiError(f"{name} does not fit the head its metadata describes: {problems}")
+        head.load_state_dict(tensors, strict=True)
         return head.to(device)
 
     def _metadata(self) -> dict[str, str]:
@@ -806,37 +814,30 @@ class ForesightHead(nn.Module):
         """
         from mirai_plugin.official import official_to_head_state
 
+        where = "load_official"
         if isinstance(source, (str, os.PathLike)):
-            source = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
+            where = os.fspath(source)
+            source = load_checkpoint(source, what="official checkpoint")
         if not isinstance(source, Mapping):
-            raise MiraiError(f"load_official needs a checkpoint path or a state dict, got {type(source).__name__}")
+            raise MiraiError(
+                f"load_official needs a checkpoint path or a state dict, got {type(source).__name__}"
+                + (f" (read from {where})" if where != "load_official" else "")
+            )
+        if config is not None and not isinstance(config, ForesightConfig):
+            raise MiraiError(f"config must be a ForesightConfig or None, got {type(config).__name__}")
         if "mirai_projector" in source:
             projector_sd, dim_proj = source["mirai_projector"], source.get("foresight_dim_proj", dim_proj)
         else:
             projector_sd = source
-        config, student_dim, encoder_dim, state = official_to_head_state(projector_sd, dim_proj, config)
+        try:
+            config, student_dim, encoder_dim, state = official_to_head_state(projector_sd, dim_proj, config)
+        except MiraiError as error:
+            raise MiraiError(f"{where}: {error}") from None  # the same error, naming the file
         head = cls(config, student_dim, encoder_dim)
         expected = head.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = [
-            f"{name}: checkpoint {tuple(state[name].shape)} vs head {tuple(expected[name].shape)}"
-            for name in sorted(set(state) & set(expected))
-            if state[name].shape != expected[name].shape
-        ]
-        if missing or unexpected or wrong:
-            raise MiraiError(
-                "official projector does not fit the head: "
-                + "; ".join(
-                    part
-                    for part in (
-                        f"missing {missing}" if missing else "",
-                        f"unexpected {unexpected}" if unexpected else "",
-                        f"wrong shapes {wrong}" if wrong else "",
-                    )
-                    if part
-                )
-            )
+        problems = state_problems(expected, state)
+        if problems:
+            raise MiraiError(f"{where}: official projector does not fit the head: {problems}")
         head.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
         return head
 
@@ -881,8 +882,11 @@ def _infer_tokens_per_frame(tokens: int, segment_frames: int) -> int:
 def _as_records(captured: Any) -> tuple[list[HiddenRecord], CapturedHidden | None]:
     if isinstance(captured, CapturedHidden):
         return captured.records, captured
-    if isinstance(captured, Tensor):
-        raise MiraiError("pass captured hidden states as what capture_hidden yielded, or a list of (b n d) tensors")
+    if isinstance(captured, Tensor) or not isinstance(captured, Sequence) or isinstance(captured, (str, bytes)):
+        raise MiraiError(
+            f"pass captured hidden states as what capture_hidden yielded, or a list of (b n d) tensors, "
+            f"got {type(captured).__name__}"
+        )
     records = []
     for i, item in enumerate(captured):
         if isinstance(item, HiddenRecord):
@@ -907,3 +911,67 @@ def _nothing_captured_message(capture: CapturedHidden | None) -> str:
         f"nothing captured{where}: the block was never called inside the capture_hidden context; run the "
         f"generator rollout inside `with capture_hidden(...)` and check student_layer"
     )
+
+
+def _check_term_inputs(
+    head: ForesightHead, records: list[HiddenRecord], encoder_hidden: Any, tokens_per_frame: Any, prefix_frames: Any
+) -> None:
+    """Types, ranges and devices of ``term``'s inputs, each named."""
+    param = next(head.parameters())
+    if param.device.type == "meta":
+        raise MiraiError(
+            "the head's parameters are on the meta device (shapes without values); materialise it first: "
+            "head.to_empty(device=...), then load its weights (ForesightHead.load or load_training_state)"
+        )
+    check_tensor("encoder_hidden", encoder_hidden, layout="(batch, tokens, width)")
+    for i, record in enumerate(records):
+        check_tensor(f"captured hidden state {i}", record.hidden, layout="(batch, tokens, width)")
+    check("tokens_per_frame", tokens_per_frame, Rule("int", minimum=1, none=True, fix="None infers it from the capture"))
+    check("prefix_frames", prefix_frames, Rule("int", minimum=0, fix="0 without an image-to-video context frame"))
+
+
+# Settings that decide the head's parameters (and what they compute).
+_ARCHITECTURE = ("predictor", "predictor_depth", "ffn_ratio", "offset_conditioning")
+
+
+def _check_training_state(head: ForesightHead, state: Any) -> None:
+    """``state`` is a training state of a head like this one (checked before anything loads)."""
+    if not isinstance(state, Mapping) or state.get("format") != "mirai_plugin.ForesightHead.training_state":
+        got = type(state).__name__ if not isinstance(state, Mapping) else f"a dict with keys {sorted(state)[:6]}"
+        raise MiraiError(
+            f"not a head training state (got {got}): pass what ForesightHead.training_state() returned "
+            f"(from a file: torch.load(path, weights_only=True))"
+        )
+    widths = (state.get("student_dim"), state.get("encoder_dim"))
+    if widths != (head.student_dim, head.encoder_dim):
+        raise MiraiError(
+            f"training state is for widths {widths[0]}->{widths[1]}, this head is {head.student_dim}->"
+            f"{head.encoder_dim}; build the head with the widths the state was saved with"
+        )
+    if not isinstance(state.get("head"), Mapping):
+        raise MiraiError(f"training state has no 'head' weights (keys {sorted(state)}); it is incomplete")
+    check("training state steps_taken", state.get("steps_taken", 0), Rule("int", minimum=0))
+    if isinstance(state.get("config"), Mapping):
+        check_field_names(ForesightConfig, state["config"], "training state config")
+        saved = ForesightConfig(**state["config"])
+        names = list(_ARCHITECTURE)
+        if saved.predictor == "multi_mlp" or saved.offset_conditioning:
+            names.append("offsets")  # one MLP per offset, or the offset embedder's size
+        mine, theirs = head.config, saved
+        resolved = [("num_heads", _heads(head, mine), _heads(head, theirs))] if mine.predictor == "dit" else []
+        differ = [(n, getattr(mine, n), getattr(theirs, n)) for n in names] + resolved
+        differ = [(n, a, b) for n, a, b in differ if a != b]
+        if differ:
+            raise MiraiError(
+                "training state is for a different head: "
+                + ", ".join(f"{n}={b!r} (this head: {a!r})" for n, a, b in differ)
+                + "; build the head with the saved settings: ForesightConfig(**state['config'])"
+            )
+    if head._strategy in ("replicate", "ddp"):  # the head's own state_dict has the saved names
+        problems = state_problems(head.state_dict(), state["head"])
+        if problems:
+            raise MiraiError(f"training state does not fit this head: {problems}")
+
+
+def _heads(head: ForesightHead, config: ForesightConfig) -> int:
+    return config.num_heads or max(1, head.student_dim // 128)

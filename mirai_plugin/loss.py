@@ -5,11 +5,12 @@ Legend: ... any leading dims (batch, segment, offset, token), e encoder width.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from mirai_plugin.checks import Rule, check, check_tensor, is_int
 from mirai_plugin.config import LOSSES
 from mirai_plugin.errors import MiraiError
 
@@ -46,8 +47,13 @@ def foresight_loss(
         >>> foresight_loss(x, x, kind="mse").item()
         0.0
     """
-    if kind not in LOSSES:
-        raise MiraiError(f"kind must be one of {LOSSES}, got {kind!r}")
+    check_tensor("pred", pred)
+    check_tensor("target", target)
+    check("kind", kind, Rule("choice", choices=LOSSES))
+    if isinstance(keep_dims, (str, bytes)) or not isinstance(keep_dims, Iterable) or not all(
+        is_int(d) and -pred.dim() <= d < pred.dim() for d in keep_dims
+    ):
+        raise MiraiError(f"keep_dims must be dims of pred (ints in [{-pred.dim()}, {pred.dim()})), got {keep_dims!r}")
     if pred.shape[-1] != target.shape[-1]:
         raise MiraiError(
             f"prediction width {pred.shape[-1]} != target width {target.shape[-1]} "

@@ -32,7 +32,16 @@ _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)$")
 _EMBEDDER_KEY = re.compile(r"(delta_embedder\.mlp\.\d)\.(weight|bias)$")
 
 
-def _strip(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _strip(state: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
+    """Wrapper prefixes removed; every value must be a tensor."""
+    if not isinstance(state, Mapping):
+        raise MiraiError(f"{what} must be a state dict (name -> tensor), got {type(state).__name__}")
+    not_tensors = [f"{key} ({type(value).__name__})" for key, value in state.items() if not isinstance(value, Tensor)]
+    if not_tensors:
+        raise MiraiError(
+            f"{what} must map names to tensors; these entries are not tensors: {not_tensors[:6]}"
+            f"{' ...' if len(not_tensors) > 6 else ''}"
+        )
     return {_WRAPPER_PREFIXES.sub("", key): value for key, value in state.items()}
 
 
@@ -42,7 +51,7 @@ def official_to_head_state(
     config: ForesightConfig | None,
 ) -> tuple[ForesightConfig, int, int, dict[str, Tensor]]:
     """Translate official state dicts into ``(config, student_dim, encoder_dim, head_state)``."""
-    projector = _strip(projector)
+    projector = _strip(projector, "the official projector (mirai_projector)")
     if "blocks.0.q.weight" not in projector:
         raise MiraiError(
             f"not an official DiT projector state dict (no 'blocks.0.q.weight'); keys start with "
@@ -52,12 +61,14 @@ def official_to_head_state(
     depth = len({m.group(1) for key in projector if (m := _BLOCK_KEY.match(key))})
     ffn_dim = projector["blocks.0.ffn.0.weight"].shape[0] if "blocks.0.ffn.0.weight" in projector else None
     heads_meta = projector.get("_num_heads_meta")
+    if heads_meta is not None and heads_meta.numel() != 1:
+        raise MiraiError(f"_num_heads_meta must hold one number, got a tensor of shape {tuple(heads_meta.shape)}")
     num_heads = int(heads_meta.item()) if heads_meta is not None else None
 
     encoder_dim = student_dim
     dim_state = {}
     if dim_proj is not None:
-        dim_proj = _strip(dim_proj)
+        dim_proj = _strip(dim_proj, "foresight_dim_proj")
         weight = dim_proj.get("weight")
         if weight is None or set(dim_proj) != {"weight"}:
             raise MiraiError(f"foresight_dim_proj must hold exactly a bias-free 'weight', got keys {sorted(dim_proj)}")

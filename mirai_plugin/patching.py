@@ -175,6 +175,7 @@ class CheckoutState:
     path: Path
     applied: bool
     files: tuple[str, ...]
+    lacking: tuple[str, ...] = ()  # applied, but these files no longer hold the patch (restored or removed)
 
 
 def inspect_checkout(name: str, path: str | Path) -> CheckoutState:
@@ -191,10 +192,16 @@ def inspect_checkout(name: str, path: str | Path) -> CheckoutState:
             f"{path} is at commit {head[:12]}, but the {name} patch targets {patch.repository} at {patch.commit[:12]}; "
             f"run: git -C {path} checkout {patch.commit}"
         )
-    files = tuple(change.path for change in parse_patch(patch.text()))
+    changes = parse_patch(patch.text())
+    files = tuple(change.path for change in changes)
     with _patch_file(patch) as patch_path:
         if _git(path, "apply", "--check", "-R", str(patch_path), check=False).returncode == 0:
             return CheckoutState(patch, path, True, files)
+        holding, lacking, changed = _file_states(path, patch_path, changes)
+        if holding:  # applied, at least in part
+            if changed:
+                raise MiraiError(_changed_since_message(name, path, changed, {c.path for c in changes if c.new_file}))
+            return CheckoutState(patch, path, True, files, tuple(lacking))
         dirty = [line[3:] for line in _git(path, "status", "--porcelain", "--", *files).stdout.splitlines()]
         if dirty:
             raise MiraiError(
@@ -207,11 +214,45 @@ def inspect_checkout(name: str, path: str | Path) -> CheckoutState:
     return CheckoutState(patch, path, False, files)
 
 
+def _file_states(path: Path, patch_path: Path, changes: list[FileChange]) -> tuple[list[str], list[str], list[str]]:
+    """The patch's files that hold its version, that lack it (never patched, restored or removed), and
+    that are in neither state (changed since the patch was applied)."""
+    holding, lacking, changed = [], [], []
+    for change in changes:
+        include = f"--include={change.path}"
+        if change.new_file and not (path / change.path).exists():
+            lacking.append(change.path)
+        elif _git(path, "apply", "--check", "-R", include, str(patch_path), check=False).returncode == 0:
+            holding.append(change.path)
+        elif _git(path, "apply", "--check", include, str(patch_path), check=False).returncode == 0:
+            lacking.append(change.path)
+        else:
+            changed.append(change.path)
+    return holding, lacking, changed
+
+
+def _changed_since_message(name: str, path: Path, changed: list[str], new_files: set[str]) -> str:
+    steps = []
+    for file in changed:
+        if file in new_files:
+            steps.append(f"move {file} aside (mv {path / file} {path / file}.mine)")
+        else:
+            steps.append(f"save your edits (git -C {path} diff -- {file} > {file.replace('/', '_')}.diff), then "
+                         f"git -C {path} checkout -- {file}")
+    return (
+        f"the {name} patch is applied in {path}, but {changed} changed since (edited after the patch was applied), "
+        f"so the patch cannot be removed exactly; `git stash` would stash the patch along with your edits. "
+        f"To keep your version: {'; '.join(steps)}; then run the command again: it removes the rest of the patch "
+        f"and skips files that no longer hold it"
+    )
+
+
 def apply_patch(name: str, path: str | Path) -> CheckoutState:
     state = inspect_checkout(name, path)
     if state.applied:
+        partly = f" (in part: {list(state.lacking)} no longer hold it)" if state.lacking else ""
         raise MiraiError(
-            f"the {name} patch is already applied in {state.path}; "
+            f"the {name} patch is already applied in {state.path}{partly}; "
             f"`mirai-plugin patch revert --upstream {name} {state.path}` removes it"
         )
     with _patch_file(state.patch) as patch_path:
@@ -220,11 +261,13 @@ def apply_patch(name: str, path: str | Path) -> CheckoutState:
 
 
 def revert_patch(name: str, path: str | Path) -> CheckoutState:
+    """Remove the patch; files that no longer hold it (restored or removed by hand) are skipped."""
     state = inspect_checkout(name, path)
     if not state.applied:
         raise MiraiError(f"the {name} patch is not applied in {state.path}; nothing to revert")
+    skip = [f"--exclude={file}" for file in state.lacking]
     with _patch_file(state.patch) as patch_path:
-        _git(state.path, "apply", "-R", str(patch_path))
+        _git(state.path, "apply", "-R", *skip, str(patch_path))
     return CheckoutState(state.patch, state.path, False, state.files)
 
 

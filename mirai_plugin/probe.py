@@ -13,11 +13,12 @@ command ``mirai-plugin probe FEATURES.safetensors`` runs this on a file.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from mirai_plugin.checks import Rule, check, check_tensor
 from mirai_plugin.errors import MiraiError
 
 
@@ -26,6 +27,10 @@ def fit_readout(
     batch: int = 2048, seed: int = 0,
 ) -> nn.Module:
     """Train ``MLP(d -> hidden -> p)`` on rows ``features (m d) -> targets (m p)`` with Adam and MSE."""
+    for name, value in (("hidden", hidden), ("steps", steps), ("batch", batch)):
+        check(name, value, Rule("int", minimum=1))
+    check("lr", lr, Rule("number", above=0))
+    check("seed", seed, Rule("int", minimum=0))
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -85,6 +90,15 @@ def probe(
         >>> result[1]["psnr"] > 30
         True
     """
+    check_tensor("features", features, layout="(videos, segments, tokens, width)")
+    check_tensor("targets", targets, layout="(videos, segments, tokens, values)")
+    peak = check("peak", peak, Rule("number", above=0, fix="1 for values in [0, 1], 255 for 8-bit pixels"))
+    check("test_videos", test_videos, Rule("int", minimum=1, none=True, fix="None holds out a quarter"))
+    if isinstance(horizons, (str, bytes)) or not isinstance(horizons, Iterable):
+        raise MiraiError(f"horizons must be a sequence of segment offsets >= 1 such as (1, 2, 3), got {horizons!r}")
+    horizons = [check("horizons", h, Rule("int", minimum=1, what="segment offsets >= 1")) for h in horizons]
+    if not horizons:
+        raise MiraiError("horizons is empty: give at least one segment offset, e.g. (1, 2, 3)")
     if features.dim() != 4 or targets.dim() != 4 or features.shape[:3] != targets.shape[:3]:
         raise MiraiError(
             f"features (videos, segments, tokens, width) and targets (videos, segments, tokens, values) must share "

@@ -11,12 +11,13 @@ same frame slot of the two segments.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from mirai_plugin.checks import Rule, check, check_tensor, is_int
 from mirai_plugin.config import FUSIONS
 from mirai_plugin.errors import MiraiError
 
@@ -41,18 +42,32 @@ class SegmentTargets(NamedTuple):
     offsets: tuple[int, ...]
 
 
+def check_segmenting(*, segment_frames: Any, tokens_per_frame: Any, prefix_frames: Any) -> None:
+    """The segment sizes are ints in range (each named in the error)."""
+    check("segment_frames", segment_frames, Rule("int", minimum=1, fix="3 chunk-wise, 1 frame-wise"))
+    check("tokens_per_frame", tokens_per_frame, Rule("int", minimum=1, fix="Wan at 832x480 has 1560"))
+    check("prefix_frames", prefix_frames, Rule("int", minimum=0, fix="0 without an image-to-video context frame"))
+
+
 def segment_count(tokens: int, *, segment_frames: int, tokens_per_frame: int, prefix_frames: int = 0) -> int:
     """Number of segments in a sequence of ``tokens`` tokens; clear errors when it does not divide."""
-    if tokens_per_frame < 1 or tokens % tokens_per_frame:
+    check_segmenting(segment_frames=segment_frames, tokens_per_frame=tokens_per_frame, prefix_frames=prefix_frames)
+    if tokens % tokens_per_frame:
         raise MiraiError(
-            f"{tokens} encoder tokens are not a whole number of frames of {tokens_per_frame} tokens; "
-            f"check tokens_per_frame (Wan 832x480: 1560) and that the encoder saw the whole rollout"
+            f"{tokens} encoder tokens are not a whole number of frames of tokens_per_frame={tokens_per_frame} "
+            f"tokens; check tokens_per_frame (Wan 832x480: 1560) and that the encoder saw the whole rollout"
         )
     frames = tokens // tokens_per_frame - prefix_frames
-    if frames <= 0 or frames % segment_frames:
+    if frames <= 0:
         raise MiraiError(
-            f"{frames} frames (after {prefix_frames} prefix frames) are not divisible by the segment size "
-            f"{segment_frames}; use segment_frames that divides the rollout (21 frames: 3 or 1)"
+            f"prefix_frames={prefix_frames} leaves no frame to segment: the encoder saw {tokens // tokens_per_frame} "
+            f"frames of tokens_per_frame={tokens_per_frame} tokens; prefix_frames counts only the leading context frames"
+        )
+    if frames % segment_frames:
+        raise MiraiError(
+            f"{frames} frames ({tokens} encoder tokens / tokens_per_frame={tokens_per_frame}, less "
+            f"prefix_frames={prefix_frames}) are not divisible by segment_frames={segment_frames}; use a segment "
+            f"size that divides the rollout (21 frames: 3 or 1)"
         )
     return frames // segment_frames
 
@@ -85,11 +100,14 @@ def segment_layout(
     prefix_frames: int = 0,
 ) -> SegmentLayout:
     """The segment view and the offset indices behind ``fuse_targets`` (see there for the arguments)."""
-    if encoder_hidden.dim() != 3:
-        raise MiraiError(f"encoder_hidden must be (batch, tokens, width), got shape {tuple(encoder_hidden.shape)}")
+    check_tensor("encoder_hidden", encoder_hidden, dims=3, layout="(batch, tokens, width)")
+    check_segmenting(segment_frames=segment_frames, tokens_per_frame=tokens_per_frame, prefix_frames=prefix_frames)
+    if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Iterable):
+        raise MiraiError(f"offsets must be a non-empty sequence of ints >= 0 such as (0, 1), got {offsets!r}")
     offsets = tuple(offsets)
-    if not offsets or any((not isinstance(d, int)) or d < 0 for d in offsets):
-        raise MiraiError(f"offsets must be a non-empty sequence of ints >= 0, got {offsets!r}")
+    if not offsets or any(not is_int(d) or d < 0 for d in offsets):
+        raise MiraiError(f"offsets must be a non-empty sequence of ints >= 0 such as (0, 1), got {offsets!r}")
+    offsets = tuple(int(d) for d in offsets)
     b, t, e = encoder_hidden.shape
     num_segments = segment_count(
         t, segment_frames=segment_frames, tokens_per_frame=tokens_per_frame, prefix_frames=prefix_frames
@@ -101,7 +119,7 @@ def segment_layout(
     if segments is None:
         wanted = torch.arange(num_segments, device=device)
     else:
-        wanted = torch.as_tensor(segments, dtype=torch.long, device=device).flatten()
+        wanted = _segment_indices(segments).to(device)
         if wanted.numel() and (wanted.min() < 0 or wanted.max() >= num_segments):
             raise MiraiError(
                 f"segments {wanted.tolist()} out of range: the encoder saw {num_segments} segments "
@@ -113,6 +131,24 @@ def segment_layout(
     wanted, valid = wanted[supervised], valid[supervised]
     source = (wanted[:, None] + offset_t[None, :]).clamp(max=num_segments - 1)  # (k o) segment index k+d
     return SegmentLayout(z, source, valid, wanted, offsets)
+
+
+def _segment_indices(segments: Any) -> Tensor:
+    """``segments`` as a 1-d long tensor; integer values only (``0.5`` is not a segment)."""
+    expected = "segment indices: ints, a sequence of ints or an integer tensor"
+    if isinstance(segments, Tensor):
+        if segments.dtype.is_floating_point or segments.dtype.is_complex or segments.dtype == torch.bool:
+            raise MiraiError(f"segments must be {expected}, got a {segments.dtype} tensor")
+        check_tensor("segments", segments)
+        return segments.to(torch.long).flatten()
+    if is_int(segments):
+        return torch.tensor([int(segments)], dtype=torch.long)
+    if isinstance(segments, (str, bytes)) or not isinstance(segments, Iterable):
+        raise MiraiError(f"segments must be {expected}, got {segments!r}")
+    values = list(segments)
+    if not all(is_int(v) for v in values):
+        raise MiraiError(f"segments must be {expected}, got {values!r}")
+    return torch.tensor([int(v) for v in values], dtype=torch.long)
 
 
 def fuse_targets(
@@ -146,8 +182,7 @@ def fuse_targets(
         >>> t.segments.tolist(), t.target[0, :, 0, 0].tolist()  # frame 0 with 2, 2 with 4, 4 alone
         ([0, 1, 2], [1.0, 3.0, 4.0])
     """
-    if fusion not in FUSIONS:
-        raise MiraiError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    check("fusion", fusion, Rule("choice", choices=FUSIONS))
     layout = segment_layout(
         encoder_hidden, segment_frames=segment_frames, tokens_per_frame=tokens_per_frame, offsets=offsets,
         segments=segments, prefix_frames=prefix_frames,

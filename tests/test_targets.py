@@ -90,9 +90,9 @@ def test_bfloat16_mean_rounds_once_like_stack_mean():
 
 def test_bad_shapes_name_the_fix():
     z = encoder_hidden()
-    with pytest.raises(MiraiError, match="not divisible by the segment size 4"):
+    with pytest.raises(MiraiError, match="not divisible by segment_frames=4"):
         fuse_targets(z, segment_frames=4, tokens_per_frame=S)
-    with pytest.raises(MiraiError, match="not a whole number of frames of 5 tokens"):
+    with pytest.raises(MiraiError, match="not a whole number of frames of tokens_per_frame=5 tokens"):
         fuse_targets(z, segment_frames=N_FRAMES, tokens_per_frame=5)
     with pytest.raises(MiraiError, match="non-empty"):
         fuse_targets(z, segment_frames=N_FRAMES, tokens_per_frame=S, offsets=())

@@ -10,7 +10,7 @@ from mirai_plugin.eval.consistency import (
     subject_consistency,
     temporal_flickering,
 )
-from mirai_plugin.eval.results import DimensionResult, load_results, prompt_of
+from mirai_plugin.eval.results import DimensionResult, load_aggregates, load_results, prompt_of
 from mirai_plugin.eval.vbench_score import DIMENSIONS, QUALITY, SEMANTIC, final_scores, scores_from_percent
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "compare",
     "feature_consistency",
     "final_scores",
+    "load_aggregates",
     "load_results",
     "prompt_of",
     "scores_from_percent",

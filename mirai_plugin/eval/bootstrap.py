@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mirai_plugin.checks import Rule, check
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.eval.results import DimensionResult
 from mirai_plugin.eval.vbench_score import DIMENSIONS, check_dimensions, final_scores
@@ -44,10 +45,15 @@ def compare(
     level: float = 0.95,
 ) -> list[Row]:
     """Rows for the 16 dimensions, then Quality, Semantic and Total (percent)."""
+    for name, results in (("baseline", baseline), ("candidate", candidate)):
+        if not isinstance(results, Mapping) or not all(isinstance(r, DimensionResult) for r in results.values()):
+            raise MiraiError(f"{name} must be what load_results returned ({{dimension: DimensionResult}}), "
+                             f"got {type(results).__name__}")
     check_dimensions(baseline, where=" in the baseline results")
     check_dimensions(candidate, where=" in the candidate results")
-    if replicates < 2 or not 0 < level < 1:
-        raise MiraiError(f"need replicates >= 2 and 0 < level < 1, got {replicates}, {level}")
+    replicates = check("replicates", replicates, Rule("int", minimum=2, fix="10000 is the usual count"))
+    level = check("level", level, Rule("number", above=0, below=1, fix="0.95 for a 95% interval"))
+    seed = check("seed", seed, Rule("int", minimum=0))
 
     points_b, points_c, reps_b, reps_c = {}, {}, {}, {}
     for index, name in enumerate(DIMENSIONS):

@@ -12,6 +12,7 @@ replicates at once).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,6 +88,8 @@ def final_scores(scores: Mapping[str, Any]) -> dict[str, Any]:
     >>> final_scores(perfect)["total"]
     1.0
     """
+    if not isinstance(scores, Mapping):
+        raise MiraiError(f"scores must map the 16 VBench dimensions to their scores, got {type(scores).__name__}")
     scores = {canonical(k): v for k, v in scores.items()}
     check_dimensions(scores)
     normalised = {
@@ -99,8 +102,30 @@ def final_scores(scores: Mapping[str, Any]) -> dict[str, Any]:
     return {"quality": quality, "semantic": semantic, "total": total, "normalised": normalised}
 
 
+def check_score(name: str, value: Any, *, where: str = "", percent: bool = False) -> float:
+    """A dimension's score: a finite number in [0, 1] (``percent``: [0, 100]), naming the dimension."""
+    top = 100 if percent else 1
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= top:
+        unit = "a percentage in [0, 100]" if percent else "a fraction in [0, 1]"
+        raise MiraiError(
+            f"{name}{where} must be {unit} (VBench's range), got {value!r}; "
+            + ("a table lists the 16 dimensions in percent" if percent else "check the result file")
+        )
+    return float(value)
+
+
 def scores_from_percent(table: Mapping[str, float]) -> dict[str, float]:
     """A table of the 16 dimensions in percent (as papers print them) -> fractions."""
-    scores = {canonical(k): float(v) / 100.0 for k, v in table.items()}
+    if not isinstance(table, Mapping):
+        raise MiraiError(f"the table must map the 16 VBench dimensions to percentages, got {type(table).__name__}")
+    scores = {}
+    for key, value in table.items():
+        name = canonical(key) if isinstance(key, str) else key
+        scores[name] = check_score(name, value, where=" in the table", percent=True) / 100.0
     check_dimensions(scores, where=" in the table")
+    if all(value <= 0.01 for value in scores.values()):
+        raise MiraiError(
+            "every score in the table is at most 1: it looks like fractions, and a table lists percentages "
+            "(VBench's 0.8 is 80.0 here); multiply the values by 100, or pass the *_eval_results.json files"
+        )
     return scores

@@ -5,14 +5,40 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mirai_plugin.config import check_schedule, normalise_changes, scheduled_weight
+from mirai_plugin.checks import Rule, check, fail, is_int, is_number
+from mirai_plugin.config import (
+    check_field_names,
+    check_schedule,
+    fields_from_json,
+    normalise_betas,
+    normalise_changes,
+    scheduled_weight,
+)
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.image.grid import BORDERS, ORDERS, grid_offsets
 
 SOURCES = ("ema", "encoder")
+_RULES = {
+    "source": Rule("choice", choices=SOURCES, fix="'ema' is Mirai-E, 'encoder' is Mirai-I"),
+    "student_layer": Rule("int", minimum=0, what="a 0-based block index >= 0"),
+    "neighbours": Rule("int", minimum=1, none=True, what="K, an int >= 1"),
+    "order": Rule("choice", choices=ORDERS),
+    "border": Rule("choice", choices=BORDERS),
+    "prefix_tokens": Rule("int", minimum=0, fix="LlamaGen c2i has 1 class token"),
+    "align_prefix": Rule("bool", none=True),
+    "projector_dim": Rule("int", minimum=1),
+    "weight": Rule("number", minimum=0, fix="use 0 to disable the term"),
+    "ema_decay": Rule("number", minimum=0, below=1, fix="the official recipe uses 0.9999"),
+    "loss": Rule("choice", choices=("cosine", "mse")),
+    "lr": Rule("number", above=0),
+    "weight_decay": Rule("number", minimum=0),
+    "max_grad_norm": Rule("number", above=0, none=True, fix="None disables clipping"),
+    "check_finite": Rule("bool"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,19 +107,19 @@ class ImageForesightConfig:
     check_finite: bool = True
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
-        _check(self.source in SOURCES, f"source must be one of {SOURCES}, got {self.source!r}")
-        _check(self.order in ORDERS, f"order must be one of {ORDERS}, got {self.order!r}")
-        _check(self.border in BORDERS, f"border must be one of {BORDERS}, got {self.border!r}")
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # (frozen)
+        for name, rule in _RULES.items():
+            set_(name, check(name, getattr(self, name), rule))
         if self.offsets is None:
             k = self.neighbours if self.neighbours is not None else (3 if self.source == "ema" else 1)
             set_("offsets", grid_offsets(k, self.order))
         else:
-            offsets = tuple(tuple(int(v) for v in o) for o in self.offsets)
-            _check(
-                bool(offsets) and all(len(o) == 2 and o[0] >= 0 for o in offsets) and len(set(offsets)) == len(offsets),
-                f"offsets must be distinct (dy, dx) pairs with dy >= 0, got {self.offsets!r}",
-            )
+            offsets = _grid_offsets(self.offsets)
+            if self.neighbours is not None and self.neighbours != len(offsets):
+                raise MiraiError(
+                    f"neighbours={self.neighbours} disagrees with the {len(offsets)} offsets given; pass only "
+                    f"offsets (neighbours follows from them) or only neighbours"
+                )
             set_("offsets", offsets)
         set_("neighbours", len(self.offsets))
         if self.align_prefix is None:
@@ -101,33 +127,20 @@ class ImageForesightConfig:
         if self.head_weights is None:
             set_("head_weights", tuple(1.0 / self.neighbours for _ in self.offsets))
         else:
-            set_("head_weights", tuple(float(w) for w in self.head_weights))
-            _check(
-                len(self.head_weights) == self.neighbours and all(w >= 0 for w in self.head_weights),
-                f"head_weights needs one factor >= 0 per offset ({self.neighbours}), got {self.head_weights!r}",
-            )
-        set_("betas", tuple(float(b) for b in self.betas))
+            expected = f"one finite factor >= 0 per offset ({self.neighbours}), not all 0"
+            weights = self.head_weights
+            if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Iterable):
+                fail("head_weights", expected, weights)
+            weights = tuple(weights)
+            if (
+                len(weights) != self.neighbours
+                or not all(is_number(w) and 0 <= w < math.inf for w in weights)
+                or not any(w > 0 for w in weights)
+            ):
+                fail("head_weights", expected, self.head_weights, "None gives 1/K each; weight=0 turns the term off")
+            set_("head_weights", tuple(float(w) for w in weights))
+        set_("betas", normalise_betas(self.betas))
         set_("weight_changes", normalise_changes(self.weight_changes))
-        _check(
-            isinstance(self.student_layer, int) and self.student_layer >= 0,
-            f"student_layer must be a 0-based block index, got {self.student_layer!r}",
-        )
-        _check(
-            isinstance(self.prefix_tokens, int) and self.prefix_tokens >= 0,
-            f"prefix_tokens must be an int >= 0, got {self.prefix_tokens!r}",
-        )
-        _check(self.projector_dim >= 1, f"projector_dim must be >= 1, got {self.projector_dim!r}")
-        _check(
-            isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0,
-            f"weight must be a finite number >= 0, got {self.weight!r}",
-        )
-        _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        _check(self.loss in ("cosine", "mse"), f"loss must be 'cosine' or 'mse', got {self.loss!r}")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
-        _check(
-            self.max_grad_norm is None or self.max_grad_norm > 0,
-            f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}",
-        )
         check_schedule(self)
 
     @classmethod
@@ -137,6 +150,7 @@ class ImageForesightConfig:
         >>> ImageForesightConfig.mirai("ema", 1000).weight_changes
         ((500, 1.0),)
         """
+        total_steps = check("total_steps", total_steps, Rule("int", minimum=2, what="an int >= 2 (optimizer steps)"))
         return cls(source=source, weight=2.0, weight_changes=((total_steps // 2, 1.0),), **changes)
 
     @property
@@ -148,6 +162,7 @@ class ImageForesightConfig:
         return scheduled_weight(self, step)
 
     def replace(self, **changes: Any) -> ImageForesightConfig:
+        check_field_names(type(self), changes, "replace")
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
@@ -155,9 +170,24 @@ class ImageForesightConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ImageForesightConfig:
-        return cls(**json.loads(text))
+        return cls(**fields_from_json(cls, text))
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise MiraiError(message)
+def _grid_offsets(offsets: Any) -> tuple[tuple[int, int], ...]:
+    expected = "distinct (dy, dx) pairs of ints pointing at later tokens (dy >= 0, and dx >= 0 when dy == 0)"
+    if isinstance(offsets, (str, bytes, Mapping)) or not isinstance(offsets, Iterable):
+        fail("offsets", expected, offsets)
+    pairs = []
+    for offset in offsets:
+        if isinstance(offset, (str, bytes, Mapping)) or not isinstance(offset, Iterable):
+            fail("offsets", expected, offsets)
+        try:
+            pair = tuple(offset)
+        except TypeError:  # a 0-d tensor says it is iterable
+            fail("offsets", expected, offsets)
+        if len(pair) != 2 or not all(is_int(v) for v in pair) or pair[0] < 0 or (pair[0] == 0 and pair[1] < 0):
+            fail("offsets", expected, offsets)
+        pairs.append((int(pair[0]), int(pair[1])))
+    if not pairs or len(set(pairs)) != len(pairs):
+        fail("offsets", expected, offsets)
+    return tuple(pairs)

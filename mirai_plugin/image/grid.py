@@ -20,10 +20,12 @@ pairs whose neighbour is on the grid (no wrap).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from mirai_plugin.checks import Rule, check, is_int
 from mirai_plugin.errors import MiraiError
 
 ORDERS = ("grid", "raster")
@@ -82,8 +84,18 @@ def grid_pairs(
     >>> list(zip(t.tolist(), q.tolist()))
     [(0, 1), (1, 2), (3, 4), (4, 5)]
     """
-    if border not in BORDERS:
-        raise MiraiError(f"border must be one of {BORDERS}, got {border!r}")
+    check("border", border, Rule("choice", choices=BORDERS))
+    pair = "two ints such as (0, 1)"
+    if isinstance(offset, (str, bytes)) or not isinstance(offset, Sequence) or len(offset) != 2 or not all(
+        is_int(v) for v in offset
+    ):
+        raise MiraiError(f"offset must be (dy, dx), {pair}, got {offset!r}")
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) != 2 or not all(
+        is_int(v) and v >= 1 for v in grid
+    ):
+        raise MiraiError(f"grid must be (height, width), two ints >= 1, got {grid!r}")
+    for name, value in (("student_tokens", student_tokens), ("target_tokens", target_tokens)):
+        check(name, value, Rule("int", minimum=0))
     height, width = grid
     if student_tokens > height * width or target_tokens > height * width:
         raise MiraiError(

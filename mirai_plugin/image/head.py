@@ -15,17 +15,20 @@ The heads own their parameters and their AdamW; nothing is added to the model.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, HiddenRecord
-from mirai_plugin.distributed import average_gradients
+from mirai_plugin.checks import Rule, check, check_tensor
+from mirai_plugin.distributed import average_gradients, log_once
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.files import state_problems
 from mirai_plugin.image.config import ImageForesightConfig
 from mirai_plugin.image.grid import grid_pairs
+from mirai_plugin.image.sources import grid_shape
 from mirai_plugin.loss import foresight_loss
 
 
@@ -62,10 +65,17 @@ class TokenForesightHead(nn.Module):
         super().__init__()
         if not isinstance(config, ImageForesightConfig):
             raise MiraiError(f"config must be an ImageForesightConfig, got {type(config).__name__}")
-        if len(grid) != 2 or min(grid) < 1:
-            raise MiraiError(f"grid must be (height, width) of the token grid, got {grid!r}")
+        for name, value in (("student_dim", student_dim), ("target_dim", target_dim)):
+            check(name, value, Rule("int", minimum=1, what="a positive int (a feature width)"))
+        grid = grid_shape("grid", grid)
+        never = [offset for offset in config.offsets if not _can_pair(offset, grid, config.border)]
+        if never:
+            raise MiraiError(
+                f"offsets {never} have no target on the {grid[0]}x{grid[1]} token grid with border={config.border!r}: "
+                f"their heads would never get a pair; use fewer neighbours (K={config.neighbours}) or a larger grid"
+            )
         self.config = config
-        self.student_dim, self.target_dim, self.grid = student_dim, target_dim, tuple(grid)
+        self.student_dim, self.target_dim, self.grid = int(student_dim), int(target_dim), grid
         self.projectors = nn.ModuleList(
             projector(student_dim, config.projector_dim, target_dim) for _ in config.offsets
         )
@@ -108,9 +118,10 @@ class TokenForesightHead(nn.Module):
             zero = torch.zeros((), device=device)
             return (zero, {"head_losses": [], "offsets": []}) if return_breakdown else zero
         cfg = self.config
-        if target is None or target.dim() != 3 or target.shape[-1] != self.target_dim:
-            shape = None if target is None else tuple(target.shape)
-            raise MiraiError(f"target must be (batch, positions, {self.target_dim}), got {shape}")
+        check_tensor("captured hidden", hidden, layout="(batch, positions, width)")
+        check_tensor("target", target, layout=f"(batch, positions, {self.target_dim})")
+        if target.dim() != 3 or target.shape[-1] != self.target_dim:
+            raise MiraiError(f"target must be (batch, positions, {self.target_dim}), got {tuple(target.shape)}")
         if hidden.dim() != 3 or hidden.shape[-1] != self.student_dim:
             raise MiraiError(
                 f"captured hidden has shape {tuple(hidden.shape)}; expected (batch, positions, {self.student_dim}) "
@@ -122,26 +133,43 @@ class TokenForesightHead(nn.Module):
         target_prefix = prefix if cfg.source == "ema" else 0
         student_tokens = hidden.shape[1] - prefix
         target_tokens = target.shape[1] - target_prefix
-        if student_tokens < 1 or target_tokens < 1:
-            raise MiraiError(f"no token positions after {prefix} prefix tokens: hidden {tuple(hidden.shape)}")
+        self._check_positions(student_tokens, target_tokens, tuple(hidden.shape), tuple(target.shape))
 
         dtype = self.projectors[0][0].weight.dtype
-        losses = []
+        losses, paired = [], []
         for k, offset in enumerate(cfg.offsets):
             t, q = grid_pairs(
                 offset, self.grid, student_tokens=student_tokens, target_tokens=target_tokens, border=cfg.border
             )
+            paired.append(t.numel() > 0)
+            if not paired[-1]:  # no grid pair at these positions: the head sits this batch out
+                losses.append(hidden.new_zeros((), dtype=torch.float32))
+                continue
             rows, goals = t + prefix, q + target_prefix
             if cfg.align_prefix:  # the condition tokens align with the target's own
                 rows = torch.cat([torch.arange(prefix), rows])
                 goals = torch.cat([torch.arange(prefix), goals])
-            if rows.numel() == 0:
-                losses.append(hidden.new_zeros((), dtype=torch.float32))
-                continue
             pred = self.projectors[k](hidden[:, rows.to(hidden.device)].to(dtype))  # (b pairs z)
             losses.append(foresight_loss(pred, target[:, goals.to(target.device)], kind=cfg.loss))
         head_losses = torch.stack(losses)  # (K)
-        weights = torch.tensor(cfg.head_weights, device=head_losses.device)
+        unpaired = [offset for offset, ok in zip(cfg.offsets, paired) if not ok]
+        paired_weight = sum(w for w, ok in zip(cfg.head_weights, paired) if ok)
+        if paired_weight == 0:
+            raise MiraiError(
+                f"no head with a non-zero weight has a target pair ({student_tokens} student and {target_tokens} "
+                f"target positions on the {self.grid[0]}x{self.grid[1]} grid, unpaired offsets {unpaired}); "
+                f"capture the whole teacher-forced sequence"
+            )
+        if unpaired:
+            log_once(
+                f"image foresight: offsets {unpaired} have no target pair at {student_tokens} positions on the "
+                f"{self.grid[0]}x{self.grid[1]} grid; their heads are left out of the average"
+            )
+        # Heads without a pair are left out of the average: the others share their weight (K heads of
+        # weight 1/K: the mean over the heads that have pairs). The breakdown names them.
+        scale = sum(cfg.head_weights) / paired_weight
+        weights = torch.tensor([w * scale if ok else 0.0 for w, ok in zip(cfg.head_weights, paired)],
+                               device=head_losses.device)
         term = self.weight * (weights * head_losses).sum()
         if cfg.check_finite and not bool(torch.isfinite(term)):
             bad = [cfg.offsets[k] for k in range(len(losses)) if not bool(torch.isfinite(head_losses[k]))]
@@ -151,7 +179,28 @@ class TokenForesightHead(nn.Module):
             raise MiraiError(f"image foresight term is not finite at offsets {bad}: NaN/inf in the {where}")
         if not return_breakdown:
             return term
-        return term, {"head_losses": head_losses.detach(), "offsets": list(cfg.offsets)}
+        return term, {"head_losses": head_losses.detach(), "offsets": list(cfg.offsets), "unpaired_offsets": unpaired}
+
+    def _check_positions(self, student_tokens: int, target_tokens: int, hidden: tuple, target: tuple) -> None:
+        """The hidden states cover the image and the target lines up with them (nothing aligns partially)."""
+        cfg, tokens = self.config, self.grid[0] * self.grid[1]
+        if student_tokens not in (tokens - 1, tokens):
+            raise MiraiError(
+                f"captured hidden {hidden} has {student_tokens} token positions after {cfg.prefix_tokens} prefix "
+                f"token(s); a teacher-forced forward over the {self.grid[0]}x{self.grid[1]} grid has {tokens - 1} "
+                f"(or {tokens}): capture the whole sequence, and check grid and prefix_tokens"
+            )
+        if cfg.source == "encoder" and target_tokens != tokens:
+            raise MiraiError(
+                f"Mirai-I target {target} has {target_tokens} positions, the {self.grid[0]}x{self.grid[1]} token "
+                f"grid has {tokens}: the encoder's patches must cover the whole grid (FrozenImageEncoder resizes "
+                f"them to it), or only part of the image would be aligned"
+            )
+        if cfg.source == "ema" and target_tokens != student_tokens:
+            raise MiraiError(
+                f"Mirai-E target {target} and captured hidden {hidden} differ in positions: the EMA copy must run "
+                f"on the model's own inputs (same prefix and tokens)"
+            )
 
     # ------------------------------------------------------------ optimizer
 
@@ -194,8 +243,22 @@ class TokenForesightHead(nn.Module):
         }
 
     def load_training_state(self, state: dict[str, Any]) -> None:
-        if state.get("format") != "mirai_plugin.TokenForesightHead.training_state":
-            raise MiraiError("not an image head training state: pass what TokenForesightHead.training_state() returned")
+        """Resume from ``training_state()``; a state that does not fit changes nothing."""
+        if not isinstance(state, Mapping) or state.get("format") != "mirai_plugin.TokenForesightHead.training_state":
+            got = type(state).__name__ if not isinstance(state, Mapping) else f"a dict with keys {sorted(state)[:6]}"
+            raise MiraiError(
+                f"not an image head training state (got {got}): pass what TokenForesightHead.training_state() "
+                f"returned (from a file: torch.load(path, weights_only=True))"
+            )
+        head = state.get("head")
+        problems = state_problems(self.state_dict(), head) if isinstance(head, Mapping) else "no 'head' weights"
+        if problems:
+            saved = state.get("config")
+            raise MiraiError(
+                f"training state does not fit this image head: {problems}"
+                + (f"; it was saved with {saved}" if isinstance(saved, str) else "")
+            )
+        check("training state steps_taken", state.get("steps_taken"), Rule("int", minimum=0))
         self.load_state_dict(state["head"], strict=True)
         if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -213,6 +276,11 @@ class TokenForesightHead(nn.Module):
 def _hidden_of(captured: Any) -> Tensor:
     if isinstance(captured, Tensor):
         return captured
+    if not isinstance(captured, (CapturedHidden, Sequence)) or isinstance(captured, (str, bytes)):
+        raise MiraiError(
+            f"captured must be what capture_hidden yielded or the (batch, positions, width) hidden states, "
+            f"got {type(captured).__name__}"
+        )
     records = captured.records if isinstance(captured, CapturedHidden) else list(captured)
     if len(records) != 1:
         raise MiraiError(
@@ -224,3 +292,10 @@ def _hidden_of(captured: Any) -> Tensor:
     if isinstance(captured, CapturedHidden):
         captured.clear()
     return hidden
+
+
+def _can_pair(offset: tuple[int, int], grid: tuple[int, int], border: str) -> bool:
+    """Whether ``offset`` pairs some token with a later one on the grid (at the full grid)."""
+    tokens = grid[0] * grid[1]
+    t, _ = grid_pairs(offset, grid, student_tokens=tokens, target_tokens=tokens, border=border)
+    return t.numel() > 0

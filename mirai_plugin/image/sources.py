@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mirai_plugin.blocks import find_blocks
+from mirai_plugin.checks import Rule, check, check_tensor, fail, is_int
 from mirai_plugin.encoder import FrozenEncoder, _innermost
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.files import state_problems
 
 
 class EMASource:
@@ -59,14 +61,18 @@ class EMASource:
     """
 
     def __init__(self, model: nn.Module, layer: int, *, decay: float = 0.9999, blocks: str | None = None) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise MiraiError(f"decay must be in [0, 1), got {decay!r}")
+        decay = check("decay", decay, Rule("number", minimum=0, below=1, fix="the official recipe uses 0.9999"))
+        if not isinstance(model, nn.Module):
+            raise MiraiError(f"EMASource copies an nn.Module (the AR model), got {type(model).__name__}")
         inner = _innermost(model)
         if any(hasattr(m, "_fsdp_wrapped_module") or hasattr(m, "_get_fsdp_state") for m in (model, inner)):
             raise MiraiError("build EMASource from the unsharded model, before wrapping it with FSDP")
         block_list, location = find_blocks(inner, blocks)
-        if not 0 <= layer < len(block_list):
-            raise MiraiError(f"layer {layer} out of range: {location} has {len(block_list)} blocks")
+        if not is_int(layer) or not 0 <= layer < len(block_list):
+            raise MiraiError(
+                f"layer {layer!r} out of range: {location} has {len(block_list)} blocks (0..{len(block_list) - 1}); "
+                f"layers are 0-based block indices"
+            )
         ema = copy.deepcopy(inner)
         ema_blocks, _ = find_blocks(ema, blocks)
         del ema_blocks[layer + 1 :]  # never run: the forward stops after blocks[layer]
@@ -82,18 +88,31 @@ class EMASource:
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:
         """``ema = decay * ema + (1 - decay) * model`` for every parameter the copy keeps."""
-        decay = self.decay if decay is None else decay
+        decay = self.decay if decay is None else check("decay", decay, Rule("number", minimum=0, below=1))
+        if not isinstance(model, nn.Module):
+            raise MiraiError(f"update needs the model this source was built from (an nn.Module), got {type(model).__name__}")
         current = dict(_innermost(model).named_parameters())
-        for name, param in self.model.named_parameters():
+        pairs = []
+        for name, param in self.model.named_parameters():  # every pair checked before any is updated
             source = current.get(name)
-            if source is None:
-                raise MiraiError(f"the model has no parameter {name!r}: pass the model this source was built from")
+            if source is None or source.shape != param.shape:
+                problem = "no parameter" if source is None else f"a parameter of shape {tuple(source.shape)} for"
+                raise MiraiError(
+                    f"the model has {problem} {name!r} (the EMA copy's is {tuple(param.shape)}): pass the model "
+                    f"this source was built from"
+                )
+            pairs.append((param, source))
+        for param, source in pairs:
             param.mul_(decay).add_(source.detach().to(param.dtype), alpha=1 - decay)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load what ``state_dict`` returned; a state that does not fit changes nothing."""
+        problems = state_problems(self.model.state_dict(), state) if isinstance(state, Mapping) else "not a dict"
+        if problems:
+            raise MiraiError(f"EMA source state does not fit the EMA copy: {problems}; pass what state_dict() returned")
         self.model.load_state_dict(state, strict=True)
 
 
@@ -106,6 +125,12 @@ class FrozenImageEncoder:
     differs from the token grid, resized bilinearly to it; the result is
     ``(b H*W e)`` in raster order.
 
+    The layout is checked against the feature width: ``width``, or the model's
+    ``embed_dim`` / ``width`` / ``hidden_size`` (``config.hidden_size``) attribute.
+    Features laid out ``(b e p)`` then raise, naming the transpose. Without a known
+    width only features whose last size is the token grid's token count give that
+    layout away; pass ``width=`` to have every layout checked.
+
     Args:
         model: the encoder (e.g. DINOv2-B); not modified.
         grid: the AR model's token grid ``(H, W)`` (16x16 for 256 px and a 16x VQ).
@@ -113,6 +138,7 @@ class FrozenImageEncoder:
             register tokens; default ``model(images)``. For DINOv2:
             ``lambda m, x: m.forward_features(x)["x_norm_patchtokens"]``.
         encoder_grid: the encoder's patch grid when it is not square.
+        width: the feature width ``e``, to check the layout (default: read from the model).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -129,16 +155,21 @@ class FrozenImageEncoder:
         grid: tuple[int, int],
         features: Callable[[nn.Module, Tensor], Tensor] | None = None,
         encoder_grid: tuple[int, int] | None = None,
+        width: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise MiraiError(f"FrozenImageEncoder wraps an nn.Module, got {type(model).__name__}")
+        if features is not None and not callable(features):
+            raise MiraiError(f"features must be a callable features(model, images), got {type(features).__name__}")
         self.model = model
-        self.grid = tuple(grid)
-        self.encoder_grid = tuple(encoder_grid) if encoder_grid is not None else None
+        self.grid = grid_shape("grid", grid)
+        self.encoder_grid = grid_shape("encoder_grid", encoder_grid) if encoder_grid is not None else None
+        self.width = check("width", width, Rule("int", minimum=1, none=True)) or _model_width(model)
         self._features = features or (lambda m, x: m(x))
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
+        check_tensor("images", images, layout="(batch, channels, height, width)")
         was_training = self.model.training
         self.model.eval()
         try:
@@ -149,6 +180,7 @@ class FrozenImageEncoder:
             shape = tuple(patches.shape) if isinstance(patches, Tensor) else type(patches).__name__
             raise MiraiError(f"the encoder features must be (batch, patches, width), got {shape}; pass features=")
         b, p, e = patches.shape
+        self._check_layout(p, e)
         gh, gw = self.encoder_grid or (math.isqrt(p), math.isqrt(p))
         if gh * gw != p:
             raise MiraiError(
@@ -160,3 +192,44 @@ class FrozenImageEncoder:
         square = patches.transpose(1, 2).reshape(b, e, gh, gw).float()
         resized = F.interpolate(square, size=self.grid, mode="bilinear", align_corners=False)
         return resized.flatten(2).transpose(1, 2).to(patches.dtype)  # (b H*W e)
+
+    def _check_layout(self, p: int, e: int) -> None:
+        transposed = f"the encoder features look laid out (batch, width, patches): got {p} x {e}"
+        if self.width is not None:
+            if e == self.width:
+                return
+            if p == self.width:
+                raise MiraiError(
+                    f"{transposed} and the width is {self.width}; return (batch, patches, width) from features=, "
+                    f"e.g. lambda m, x: m(x).transpose(1, 2)"
+                )
+            raise MiraiError(
+                f"the encoder features have width {e}, expected {self.width} (the width given or the model's); "
+                f"check features= and width="
+            )
+        tokens = self.grid[0] * self.grid[1]
+        if e == tokens and p != tokens:  # without a known width, the one shape that gives the transpose away
+            raise MiraiError(
+                f"{transposed} (the last size is the {self.grid[0]}x{self.grid[1]} grid's {tokens} tokens); return "
+                f"(batch, patches, width) from features=, or pass width= (the feature width) when the layout is right"
+            )
+
+
+def _model_width(model: nn.Module) -> int | None:
+    """The feature width a model declares (``embed_dim``, ``width``, ``hidden_size``), if any."""
+    for owner in (model, getattr(model, "config", None)):
+        for name in ("embed_dim", "width", "hidden_size"):
+            value = getattr(owner, name, None)
+            if is_int(value) and value >= 1:
+                return int(value)
+    return None
+
+
+def grid_shape(name: str, grid: Any) -> tuple[int, int]:
+    """``(height, width)`` of a grid: two ints >= 1."""
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Iterable):
+        fail(name, "(height, width): two ints >= 1", grid)
+    values = tuple(grid)
+    if len(values) != 2 or not all(is_int(v) and v >= 1 for v in values):
+        fail(name, "(height, width): two ints >= 1", grid)
+    return int(values[0]), int(values[1])

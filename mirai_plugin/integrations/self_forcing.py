@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,11 +37,14 @@ import torch
 from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, capture_hidden
+from mirai_plugin.checks import Rule, check
 from mirai_plugin.config import ForesightConfig, key_reader
-from mirai_plugin.distributed import broadcast_module, shard_head
+from mirai_plugin.distributed import broadcast_module, log_once, shard_head
 from mirai_plugin.encoder import FrozenEncoder
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.files import load_checkpoint
 from mirai_plugin.head import ForesightHead
+from mirai_plugin.keys import GLUE_RULES, glue_value
 
 CHECKPOINT_KEY = "foresight"
 
@@ -77,15 +81,17 @@ class _UpstreamForesight:
             return
         student = _core(model.generator)
         self.config = config = config.replace(num_heads=config.num_heads or getattr(student, "num_heads", None))
+        sharding = glue_value(args, "foresight_head_sharding", "replicate")
+        init = glue_value(args, "foresight_head_init")
+        checkpoint = load_checkpoint(init, what="foresight_head_init") if init else None  # before any change
+        log_once(f"mirai_plugin: foresight term on, {config}", logging.INFO)
         self.head = ForesightHead(config, student.dim, self._encoder_dim()).to(device=_device(model))
-        sharding = str(_get(args, "foresight_head_sharding", "replicate"))
         if sharding == "replicate":
             broadcast_module(self.head)  # ranks seed differently; the head starts identical everywhere
         else:
             shard_head(self.head, sharding, **_head_wrap_kwargs(sharding, args, self.head))
-        init = _get(args, "foresight_head_init", None)
-        if init:
-            self.load_checkpoint_state(torch.load(init, map_location="cpu", weights_only=True), strict=True)
+        if checkpoint is not None:
+            self.load_checkpoint_state(checkpoint, strict=True)
 
     # ------------------------------------------------------------ properties
 
@@ -188,7 +194,7 @@ class DMDForesight(_UpstreamForesight):
     """
 
     def __init__(self, dmd: nn.Module, args: Any) -> None:
-        super().__init__(dmd, args, ForesightConfig.from_upstream(args))
+        super().__init__(dmd, args, upstream_config(args, "dmd"))
 
     def _encoder(self) -> nn.Module:
         # Looked up on every call: the trainer replaces `real_score` by its FSDP wrapper.
@@ -220,12 +226,10 @@ class ODEForesight(_UpstreamForesight):
     """
 
     def __init__(self, model: nn.Module, args: Any) -> None:
-        config = ForesightConfig.from_upstream(args)
+        config = upstream_config(args, "ode")
         self._frozen: nn.Module | None = None
         if config.enabled:
-            fusion = _get(args, "foresight_fusion", "frame_mean")
-            config = config.replace(fusion=fusion, replay=False)
-            self._frozen = _build_frozen_wan(_get(args, "foresight_encoder_name", "Wan2.1-T2V-1.3B"), model)
+            self._frozen = _build_frozen_wan(glue_value(args, "foresight_encoder_name", ODE_ENCODER), model)
         super().__init__(model, args, config)
 
     @staticmethod
@@ -247,6 +251,33 @@ class ODEForesight(_UpstreamForesight):
 
 
 # ----------------------------------------------------------------- helpers
+
+STAGES = ("dmd", "ode")
+ODE_ENCODER = "Wan2.1-T2V-1.3B"
+
+
+def upstream_config(args: Any, stage: str) -> ForesightConfig:
+    """The ``ForesightConfig`` the glue of ``stage`` (``"dmd"``: Stage 3, ``"ode"``: Stage 2) trains
+    with, after checking the glue keys too: what ``mirai-plugin config check`` prints.
+
+    Stage 2 defaults to ``fusion="frame_mean"`` (when neither ``foresight_fusion`` nor
+    ``foresight_delta_mean_pool`` is set) and has no replay (every step is a generator step).
+    """
+    check("stage", stage, Rule("choice", choices=STAGES))
+    config = ForesightConfig.from_upstream(args)
+    for key in GLUE_RULES:
+        glue_value(args, key)
+    if stage == "dmd":
+        if glue_value(args, "foresight_encoder_name") is not None:
+            raise MiraiError(
+                "foresight_encoder_name applies to Stage 2 (ODE regression); Stage 3 (DMD) takes its targets from "
+                "the real score the trainer already holds (real_name): remove the key"
+            )
+        return config
+    if _get(args, "foresight_fusion", None) is None and _get(args, "foresight_delta_mean_pool", None) is None:
+        config = config.replace(fusion="frame_mean")  # the paper's best Stage-2 target
+    return config.replace(replay=False)
+
 
 
 def _core(wrapper: nn.Module) -> nn.Module:
@@ -284,7 +315,7 @@ def _head_wrap_kwargs(sharding: str, args: Any, head: nn.Module) -> dict[str, An
     if sharding == "ddp":
         return {"device_ids": [device.index]} if device.type == "cuda" else {}
     if sharding != "fsdp":
-        raise MiraiError(f"foresight_head_sharding must be replicate, ddp or fsdp, got {sharding!r}")
+        raise MiraiError(f"foresight_head_sharding must be one of ('replicate', 'ddp', 'fsdp'), got {sharding!r}")
     from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
 
@@ -294,10 +325,8 @@ def _head_wrap_kwargs(sharding: str, args: Any, head: nn.Module) -> dict[str, An
         "hybrid_zero2": ShardingStrategy._HYBRID_SHARD_ZERO2,
         "no_shard": ShardingStrategy.NO_SHARD,
     }
-    name = str(_get(args, "sharding_strategy", "full"))
-    if name not in strategies:
-        raise MiraiError(f"sharding_strategy {name!r} is not one of {sorted(strategies)}")
-    mixed = bool(_get(args, "mixed_precision", False))
+    name = check("sharding_strategy", _get(args, "sharding_strategy", "full"), Rule("choice", choices=tuple(strategies)))
+    mixed = check("mixed_precision", _get(args, "mixed_precision", False), Rule("bool"), coerce=True)
     return dict(
         sharding_strategy=strategies[name],
         mixed_precision=MixedPrecision(torch.bfloat16, torch.float32, torch.float32) if mixed else None,
