@@ -271,7 +271,8 @@ class ForesightConfig:
             "foresight_replay_device": self.replay_device if self.replay_device is not None else "none",
             "foresight_replay_seed": self.replay_seed,
             "foresight_check_finite": self.check_finite,
-            "foresight_activation_budget_mib": "none" if self.activation_budget_mib is None else self.activation_budget_mib,
+            "foresight_activation_budget_mib": (
+                "none" if self.activation_budget_mib is None else self.activation_budget_mib),
             "foresight_compute_dtype": self.compute_dtype,
             "foresight_weight_start": self.weight_start,
             "foresight_weight_ramp": self.weight_ramp,

@@ -37,8 +37,8 @@ from mirai_plugin.checks import Rule, check, check_device_available, check_tenso
 from mirai_plugin.config import ForesightConfig, check_field_names
 from mirai_plugin.distributed import average_gradients, gather_ints, gather_messages, world
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.fused import fused_mean_cosine
 from mirai_plugin.files import load_checkpoint, read_safetensors, state_problems
+from mirai_plugin.fused import fused_mean_cosine
 from mirai_plugin.loss import foresight_loss
 from mirai_plugin.predictor import MLP, DiTPredictor, MultiMLP
 from mirai_plugin.segmented import GroupedLosses, GroupPlan, groups_of, plan_groups
