@@ -1,6 +1,6 @@
 """The ``mirai-plugin`` command.
 
-    mirai-plugin demo [--quick] [--steps N] [--seeds N] [--segment-frames N] [--offsets 0 1] [--layer L] [--out DIR]
+    mirai-plugin demo [--quick] [--steps N] [--seeds N] [--offsets 0 1] [--layer L] [--workers N] [--out DIR]
     mirai-plugin demo --image [--quick] [--steps N] [--seeds N] [--layer L] [--out DIR]
     mirai-plugin probe FEATURES.safetensors [--horizons 1 2 3] [--test-videos N] [--peak P] [--json]
     mirai-plugin score RESULTS.json [...] [--json]
@@ -50,16 +50,17 @@ def _demo_command(args: argparse.Namespace) -> int:
         return _image_demo_command(args)
     from mirai_plugin.demo.run import make_config, run_demo
 
+    if args.workers is not None and args.workers < 1:
+        raise MiraiError(f"--workers must be >= 1, got {args.workers}")
     cfg = make_config(
-        quick=args.quick,
+        quick_run=args.quick,
         steps=args.steps,
-        seeds=tuple(range(args.seeds)) if args.seeds else None,
-        segment_frames=args.segment_frames,
+        seeds=args.seeds,
         offsets=tuple(args.offsets) if args.offsets else None,
         layer=args.layer,
     )
-    run_demo(cfg, Path(args.out or "mirai-demo"))
-    return 0
+    results = run_demo(cfg, Path(args.out or "mirai-demo"), workers=args.workers)
+    return 0 if results["status"] == "complete" else 3
 
 
 def _image_demo_command(args: argparse.Namespace) -> int:
@@ -67,7 +68,7 @@ def _image_demo_command(args: argparse.Namespace) -> int:
 
     from mirai_plugin.demo.image import make_image_config, run_image_demo
 
-    video_only = [flag for flag, value in (("--segment-frames", args.segment_frames), ("--offsets", args.offsets))
+    video_only = [flag for flag, value in (("--offsets", args.offsets), ("--workers", args.workers))
                   if value is not None]
     if video_only:
         raise MiraiError(f"{' and '.join(video_only)} apply to the video demo only; drop them with --image")
@@ -250,12 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the method on a toy video world (or --image: a token AR image model), on a CPU")
     demo.add_argument("--image", action="store_true",
                       help="Mirai on a tiny raster-order token AR image model: baseline, Mirai-E, Mirai-I")
-    demo.add_argument("--quick", action="store_true", help="a reduced run (about a minute)")
-    demo.add_argument("--steps", type=int, help="student training steps")
-    demo.add_argument("--seeds", type=int, help="number of seeds (default 3)")
-    demo.add_argument("--segment-frames", type=int, help="frames per segment (3 chunk-wise, 1 frame-wise)")
+    demo.add_argument("--quick", action="store_true", help="every stage at a tiny size (about a minute; the CI smoke test)")
+    demo.add_argument("--steps", type=int, help="student training steps (video: DMD generator steps)")
+    demo.add_argument("--seeds", type=int, help="number of seeds (default: the pre-registered 3)")
     demo.add_argument("--offsets", type=int, nargs="+", help="foresight offsets (default 0 1)")
-    demo.add_argument("--layer", type=int, help="student block whose output is aligned (default 1 of 4)")
+    demo.add_argument("--layer", type=int, help="student block whose output is aligned (video default: 2 of 4)")
+    demo.add_argument("--workers", type=int, help="video: (seed, arm) tasks run side by side (default: one per CPU)")
     demo.add_argument("--out", help="output folder (results.json, figure.png); default mirai-demo or mirai-demo-image")
     demo.set_defaults(run=_demo_command)
 
