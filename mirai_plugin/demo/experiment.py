@@ -317,7 +317,7 @@ def run_task(cfg: DemoConfig, start: Start, seed: int, arm: str) -> dict:
     """One arm of one seed: fine-tune (unless ``arm == "start"``, the starting student), then evaluate.
     One thread per task, so a run's numbers do not depend on how many tasks run side by side."""
     torch.set_num_threads(1)
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     teacher, fake, student = cfg.models.teacher(), cfg.models.base(), cfg.models.student()
     teacher.load_state_dict(start.teacher)
     fake.load_state_dict(start.fake)
@@ -326,4 +326,5 @@ def run_task(cfg: DemoConfig, start: Start, seed: int, arm: str) -> dict:
     log = None if arm == "start" else train_arm(cfg, teacher, fake, student, seed, arm)
     result = {"seed": seed, "arm": arm, "train": log, **evaluate_student(cfg, student.eval(), seed)}
     result["seconds"] = time.perf_counter() - began
+    result["cpu_seconds"] = time.process_time() - cpu  # what the task costs on a core of its own
     return result

@@ -68,7 +68,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, workers: int | None = None, progress
 
 def _run(cfg: DemoConfig, out: Path, workers: int | None, progress: Progress) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
 
     stage = time.perf_counter()
@@ -115,15 +115,20 @@ def _run(cfg: DemoConfig, out: Path, workers: int | None, progress: Progress) ->
     ratios = {arm: summary["per_seed"][arm]["gradient_ratio"] for arm in ("foresight", "control") if arm in cfg.arms}
     print("step-0 |grad of the weighted term| / |grad of DMD| on the student: "
           + "; ".join(f"{arm} {' '.join(f'{v:.3f}' for v in values)}" for arm, values in ratios.items()))
+    # On a machine of its own the run takes about its own CPU time plus the tasks' CPU time over the workers.
+    serial_cpu = time.process_time() - cpu_began
+    task_cpu = sum(r["cpu_seconds"] for r in outputs)
     results.update(status="complete", per_run=outputs, summary=summary, verdict=verdict(summary), timings=timings,
-                   workers=workers, wall_seconds=time.perf_counter() - began)
+                   workers=workers, wall_seconds=time.perf_counter() - began,
+                   cpu_seconds={"main_process": serial_cpu, "tasks": task_cpu})
     (out / "results.json").write_text(json.dumps(results, indent=2))
     figure(summary, gate, out / "figure.png", train_segments=cfg.train_segments)
     print("\n" + table(summary))
     print("\nverdict:\n" + results["verdict"])
     if cfg.deviations:
         print("deviations from the pre-registration: " + "; ".join(cfg.deviations))
-    print(f"wrote {out / 'results.json'} and {out / 'figure.png'} in {results['wall_seconds']:.0f}s")
+    print(f"wrote {out / 'results.json'} and {out / 'figure.png'} in {results['wall_seconds']:.0f}s "
+          f"(CPU: {serial_cpu:.0f}s in this process, {task_cpu:.0f}s in {len(outputs)} tasks on {workers} workers)")
     return results
 
 
