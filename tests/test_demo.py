@@ -1,7 +1,10 @@
 """The video demo: its world, DMD, the arms, the metrics, the shipped models, and the --quick run end to end."""
 
+import hashlib
 import json
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,16 +15,19 @@ from mirai_plugin.demo import pretrained
 from mirai_plugin.demo.dmd import critic_loss, dmd_loss
 from mirai_plugin.demo.evaluation import (
     consistency,
+    encoder_gate,
     hidden_pairs,
     reappearance_colour_error,
     reappearance_frames,
 )
-from mirai_plugin.demo.experiment import load_config, quick, train_arm
+from mirai_plugin.demo.experiment import PREREGISTRATION, load_config, quick, train_arm
 from mirai_plugin.demo.models import Student, Teacher
 from mirai_plugin.demo.report import paired_bootstrap
 from mirai_plugin.demo.run import make_config, run_demo
 from mirai_plugin.demo.world import OccludedWorld
 from mirai_plugin.probe import probe
+
+ROOT = Path(__file__).parent.parent
 
 
 def test_world_hides_the_object_then_brings_it_back_with_its_identity():
@@ -189,7 +195,7 @@ def test_paired_bootstrap_pairs_videos():
     assert ci["low"] < ci["difference"] < ci["high"] and ci["high"] - ci["low"] > 0.05
 
 
-def test_preregistered_settings_are_the_recipe():
+def test_preregistration_is_the_recipe_and_is_recorded():
     cfg = load_config()
     fcfg = cfg.foresight_config()
     assert (fcfg.weight, fcfg.offsets, fcfg.fusion, fcfg.predictor, fcfg.predictor_depth, fcfg.loss) == (
@@ -197,6 +203,9 @@ def test_preregistered_settings_are_the_recipe():
     assert fcfg.student_layer == cfg.models.student_depth // 2 and fcfg.encoder_layer == cfg.models.teacher_depth // 2
     assert fcfg.replay and fcfg.lr == cfg.dmd.generator_lr and cfg.dmd.critic_per_generator == 5
     assert set(cfg.arms) == {"baseline", "foresight", "control"} and len(cfg.seeds) >= 3
+    # the settings file is the one the pre-registration records (any change is a new, reported run)
+    recorded = re.search(r"sha256\s+`([0-9a-f]{64})`", (ROOT / "docs" / "demo-preregistration.md").read_text())
+    assert recorded and recorded.group(1) == hashlib.sha256(PREREGISTRATION.read_bytes()).hexdigest()
 
 
 def test_demo_options_are_validated():
@@ -219,6 +228,33 @@ def test_models_come_from_the_cache_under_their_key(tmp_path, monkeypatch):
     assert first.source.startswith("trained now") and again.source.startswith("local cache")
     assert all(torch.equal(a, b) for a, b in zip(first.student.state_dict().values(), again.student.state_dict().values()))
     assert pretrained.models_key(replace(settings, teacher_steps=3)) != pretrained.models_key(settings)
+
+
+def test_shipped_models_are_the_training_scripts_output_for_this_code():
+    cfg = load_config()
+    assert pretrained.stored_key(pretrained.SHIPPED) == pretrained.models_key(cfg.models), (
+        "the shipped models were trained by other code or settings: run tools/train_demo_models.py")
+    assert sum(p.stat().st_size for p in pretrained.SHIPPED.glob("*.safetensors")) < 4 * 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="blocked: the pre-registered teacher misses the gate (+1.66 dB of the 2 dB "
+                   "needed, docs/demo.md); strict, so a teacher that passes turns this into a failure to update")
+def test_shipped_teacher_passes_the_encoder_gate():
+    cfg = load_config()
+    models = pretrained.load_models(pretrained.SHIPPED, cfg.models, "shipped")
+    g = cfg.gate
+    scene = cfg.world.render(g.videos, cfg.models.train_frames, seed=80_000_000 + g.seed)
+    fcfg = cfg.foresight_config()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo runs it
+    try:
+        gate = encoder_gate(models.teacher, scene, layer=fcfg.encoder_layer, offsets=fcfg.offsets,
+                            segment_frames=cfg.segment_frames, test_videos=g.test_videos, hidden=g.probe_hidden,
+                            steps=g.probe_steps, lr=g.probe_lr, batch=g.probe_batch, seed=g.seed)
+    finally:
+        torch.set_num_threads(threads)
+    assert gate["hidden"]["margin"] >= g.margin_db, gate
 
 
 def test_a_failed_gate_stops_a_full_run_before_any_student(tmp_path, monkeypatch, capsys):
