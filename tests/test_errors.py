@@ -347,7 +347,7 @@ def test_probe_of_a_missing_or_foreign_file_is_one_error_line(tmp_path, capsys, 
 
 @pytest.mark.parametrize("flags, message", [(["--seeds", "0"], "--seeds must be an int >= 1, got 0"),
                                             (["--steps", "-1"], "--steps must be an int >= 1, got -1"),
-                                            (["--segment-frames", "0"], "--segment-frames must be an int >= 1, got 0"),
+                                            (["--workers", "0"], "--workers must be an int >= 1, got 0"),
                                             (["--layer", "-2"], "--layer must be an int >= 0"),
                                             (["--offsets", "1", "1"], "--offsets has duplicates"),
                                             (["--image", "--seeds", "0"], "--seeds must be an int >= 1")])

@@ -1,335 +1,330 @@
-"""The demo experiment: a teacher, two students (baseline and + foresight), and their evaluation.
+"""The demo experiment: settings, the DMD fine-tuning of each arm, and the evaluation of a student.
 
-Legend: b batch, f frames, n = segment_frames, K segments, s tokens per frame, d width.
+Legend: b batch, f frames, n = segment_frames, K segments, c h w pixels.
 
-The student is a causal few-step generator trained Self-Forcing style: it rolls
-out segment by segment from the first (given) segment, feeding its own outputs
-back through its KV cache, with one grad-enabled denoising call per segment (a
-random exit step), and regresses each generated segment on the world's true
-continuation (the world is deterministic given the first segment). The
-foresight run adds exactly the three lines of the README's integration.
+Arms, all fine-tuned from the same teacher-forced student with the same data, noise and
+exit steps per seed:
+
+- ``baseline``: Self-Forcing DMD (``dmd.py``), 5 critic steps per generator step;
+- ``foresight``: the same plus exactly the README's lines (``capture_hidden``, the head on
+  ``FrozenEncoder(teacher)`` of the rollout, ``head.step()``) and ``head.replay()`` on the
+  critic steps that are not generator steps;
+- ``control`` (positive control): as ``foresight``, but the encoder sees the ground-truth
+  video instead of the rollout, so the target carries the true future.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mirai_plugin import ForesightConfig, ForesightHead, FrozenEncoder, capture_hidden
-from mirai_plugin.demo.models import Student, Teacher, patchify
-from mirai_plugin.demo.progress import Progress
-from mirai_plugin.demo.world import World
-from mirai_plugin.probe import probe
+from mirai_plugin.demo.dmd import critic_loss, dmd_loss, rollout
+from mirai_plugin.demo.evaluation import (
+    consistency,
+    psnr_per_video,
+    reappearance_colour_error,
+    reappearance_frames,
+    student_probe,
+)
+from mirai_plugin.demo.models import Student, Teacher
+from mirai_plugin.demo.pretrained import ModelSettings
+from mirai_plugin.demo.world import OccludedWorld
 
-DENOISING_STEPS = (1.0, 0.5)  # two-step sampler, as the few-step students of Self-Forcing
+PREREGISTRATION = Path(__file__).with_name("preregistration.json")
+ARMS = ("baseline", "foresight", "control")
 
 
-@dataclass
+@dataclass(frozen=True)
+class GateSettings:
+    videos: int  # held-out true clips (training length)
+    test_videos: int  # of which the readouts are tested on
+    probe_hidden: int  # readout MLP width (the same for features and pixels, and for the students' probe)
+    probe_steps: int
+    probe_lr: float
+    probe_batch: int  # token rows per readout step
+    margin_db: float  # features must beat pixels by this much on hidden -> reappearance
+    seed: int
+
+
+@dataclass(frozen=True)
+class DMDSettings:
+    generator_steps: int
+    critic_per_generator: int  # Self-Forcing's dfake_gen_update_ratio
+    batch: int
+    generator_lr: float
+    critic_lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    max_grad_norm: float
+    score_t_range: tuple[float, float]  # noise levels at which the scores are evaluated and trained
+    denoising_steps: tuple[float, ...]  # the student's sampler
+    fake_warmup_steps: int  # critic steps on the starting student's samples before any generator step
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    rollout_frames: int
+    eval_videos: int  # per seed
+    frames_per_event: int
+    probe_videos: int
+    probe_test_videos: int
+    bootstrap_replicates: int
+    bootstrap_level: float
+    bootstrap_seed: int
+
+
+@dataclass(frozen=True)
 class DemoConfig:
-    steps: int = 250
-    pretrain_steps: int = 1000
-    teacher_steps: int = 400
-    seeds: tuple[int, ...] = (0, 1, 2)
-    segment_frames: int = 3
-    train_frames: int = 12
-    rollout_frames: int = 48
-    offsets: tuple[int, ...] = (0, 1)
-    layer: int = 1
-    encoder_layer: int | None = None  # default: the same relative depth as `layer`
-    depth: int = 4
-    dim: int = 64
-    heads: int = 4
-    batch: int = 16
-    lr: float = 1e-3
-    pretrain_lr: float = 2e-3
-    weight: float = 0.2
-    probe_videos: int = 192
-    eval_videos: int = 64
-    probe_steps: int = 300
-    size: int = 16
-    timing_repeats: int = 5
+    models: ModelSettings
+    gate: GateSettings
+    dmd: DMDSettings
+    foresight: dict
+    arms: tuple[str, ...]
+    seeds: tuple[int, ...]
+    evaluation: EvalSettings
+    primary_metric: str
+    deviations: tuple[str, ...] = field(default=())  # how this run differs from the pre-registration
+
+    @property
+    def world(self) -> OccludedWorld:
+        return self.models.world
+
+    @property
+    def segment_frames(self) -> int:
+        return self.world.segment_frames
 
     @property
     def train_segments(self) -> int:
-        return self.train_frames // self.segment_frames
+        return self.models.train_frames // self.segment_frames
 
-    @property
-    def window(self) -> int:
-        return self.train_segments - 1  # at most the context seen in training
+    def foresight_config(self) -> ForesightConfig:
+        return ForesightConfig(**self.foresight, segment_frames=self.segment_frames, num_heads=self.models.heads)
 
-    @property
-    def teacher_layer(self) -> int:
-        return self.encoder_layer if self.encoder_layer is not None else self.layer
-
-    def foresight(self) -> ForesightConfig:
-        # Recipe settings throughout; the head's learning rate follows the student's (the
-        # official trainer falls back to the generator's lr when lr_foresight is unset).
-        return ForesightConfig(
-            weight=self.weight, student_layer=self.layer, encoder_layer=self.teacher_layer, offsets=self.offsets,
-            segment_frames=self.segment_frames, num_heads=self.heads, lr=self.lr, replay=False,
-        )
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-QUICK = dict(steps=50, pretrain_steps=120, teacher_steps=100, seeds=(0, 1), probe_videos=96, eval_videos=24, probe_steps=150,
-             rollout_frames=24, timing_repeats=2)
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-# ------------------------------------------------------------------ teacher
+def _settings(cls, data: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys in the pre-registration: {sorted(unknown)}")
+    return cls(**{k: _tuples(v) for k, v in data.items()})
 
 
-def train_teacher(cfg: DemoConfig, world: World, progress: Progress) -> Teacher:
-    torch.manual_seed(10_000)
-    teacher = Teacher(cfg.dim, cfg.depth, cfg.heads, cfg.size, max_frames=cfg.train_frames)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr)
-    g = torch.Generator().manual_seed(10_001)
-    for step in progress.range(cfg.teacher_steps, "teacher (bidirectional)"):
-        video, _ = world.render(cfg.batch, cfg.train_frames, seed=1_000_000 + step)
-        t = torch.rand(cfg.batch, generator=g)
-        noisy = (1 - t[:, None, None, None, None]) * video + t[:, None, None, None, None] * torch.randn(
-            video.shape, generator=g
-        )
-        loss = F.mse_loss(teacher(noisy, t), video)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return teacher.eval().requires_grad_(False)
+def load_config(path: Path = PREREGISTRATION) -> DemoConfig:
+    """The pre-registered settings."""
+    data = json.loads(Path(path).read_text())
+    world = _settings(OccludedWorld, data["world"])
+    return DemoConfig(
+        models=replace(_settings(ModelSettings, data["models"]), world=world),
+        gate=_settings(GateSettings, data["gate"]),
+        dmd=_settings(DMDSettings, data["dmd"]),
+        foresight={k: _tuples(v) for k, v in data["foresight"].items()},
+        arms=tuple(data["arms"]),
+        seeds=tuple(data["seeds"]),
+        evaluation=_settings(EvalSettings, data["evaluation"]),
+        primary_metric=data["primary_metric"],
+    )
 
 
-# ----------------------------------------------------------------- students
+def quick(cfg: DemoConfig) -> DemoConfig:
+    """Every stage at a tiny size (the CI smoke test); the models are trained for a few steps, so the
+    gate is not expected to pass."""
+    return replace(
+        cfg,
+        models=replace(cfg.models, teacher_steps=40, base_steps=40, student_steps=40, batch=8),
+        gate=replace(cfg.gate, videos=96, test_videos=32, probe_steps=60, probe_batch=512),
+        dmd=replace(cfg.dmd, generator_steps=3, fake_warmup_steps=5),
+        seeds=cfg.seeds[:2],
+        evaluation=replace(cfg.evaluation, rollout_frames=24, eval_videos=16, probe_videos=48, probe_test_videos=16,
+                           bootstrap_replicates=1000),
+        deviations=(*cfg.deviations, "--quick: every stage at a tiny size"),
+    )
 
 
-def encode_context(student: Student, segments: list[Tensor], before: Tensor, first_position: int) -> list[list]:
-    """A KV cache holding ``segments`` at slots 0.. (context passes at t = 0, no gradients)."""
-    cache, zero = student.new_cache(), torch.zeros(before.shape[0])
+# ------------------------------------------------------------------ training
+
+
+def warm_up_fake(cfg: DemoConfig, base: Teacher, student: Student) -> dict[str, Tensor]:
+    """The fake score's starting state: the base trained ``fake_warmup_steps`` critic steps on the starting
+    student's samples (shared by every arm and seed, like the student it starts from)."""
+    fake = _copy(base, cfg.models.base()).train().requires_grad_(True)
+    d = cfg.dmd
+    optimizer = torch.optim.AdamW(fake.parameters(), lr=d.critic_lr, betas=d.betas, weight_decay=d.weight_decay)
+    g = torch.Generator().manual_seed(40_000)
+    for step in range(d.fake_warmup_steps):
+        first = cfg.world.render(d.batch, cfg.segment_frames, seed=4_000_000 + step).video
+        _critic_step(cfg, fake, optimizer, student, first, g)
+    return _state(fake)
+
+
+def _critic_step(cfg: DemoConfig, fake: Teacher, optimizer: torch.optim.Optimizer, student: Student, first: Tensor,
+                 g: torch.Generator) -> float:
+    d = cfg.dmd
+    exit_index = int(torch.randint(len(d.denoising_steps), (1,), generator=g))
     with torch.no_grad():
-        for j, segment in enumerate(segments):
-            student(segment, zero, cache, j, previous=before, position=first_position + j, write=True)
-            before = segment[:, -1]
-    return cache
+        sample = rollout(student, first, cfg.train_segments - 1, exit_index=exit_index, g=g, levels=d.denoising_steps)
+    loss = critic_loss(fake, sample, given_frames=cfg.segment_frames, t_range=d.score_t_range, g=g)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(fake.parameters(), d.max_grad_norm)
+    optimizer.step()
+    return loss.item()
 
 
-def rollout(student: Student, first: Tensor, segments: int, *, exit_index: int, g: torch.Generator) -> Tensor:
-    """Generate ``segments`` segments after ``first`` (given): ``(b f c h w)`` with ``first`` included.
-
-    Per segment: few-step denoising from noise, the call at ``exit_index`` with gradients
-    (the others without), then a context pass on the output that fills the KV cache. Past
-    the training horizon the cache is re-encoded over the last ``window`` segments, so the
-    positions are always those seen in training.
-    """
-    b, window = first.shape[0], student.window
-    out = [first]
-    cache = encode_context(student, [first], torch.zeros_like(first[:, 0]), 0)
-    for k in range(1, segments + 1):
-        if k > window:
-            cache = encode_context(student, out[-window:], out[-window - 1][:, -1], k - window)
-        slot, previous = min(k, window), out[-1][:, -1]
-        x = torch.randn(first.shape, generator=g)
-        for i, level in enumerate(DENOISING_STEPS):
-            t = torch.full((b,), level)
-            if i == exit_index:
-                x0 = student(x, t, cache, slot, previous=previous, position=k)  # the call that keeps gradients
-                break
-            with torch.no_grad():
-                x0 = student(x, t, cache, slot, previous=previous, position=k)
-                nxt = DENOISING_STEPS[i + 1]
-                x = (1 - nxt) * x0 + nxt * torch.randn(x0.shape, generator=g)
-        out.append(x0)
-        if k < window:
-            with torch.no_grad():  # context pass on the output
-                student(x0.detach(), torch.zeros(b), cache, slot, previous=previous, position=k, write=True)
-    return torch.cat(out, dim=1)
+def gradient_ratio(student: Student, dmd: Tensor, term: Tensor) -> dict[str, float]:
+    """|grad of the weighted foresight term| / |grad of the DMD loss| on the student's parameters, and
+    the two gradients' cosine (logged at the first generator step, never used to change a setting)."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not term.requires_grad:  # the term is off (weight 0): nothing reaches the student
+        return {"ratio": 0.0, "cosine": 0.0, "dmd_norm": float("nan"), "term_norm": 0.0}
+    flat = []
+    for loss in (dmd, term):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]))
+    norm_dmd, norm_term = flat[0].norm().item(), flat[1].norm().item()
+    return {"ratio": norm_term / max(norm_dmd, 1e-30), "cosine": torch.nn.functional.cosine_similarity(
+        flat[0], flat[1], dim=0).item(), "dmd_norm": norm_dmd, "term_norm": norm_term}
 
 
-def pretrain_student(cfg: DemoConfig, world: World, progress: Progress) -> dict[str, Tensor]:
-    """Teacher-forced denoising pretraining (gradients through the clean context): the one
-    starting point of every run, as a Stage-2 checkpoint is for Stage-3 DMD in the paper."""
-    torch.manual_seed(20_000)
-    student = Student(cfg.dim, cfg.depth, cfg.heads, cfg.size, cfg.segment_frames, cfg.window)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.pretrain_lr)
-    g = torch.Generator().manual_seed(20_001)
-    n, segments = cfg.segment_frames, cfg.train_segments
-    for step in progress.range(cfg.pretrain_steps, "student pretraining (teacher forcing)"):
-        video, _ = world.render(cfg.batch, cfg.train_frames, seed=2_000_000 + step)
-        t = torch.rand(cfg.batch, segments, generator=g)
-        level = t.repeat_interleave(n, dim=1)[:, :, None, None, None]
-        noisy = (1 - level) * video + level * torch.randn(video.shape, generator=g)
-        loss = F.mse_loss(student.teacher_forcing(video, noisy, t)[:, n:], video[:, n:])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return {k: v.clone() for k, v in student.state_dict().items()}
+def train_arm(cfg: DemoConfig, teacher: Teacher, fake: Teacher, student: Student, seed: int, arm: str) -> dict:
+    """DMD fine-tuning of ``student`` (in place) for one arm; returns the training log."""
+    d, n = cfg.dmd, cfg.segment_frames
+    student.train().requires_grad_(True)
+    fake.train().requires_grad_(True)
+    generator_optimizer = torch.optim.AdamW(student.parameters(), lr=d.generator_lr, betas=d.betas,
+                                            weight_decay=d.weight_decay)
+    critic_optimizer = torch.optim.AdamW(fake.parameters(), lr=d.critic_lr, betas=d.betas, weight_decay=d.weight_decay)
+    foresight = arm != "baseline"
+    if foresight:
+        torch.manual_seed(seed)  # the head's initialisation
+        fcfg = cfg.foresight_config()
+        head = ForesightHead(fcfg, student_dim=student.dim, encoder_dim=teacher.dim)
+        encoder = FrozenEncoder(teacher, fcfg.encoder_layer)
+    g = torch.Generator().manual_seed(1_000 + seed)  # data, noise and exit steps: the same in every arm
+    log: dict = {"dmd_loss": [], "foresight_term": [], "critic_loss": [], "cycle_seconds": [], "gradient": None}
+    critic_losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(d.generator_steps * d.critic_per_generator):
+        generator_step = step % d.critic_per_generator == 0
+        if generator_step:
+            if step:
+                log["cycle_seconds"].append(time.perf_counter() - start)
+                log["critic_loss"].append(sum(critic_losses) / len(critic_losses))
+                start, critic_losses = time.perf_counter(), []
+            video = cfg.world.render(d.batch, cfg.models.train_frames, seed=seed * 1_000_000 + step).video  # (b f c h w)
+            exit_index = int(torch.randint(len(d.denoising_steps), (1,), generator=g))
+            with capture_hidden(student, fcfg.student_layer) if foresight else contextlib.nullcontext() as captured:  # 1
+                generated = rollout(student, video[:, :n], cfg.train_segments - 1, exit_index=exit_index, g=g,
+                                    levels=d.denoising_steps)
+            loss = dmd_loss(generated, teacher, fake, given_frames=n, t_range=d.score_t_range, g=g)
+            total = loss
+            if foresight:
+                seen = video if arm == "control" else generated  # the positive control's encoder sees the truth
+                term = head(captured, encoder(seen.detach(), torch.zeros(d.batch)))  # 2
+                if step == 0:
+                    log["gradient"] = gradient_ratio(student, loss, term)
+                total = loss + term
+                log["foresight_term"].append(term.item())
+            generator_optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), d.max_grad_norm)
+            generator_optimizer.step()
+            if foresight:
+                head.step()  # 3
+            log["dmd_loss"].append(loss.item())
+        first = cfg.world.render(d.batch, n, seed=seed * 1_000_000 + 500_000 + step).video
+        critic_losses.append(_critic_step(cfg, fake, critic_optimizer, student, first, g))
+        if foresight and not generator_step:
+            head.replay()  # the predictor alone, on the last generator step's pairs (projector_every_step)
+    log["cycle_seconds"].append(time.perf_counter() - start)
+    log["critic_loss"].append(sum(critic_losses) / len(critic_losses))
+    student.eval().requires_grad_(False)
+    return log
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate_student(cfg: DemoConfig, student: Student, seed: int) -> dict:
+    """Every metric of one student; per-video values are paired across arms by position."""
+    e, n = cfg.evaluation, cfg.segment_frames
+    scene = cfg.world.render(e.eval_videos, e.rollout_frames, seed=60_000_000 + seed)
+    g = torch.Generator().manual_seed(90_000 + seed)  # the same sampling noise for every arm of a seed
+    levels = cfg.dmd.denoising_steps
+    with torch.no_grad():
+        generated = rollout(student, scene.video[:, :n], e.rollout_frames // n - 1, exit_index=len(levels) - 1, g=g,
+                            levels=levels)  # (v f c h w)
+    frames = reappearance_frames(scene, n, e.frames_per_event)
+    identity = 100 * reappearance_colour_error(generated, scene, frames)  # (v)
+    beyond = cfg.models.train_frames
+    shown = scene.visible[:, beyond:] >= 0.5
+    scores = consistency(generated[:, beyond:], scene.background, shown)
+    truth = consistency(scene.video[:, beyond:], scene.background, shown)
+    probe_scene = cfg.world.render(e.probe_videos, cfg.models.train_frames, seed=70_000_000)
+    g_ = cfg.gate
+    probe_psnr = student_probe(student, probe_scene, layer=cfg.foresight_config().student_layer,
+                               test_videos=e.probe_test_videos, hidden=g_.probe_hidden, steps=g_.probe_steps,
+                               lr=g_.probe_lr, batch=g_.probe_batch, seed=g_.seed)
+    segments = e.rollout_frames // n
+    return {
+        "identity_error": identity.tolist(),
+        "psnr_beyond_horizon": psnr_per_video(generated[:, beyond:], scene.video[:, beyond:]).tolist(),
+        "psnr_per_segment": [psnr_per_video(generated[:, k * n : (k + 1) * n], scene.video[:, k * n : (k + 1) * n])
+                             .mean().item() for k in range(1, segments)],
+        "subject_consistency": scores["subject"].tolist(),
+        "background_consistency": scores["background"].tolist(),
+        "subject_consistency_truth": truth["subject"].mean().item(),
+        "background_consistency_truth": truth["background"].mean().item(),
+        "probe_psnr": probe_psnr,
+    }
+
+
+# ---------------------------------------------------------------- one task
+
+
+def _state(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _copy(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.Module:
+    target.load_state_dict(source.state_dict())
+    return target
 
 
 @dataclass
-class TrainedStudent:
-    student: Student
-    step_seconds: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    foresight_losses: list[float] = field(default_factory=list)
+class Start:
+    """The shared starting point every task rebuilds its models from (picklable for worker processes)."""
+
+    teacher: dict[str, Tensor]
+    fake: dict[str, Tensor]
+    student: dict[str, Tensor]
 
 
-def train_student(cfg: DemoConfig, world: World, teacher: Teacher, seed: int, init: dict[str, Tensor], *,
-                  foresight: bool, progress: Progress) -> TrainedStudent:
-    student = Student(cfg.dim, cfg.depth, cfg.heads, cfg.size, cfg.segment_frames, cfg.window)
-    student.load_state_dict(init)  # the same pretrained start for both runs of a seed
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
-    if foresight:
-        fcfg = cfg.foresight()
-        head = ForesightHead(fcfg, student_dim=cfg.dim, encoder_dim=cfg.dim)
-        encoder = FrozenEncoder(teacher, fcfg.encoder_layer)
-    g = torch.Generator().manual_seed(seed + 7)  # same noise, exit steps and data for both runs
-    n, trained = cfg.segment_frames, TrainedStudent(student)
-    label = f"student seed {seed} " + ("+ foresight" if foresight else "baseline")
-    for step in progress.range(cfg.steps, label):
-        start = time.perf_counter()
-        video, _ = world.render(cfg.batch, cfg.train_frames, seed=seed * 1_000_000 + step)
-        exit_index = int(torch.randint(len(DENOISING_STEPS), (1,), generator=g))
-        if foresight:
-            with capture_hidden(student, fcfg.student_layer) as captured:  # mirai: 1/3
-                generated = rollout(student, video[:, :n], cfg.train_segments - 1, exit_index=exit_index, g=g)
-        else:
-            generated = rollout(student, video[:, :n], cfg.train_segments - 1, exit_index=exit_index, g=g)
-        loss = F.mse_loss(generated[:, n:], video[:, n:])
-        total = loss
-        if foresight:
-            term = head(captured, encoder(generated.detach(), torch.zeros(cfg.batch)))  # mirai: 2/3
-            total = loss + term
-            trained.foresight_losses.append(term.item())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        if foresight:
-            head.step()  # mirai: 3/3
-        trained.step_seconds.append(time.perf_counter() - start)
-        trained.losses.append(loss.item())
-    student.eval().requires_grad_(False)
-    return trained
-
-
-# --------------------------------------------------------------- evaluation
-
-
-def probe_features(student: Student, videos: Tensor, layers: list[int]) -> dict[int, Tensor]:
-    """Teacher-forced features of every segment: ``{layer: (v K n*s d)}``.
-
-    Segment k is denoised at t = 0.5 with the true earlier segments in the cache (the
-    probe reads what the generator holds while producing segment k).
-    """
-    n, window = student.segment_frames, student.window
-    segments = videos.shape[1] // n
-    g = torch.Generator().manual_seed(123)
-    half = torch.full((videos.shape[0],), 0.5)
-    truth = [videos[:, k * n : (k + 1) * n] for k in range(segments)]
-    blank = torch.zeros_like(videos[:, 0])
-    features: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-    with torch.no_grad():
-        for k in range(segments):
-            first = max(0, k - window)
-            before = truth[first - 1][:, -1] if first > 0 else blank
-            cache = encode_context(student, truth[first:k], before, first)
-            noisy = 0.5 * truth[k] + 0.5 * torch.randn(truth[k].shape, generator=g)
-            previous = truth[k - 1][:, -1] if k > 0 else blank
-            with contextlib.ExitStack() as stack:
-                records = [stack.enter_context(capture_hidden(student, layer, grad_only=False)) for layer in layers]
-                student(noisy, half, cache, k - first, previous=previous, position=k)
-            for layer, captured in zip(layers, records):
-                features[layer].append(captured[0].hidden)
-    return {layer: torch.stack(parts, dim=1) for layer, parts in features.items()}
-
-
-def consistency(video: Tensor, background: Tensor) -> dict[str, Tensor]:
-    """Per-video subject and background consistency of every frame prefix: ``(v f)`` each.
-
-    VBench's formula, ``mean_t (cos(phi_t, phi_0) + cos(phi_t, phi_{t-1})) / 2``, with
-    ``phi`` a 64-bin colour histogram of the subject pixels (those that differ from
-    the video's true background) for subject consistency, and the 4x4-pooled frame,
-    centred, for background consistency. See docs/demo.md.
-    """
-    v, f = video.shape[:2]
-    foreground = ((video - background[:, None]).abs().amax(dim=2) > 0.1).float()  # (v f h w)
-    bins = (video.clamp(0, 0.999) * 4).long()  # 4 levels per channel
-    index = bins[:, :, 0] * 16 + bins[:, :, 1] * 4 + bins[:, :, 2]  # (v f h w)
-    subject = torch.zeros(v, f, 64).scatter_add_(2, index.flatten(2), foreground.flatten(2))
-    scene = F.avg_pool2d(video.flatten(0, 1), 4).view(v, f, -1) - 0.5
-    scores = {}
-    for name, phi in (("subject", subject), ("background", scene)):
-        phi = F.normalize(phi, dim=-1)
-        to_first = (phi[:, 1:] * phi[:, :1]).sum(-1)
-        to_previous = (phi[:, 1:] * phi[:, :-1]).sum(-1)
-        per_frame = (to_first + to_previous) / 2  # (v f-1)
-        scores[name] = per_frame.cumsum(dim=1) / torch.arange(1, f, dtype=per_frame.dtype)  # prefix means
-    return scores
-
-
-def psnr(a: Tensor, b: Tensor) -> float:
-    return 10 * math.log10(1.0 / max(F.mse_loss(a, b).item(), 1e-12))
-
-
-def evaluate(cfg: DemoConfig, world: World, trained: TrainedStudent, seed: int, probe_layers: list[int]) -> dict:
-    student = trained.student
-    n = cfg.segment_frames
-    horizons = (1, 2, 3)
-    probe_segments = cfg.train_segments + max(horizons)
-    videos, _ = world.render(cfg.probe_videos, probe_segments * n, seed=50_000_000 + seed)
-    targets = patchify(videos).view(cfg.probe_videos, probe_segments, -1, 48)  # (v K n*s p)
-    features = probe_features(student, videos, probe_layers)
-    probe_result = {
-        layer: probe(feats, targets, horizons=horizons, steps=cfg.probe_steps, seed=seed)
-        for layer, feats in features.items()
-    }
-
-    first_frames = cfg.rollout_frames
-    eval_video, background = world.render(cfg.eval_videos, first_frames, seed=60_000_000 + seed)
-    segments = first_frames // n - 1
-    g = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        generated = rollout(student, eval_video[:, :n], segments, exit_index=len(DENOISING_STEPS) - 1, g=g)
-    scores = consistency(generated, background)
-    truth = consistency(eval_video, background)
-    lengths = list(range(cfg.train_segments, segments + 2, cfg.train_segments))  # in segments
-    per_segment_psnr = [psnr(generated[:, k * n : (k + 1) * n], eval_video[:, k * n : (k + 1) * n])
-                        for k in range(1, segments + 1)]
-    return {
-        "probe": {str(layer): {str(h): r for h, r in res.items()} for layer, res in probe_result.items()},
-        "consistency": {
-            name: {str(m * n): scores[name][:, m * n - 2].mean().item() for m in lengths} for name in scores
-        },
-        "consistency_ground_truth": {
-            name: {str(m * n): truth[name][:, m * n - 2].mean().item() for m in lengths} for name in truth
-        },
-        "rollout_psnr": per_segment_psnr,
-        "train_step_seconds": _median(trained.step_seconds[min(5, len(trained.step_seconds) - 1):]),
-        "inference_segment_seconds": inference_seconds(cfg, student, eval_video[:, :n]),
-        "final_loss": sum(trained.losses[-20:]) / len(trained.losses[-20:]),
-        "final_foresight_loss": (sum(trained.foresight_losses[-20:]) / len(trained.foresight_losses[-20:])
-                                 if trained.foresight_losses else None),
-    }
-
-
-def inference_seconds(cfg: DemoConfig, student: Student, first: Tensor) -> float:
-    segments = cfg.rollout_frames // cfg.segment_frames - 1
-    times = []
-    for repeat in range(cfg.timing_repeats):
-        g = torch.Generator().manual_seed(repeat)
-        start = time.perf_counter()
-        with torch.no_grad():
-            rollout(student, first, segments, exit_index=len(DENOISING_STEPS) - 1, g=g)
-        times.append((time.perf_counter() - start) / segments)
-    return _median(times)
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
-def config_dict(cfg: DemoConfig) -> dict:
-    d = asdict(cfg)
-    d["encoder_layer"] = cfg.teacher_layer
-    return d
+def run_task(cfg: DemoConfig, start: Start, seed: int, arm: str) -> dict:
+    """One arm of one seed: fine-tune (unless ``arm == "start"``, the starting student), then evaluate.
+    One thread per task, so a run's numbers do not depend on how many tasks run side by side."""
+    torch.set_num_threads(1)
+    began, cpu = time.perf_counter(), time.process_time()
+    teacher, fake, student = cfg.models.teacher(), cfg.models.base(), cfg.models.student()
+    teacher.load_state_dict(start.teacher)
+    fake.load_state_dict(start.fake)
+    student.load_state_dict(start.student)
+    teacher.eval().requires_grad_(False)
+    log = None if arm == "start" else train_arm(cfg, teacher, fake, student, seed, arm)
+    result = {"seed": seed, "arm": arm, "train": log, **evaluate_student(cfg, student.eval(), seed)}
+    result["seconds"] = time.perf_counter() - began
+    result["cpu_seconds"] = time.process_time() - cpu  # what the task costs on a core of its own
+    return result

@@ -1,5 +1,6 @@
-"""Tiny video denoisers for the demo: a bidirectional teacher (the frozen foresight encoder)
-and a causal student that rolls out segment by segment with a KV cache.
+"""Tiny video denoisers for the demo: bidirectional ones (the teacher: the DMD real score and
+the frozen foresight encoder; at the student's width: the fake score) and a causal student
+that rolls out segment by segment with a KV cache.
 
 Legend: b batch, f frames, s tokens per frame, n tokens of a call, d width,
 p = 3*patch*patch pixels of a token.
@@ -108,13 +109,22 @@ class _Backbone(nn.Module):
 
 
 class Teacher(_Backbone):
-    """Bidirectional denoiser over a whole clip (full attention)."""
+    """Bidirectional denoiser over a whole clip (full attention).
+
+    ``t`` is one noise level per video ``(b)`` or per frame ``(b f)``: the DMD scores see
+    the given first segment clean (``t = 0`` on its frames) and the generated ones noisy,
+    as an image-conditioned video model sees its conditioning frame.
+    """
 
     def forward(self, video: Tensor, t: Tensor) -> Tensor:
-        x, cond = self.embed_tokens(video, t, 0)
+        b, frames = video.shape[:2]
+        per_frame = t if t.dim() == 2 else t[:, None].expand(b, frames)  # (b f)
+        x, _ = self.embed_tokens(video, per_frame[:, 0], 0)
+        cond = self.time(_time_features(per_frame.flatten(), self.dim)).view(b, frames, 1, self.dim)
+        cond = cond.expand(-1, -1, self.tokens_per_frame, -1).reshape(b, -1, self.dim)  # (b f*s d)
         for block in self.blocks:
             x = block(x, cond)
-        return self.predict(x, video.shape[1])
+        return self.predict(x, frames)
 
 
 class Student(_Backbone):
