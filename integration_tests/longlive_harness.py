@@ -534,6 +534,7 @@ def run_training(checkout, *, config, steps, out, overrides=None, flat=None, see
         foresight = getattr(trainer.model, "foresight", None)
         if foresight is not None and getattr(foresight, "head", None) is not None:
             initial["head"] = {k: v.detach().clone() for k, v in foresight.head.state_dict().items()}
+            initial["head_steps"] = foresight.head.steps_taken
         _instrument(trainer, recorder, steps, grad_probe)
         timings["build_s"] = time.perf_counter() - started
         random.seed(seed + rank)
@@ -609,13 +610,24 @@ def run_inference(checkout, checkpoint, *, config, out, overrides=None, noise_se
     return latents
 
 
+def write_encoder_checkpoint(checkout, path, *, weights_seed=0) -> None:
+    """The tiny bidirectional Wan (role "encoder") as LongLive's wrapper state dict, ``{"generator": ...}``:
+    what ``foresight_encoder_ckpt`` points at in the tiny runs."""
+    ll = import_longlive(checkout)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patched(ll.wan_5b_modules_model.WanModel, "from_pretrained",
+                                     _tiny_from_pretrained(weights_seed + 1, False)))
+        encoder = ll.utils_wan_5b_wrapper.WanDiffusionWrapper(is_causal=False)
+    torch.save({"generator": encoder.state_dict()}, path)
+
+
 def load_result(out) -> dict:
     return torch.load(Path(out) / "result.pt", map_location="cpu", weights_only=False)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("train", "inference"), default="train")
+    parser.add_argument("--mode", choices=("train", "inference", "encoder-ckpt"), default="train")
     parser.add_argument("--checkout", required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--overrides", default="{}")
@@ -631,6 +643,9 @@ def main(argv=None) -> None:
     parser.add_argument("--noise-seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.mode == "encoder-ckpt":
+        write_encoder_checkpoint(args.checkout, args.out, weights_seed=args.weights_seed)
+        return
     if args.mode == "train":
         result = run_training(args.checkout, config=args.config, steps=args.steps, out=args.out,
                               overrides=json.loads(args.overrides), flat=json.loads(args.flat), seed=args.seed,

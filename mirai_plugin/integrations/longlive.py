@@ -154,6 +154,8 @@ class LongLiveForesight(_UpstreamForesight):
             term = self.head(shifted, target, tokens_per_frame=s) * (len(members) / n)
             total = term if total is None else total + term
         log_dict["foresight_loss"] = total.detach()
+        log_dict["foresight_segments"] = n  # supervised segments of this rollout's window
+        log_dict["foresight_shots"] = len(shots)
         self._logged["foresight_loss"] = total.detach()
         return loss + total
 
