@@ -389,6 +389,16 @@ def _apply_patches(stack, ll, recorder, weights_seed: int, tokens_per_frame: int
     stack.enter_context(patched(torch.utils.data, "DataLoader", in_process_loader))
 
 
+@contextlib.contextmanager
+def patched_item(mapping, key, value):
+    old = mapping[key]
+    mapping[key] = value
+    try:
+        yield
+    finally:
+        mapping[key] = old
+
+
 def _ensure_process_group(*args, **kwargs) -> None:
     if dist.is_initialized():
         return
@@ -583,7 +593,11 @@ def run_inference(checkout, checkpoint, *, config, out, overrides=None, noise_se
         import importlib
 
         inference = importlib.import_module("pipeline.causal_diffusion_inference")
-        cfg.sampling_steps = cfg.get("sampling_steps", 4)
+        # The inference pipeline sizes its caches from `wan_default_config` (24 heads of 128, 30 blocks).
+        sizes = ll.utils_config.wan_default_config[cfg.model_kwargs.model_name]
+        for key, value in (("num_heads", MODELS["num_heads"]), ("head_dim", MODELS["dim"] // MODELS["num_heads"]),
+                           ("num_transformer_blocks", MODELS["num_layers"])):
+            stack.enter_context(patched_item(sizes, key, value))
         pipe = inference.CausalDiffusionInferencePipeline(args=cfg, device=torch.device("cpu"))
         if "generator_lora" in state:
             import peft
