@@ -276,12 +276,12 @@ def _memory_command(args: argparse.Namespace) -> int:
 
     from mirai_plugin import ForesightConfig
     from mirai_plugin.checks import Rule, check
-    from mirai_plugin.flops import CycleShape, cycle_from_upstream
+    from mirai_plugin.flops import CycleShape, cycle_from_upstream, flatten_longlive
     from mirai_plugin.memory import memory_for_cycle
 
     mixed_precision = True
     if args.config:
-        upstream = _load_config(args.config)
+        upstream = flatten_longlive(_load_config(args.config))  # LongLive: its sections' keys at the top
         cycle, foresight = cycle_from_upstream(upstream)
         if not foresight.enabled:
             foresight = foresight.replace(weight=ForesightConfig().weight)  # estimate the recipe's term anyway

@@ -156,6 +156,7 @@ class LongLiveForesight(_UpstreamForesight):
         log_dict["foresight_loss"] = total.detach()
         log_dict["foresight_segments"] = n  # supervised segments of this rollout's window
         log_dict["foresight_shots"] = len(shots)
+        log_dict["foresight_rollout_frames"] = rollout
         self._logged["foresight_loss"] = total.detach()
         return loss + total
 
