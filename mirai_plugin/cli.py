@@ -328,7 +328,9 @@ def _config_command(args: argparse.Namespace) -> int:
     from mirai_plugin.integrations.self_forcing import ODE_ENCODER, upstream_config
     from mirai_plugin.keys import GLUE_KEYS, glue_value
 
-    config = _load_config(args.config)
+    from mirai_plugin.flops import flatten_longlive
+
+    config = flatten_longlive(_load_config(args.config))  # LongLive: its sections' keys at the top
     stage = args.stage or ("ode" if "foresight_encoder_name" in config else "dmd")
     base = Path(args.config).with_name("default_config.yaml")
     merged_over = None
