@@ -65,15 +65,16 @@ def longlive_config(args: Any) -> ForesightConfig:
     what ``mirai-plugin config check`` prints for a LongLive config.
 
     LongLive's ``normalize_config`` flattens only its own sections, so foresight keys must be
-    top-level; one inside a section is refused here (it would be silently ignored).
+    top-level (or in one of those sections); one in any other mapping is refused here (it would be
+    silently ignored).
     """
+    _refuse_nested_keys(args)
     config = ForesightConfig.from_upstream(args)
     for key in GLUE_RULES:
         glue_value(args, key)
     if glue_value(args, "foresight_encoder_name") is not None:
         raise MiraiError("foresight_encoder_name is for Stage 2 (ODE); LongLive takes foresight_encoder "
                          f"({' or '.join(ENCODERS)}) and foresight_encoder_ckpt: replace the key")
-    _refuse_nested_keys(args)
     return config
 
 
@@ -219,20 +220,25 @@ class LongLiveForesight(_UpstreamForesight):
 # ----------------------------------------------------------------- helpers
 
 
+# The sections LongLive's `normalize_config` flattens to the top level (utils/config.py SECTION_KEYS).
+FLATTENED = ("infra", "algorithm", "training", "data", "evaluation", "inference", "logging", "checkpoints")
+
+
 def _refuse_nested_keys(args: Any) -> None:
-    sections = ("infra", "algorithm", "training", "data", "evaluation", "inference", "logging", "checkpoints",
-                "model_kwargs", "adapter")
-    for section in sections:
-        try:
-            values = args[section] if section in args else None
-        except TypeError:
-            values = getattr(args, section, None)
-        if not hasattr(values, "keys"):
+    """Foresight keys in a mapping LongLive does not flatten (``model_kwargs``, ``adapter``, a section of
+    one's own such as ``foresight:``) would never reach the trainer's flat config: refuse them."""
+    try:
+        items = list(args.items())
+    except AttributeError:
+        items = list(vars(args).items())
+    for section, values in items:
+        if section in FLATTENED or not hasattr(values, "keys"):
             continue
         nested = [key for key in values.keys() if isinstance(key, str) and "foresight" in key]
-        if nested:
-            raise MiraiError(f"foresight key(s) {nested} inside the {section!r} section: LongLive's normalize_config "
-                             f"flattens only its own keys, so they would be ignored; move them to the top level")
+        if nested or section == "foresight":
+            raise MiraiError(f"foresight key(s) {nested or [section]} inside the {section!r} mapping: LongLive's "
+                             f"normalize_config flattens only {', '.join(FLATTENED)}, so they would be ignored; "
+                             f"move them to the top level")
 
 
 def _dmd_masks_first_block(args: Any, rollout: int) -> bool:
