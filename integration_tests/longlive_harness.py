@@ -534,7 +534,10 @@ def run_training(checkout, *, config, steps, out, overrides=None, flat=None, see
     shape = list(cfg.image_or_video_shape)
     tokens_per_frame = shape[3] * shape[4] // 4
     recorder = Recorder()
-    SyntheticPrompts.scene_cut_at = scene_cut_at
+    if isinstance(scene_cut_at, str):
+        per_rank = [int(v) for v in scene_cut_at.split(",")]
+        scene_cut_at = per_rank[rank % len(per_rank)]
+    SyntheticPrompts.scene_cut_at = None if scene_cut_at is None or scene_cut_at < 0 else scene_cut_at
     timings["import_s"] = time.perf_counter() - started
     with contextlib.ExitStack() as stack:
         _apply_patches(stack, ll, recorder, weights_seed, tokens_per_frame, shape[1])
@@ -651,7 +654,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--weights-seed", type=int, default=0)
     parser.add_argument("--grad-probe", action="store_true")
-    parser.add_argument("--scene-cut-at", type=int)
+    parser.add_argument("--scene-cut-at", help="block of the scene cut in every sample; per rank: '2,-1' "
+                                                "(rank 0 cuts at block 2, rank 1 has no cut)")
     parser.add_argument("--no-auto-resume", action="store_true")
     parser.add_argument("--checkpoint")
     parser.add_argument("--noise-seed", type=int, default=0)

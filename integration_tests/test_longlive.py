@@ -257,13 +257,17 @@ def test_longlive_resume(patched_repo, tmp_path, kind):
     assert math.isfinite(foresight) and resumed["head_steps"] == 2
 
 
-def test_longlive_two_ranks(patched_repo, tmp_path):
-    """torchrun, 2 ranks (gloo, FULL_SHARD), LoRA, the head sharded with FSDP as the config ships it."""
-    result = train(patched_repo, tmp_path / "two", steps=2, overrides=CAUSAL, nproc=2)
+def test_longlive_two_ranks(patched_repo, encoder_ckpt, tmp_path):
+    """torchrun, 2 ranks (gloo, FULL_SHARD), LoRA, the head and the bidirectional encoder sharded with FSDP as
+    the config ships them, and a scene cut on rank 0 only: the ranks make the same collective calls (the run
+    would hang otherwise) and train."""
+    overrides = {**LAYERS, "foresight_encoder_ckpt": encoder_ckpt}
+    result = train(patched_repo, tmp_path / "two", steps=2, overrides=overrides, nproc=2, scene_cut_at="2,-1")
     assert result["extra"]["world_size"] == 2
     (foresight,) = logged(result, "foresight_loss")
     (replay,) = logged(result, "replay_foresight_loss")
     assert math.isfinite(foresight) and math.isfinite(replay)
+    assert generator_record(result)["foresight_shots"] == 2  # rank 0's record
     assert saved(tmp_path / "two")["foresight"]["steps_taken"] == 1
 
 

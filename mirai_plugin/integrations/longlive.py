@@ -145,15 +145,23 @@ class LongLiveForesight(_UpstreamForesight):
         if not supervised:
             return loss
         shots = self._shots(supervised, count, start + prefix, block, conditional_dict)
-        total = None
+        targets = self._encode_shots(video.detach(), conditional_dict, shots, prefix, count)  # (b t e) per shot
         n = sum(len(members) for members, _ in shots)
-        for members, (first, last) in shots:  # segments [first, last) of one shot; members supervised
-            frames = (prefix + first * block, prefix + last * block)
-            target = self._encode(video.detach(), conditional_dict, frames, first, count)  # (b t e), stop-gradient
-            shifted = [HiddenRecord(segments[k].hidden, (k - first) * block * s, i, segments[k].version)
+        if self.scene_cut == "keep" or conditional_dict.get("scene_cut_mask") is None:
+            ((members, (first, _)),), (target,) = shots, targets
+            records = [HiddenRecord(segments[k].hidden, (k - first) * block * s, i, segments[k].version)
                        for i, k in enumerate(members)]
-            term = self.head(shifted, target, tokens_per_frame=s) * (len(members) / n)
-            total = term if total is None else total + term
+            total = self.head(records, target, tokens_per_frame=s)
+        else:
+            # Multi-shot: one head call per supervised segment, its target window cut at the shot's end. The
+            # number of calls is then the same on every rank whatever the cuts (an FSDP / DDP head needs that).
+            reach = max(self.config.offsets) + 1
+            total = 0.0
+            for (members, (first, last)), target in zip(shots, targets):
+                for k in members:
+                    lo, hi = (k - first) * block * s, min(k - first + reach, last - first) * block * s
+                    record = HiddenRecord(segments[k].hidden, 0, 0, segments[k].version)
+                    total = total + self.head([record], target[:, lo:hi], tokens_per_frame=s) / n
         log_dict["foresight_loss"] = total.detach()
         log_dict["foresight_segments"] = n  # supervised segments of this rollout's window
         log_dict["foresight_shots"] = len(shots)
@@ -197,17 +205,26 @@ class LongLiveForesight(_UpstreamForesight):
                 shots.append((members, (members[0], last)))
         return shots
 
-    def _encode(self, video: Tensor, conditional_dict: dict, frames: tuple[int, int], first: int,
-                count: int) -> Tensor:
-        """The encoder's block output on window frames ``frames`` (b t e)."""
+    def _encode_shots(self, video: Tensor, conditional_dict: dict, shots: list, prefix: int,
+                      count: int) -> list[Tensor]:
+        """The encoder's block output (b t e) on each shot's window frames, under ``no_grad``."""
+        block = self.config.segment_frames
+        spans = [(prefix + first * block, prefix + last * block) for _, (first, last) in shots]
         encoder = FrozenEncoder(self._encoder(), self.config.encoder_layer)
         if self.encoder_choice == "causal_real_score":
-            # Always the whole window: the causal model caches its block mask for the input length.
+            # One call on the whole window: the causal model caches its block mask for the input length.
             hidden = encoder(video, conditional_dict)  # (b f*s e)
             s = hidden.shape[1] // video.shape[1]
-            return hidden[:, frames[0] * s : frames[1] * s]
-        prompt = _segment_prompt(conditional_dict["prompt_embeds"], video.shape[0], first, count)
-        return encoder(video[:, frames[0] : frames[1]], {"prompt_embeds": prompt})  # (b t e)
+            return [hidden[:, a * s : b * s] for a, b in spans]
+        # Bidirectional: each shot on its own, with its own prompt (a WanModel takes one prompt per video).
+        out = [encoder(video[:, a:b], {"prompt_embeds": _segment_prompt(conditional_dict["prompt_embeds"],
+                                                                        video.shape[0], first, count)})
+               for (a, b), (_, (first, _)) in zip(spans, shots)]
+        # An FSDP-wrapped encoder gathers its weights in every call: every rank makes as many calls.
+        for _ in range(_most_on_any_rank(len(spans), video.device) - len(spans)):
+            encoder(video[:, spans[0][0] : spans[0][1]], {"prompt_embeds": _segment_prompt(
+                conditional_dict["prompt_embeds"], video.shape[0], shots[0][1][0], count)})  # result unused
+        return out
 
     def _encoder(self) -> nn.Module:
         # Looked up on every call: the trainer replaces `real_score` by its FSDP wrapper.
@@ -239,6 +256,19 @@ def _refuse_nested_keys(args: Any) -> None:
             raise MiraiError(f"foresight key(s) {nested or [section]} inside the {section!r} mapping: LongLive's "
                              f"normalize_config flattens only {', '.join(FLATTENED)}, so they would be ignored; "
                              f"move them to the top level")
+
+
+def _most_on_any_rank(value: int, device: torch.device) -> int:
+    """The largest ``value`` over the ranks (``value`` itself without a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    most = torch.tensor([value], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
 
 
 def _dmd_masks_first_block(args: Any, rollout: int) -> bool:
