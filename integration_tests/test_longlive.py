@@ -237,6 +237,18 @@ def test_longlive_scene_cut(patched_repo, tmp_path):
     assert math.isfinite(m["foresight_loss"]) and m["foresight_loss"] != k["foresight_loss"]
 
 
+def test_longlive_gradient_accumulation(patched_repo, tmp_path):
+    """`gradient_accumulation_steps: 2` as LongLive does it (each micro-step's loss / 2, one optimizer step):
+    a term per micro-step, one head step per update, the logged value their mean, replay over both."""
+    result = train(patched_repo, tmp_path / "acc", steps=2, overrides={**CAUSAL, "training": {
+        "gradient_accumulation_steps": 2}})
+    records = [r for r in result["losses"] if r["train_generator"]]
+    assert len(records) == 2 and all(math.isfinite(r["foresight_loss"]) for r in records)
+    (logged_term,) = logged(result, "foresight_loss")
+    assert logged_term == pytest.approx(sum(r["foresight_loss"] for r in records) / 2, rel=1e-6)
+    assert result["head_steps"] == 1 and math.isfinite(logged(result, "replay_foresight_loss")[0])
+
+
 # ------------------------------------------------------------------ resume, ranks
 
 

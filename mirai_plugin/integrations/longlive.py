@@ -94,6 +94,7 @@ class LongLiveForesight(_UpstreamForesight):
         self.window_first_block = glue_value(args, "foresight_window_first_block", "as_dmd")
         self.i2v_first_block = glue_value(args, "foresight_i2v_first_block", "supervise")
         self._frozen: nn.Module | None = None
+        self._terms: list[Tensor] = []
         if not config.enabled:
             super().__init__(dmd, args, config)
             return
@@ -166,8 +167,16 @@ class LongLiveForesight(_UpstreamForesight):
         log_dict["foresight_segments"] = n  # supervised segments of this rollout's window
         log_dict["foresight_shots"] = len(shots)
         log_dict["foresight_rollout_frames"] = rollout
-        self._logged["foresight_loss"] = total.detach()
+        self._terms.append(total.detach())  # one per micro-step under gradient accumulation
         return loss + total
+
+    def log_values(self) -> dict[str, float]:
+        """Foresight values to log next to the trainer's losses (cleared once read); ``foresight_loss`` is
+        the mean over the update's micro-steps (LongLive's ``gradient_accumulation_steps``)."""
+        if self._terms:
+            self._logged["foresight_loss"] = torch.stack(self._terms).mean()
+            self._terms.clear()
+        return super().log_values()
 
     def after_critic_step(self, train_generator: bool) -> None:
         """On critic-only iterations: projector replay (``projector_every_step``)."""
