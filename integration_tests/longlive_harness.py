@@ -57,7 +57,6 @@ import contextlib
 import functools
 import importlib.machinery
 import json
-import math
 import os
 import random
 import sys
@@ -75,9 +74,9 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-from monkeypatch import patched  # noqa: E402
+from monkeypatch import patched
 
-__all__ = ["MODELS", "TINY", "run_training", "run_inference", "load_result"]
+__all__ = ["MODELS", "TINY", "load_result", "run_inference", "run_training", "write_encoder_checkpoint"]
 
 # Tiny sizes (the shipped configs: Wan2.2-TI2V-5B, 30 blocks of width 3072, 48 latent channels,
 # 44x80 latents, 32-frame rollouts in 8-frame blocks).
@@ -148,12 +147,12 @@ def _install_import_stubs() -> None:
         return call
 
     # transformers, diffusers and peft first, while torchvision is still absent (they cache what they found).
-    import diffusers.configuration_utils  # noqa: F401
+    import diffusers.configuration_utils
     import diffusers.models.modeling_utils  # noqa: F401
     import peft  # noqa: F401
 
     try:
-        import transformers.models.x_clip.modeling_x_clip as x_clip  # noqa: F401
+        import transformers.models.x_clip.modeling_x_clip as x_clip
         if not hasattr(x_clip, "x_clip_loss"):
             x_clip.x_clip_loss = unavailable("x_clip_loss")
     except ImportError:

@@ -325,10 +325,9 @@ def _config_command(args: argparse.Namespace) -> int:
 
     from omegaconf import OmegaConf
 
+    from mirai_plugin.flops import flatten_longlive
     from mirai_plugin.integrations.self_forcing import ODE_ENCODER, upstream_config
     from mirai_plugin.keys import GLUE_KEYS, glue_value
-
-    from mirai_plugin.flops import flatten_longlive
 
     config = flatten_longlive(_load_config(args.config))  # LongLive: its sections' keys at the top
     stage = args.stage or ("ode" if "foresight_encoder_name" in config else "dmd")

@@ -40,6 +40,7 @@ forked RNG), so LoRA initialisation and every later draw are the same with and w
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -208,7 +209,7 @@ class LongLiveForesight(_UpstreamForesight):
             bounds = sorted({0, count, *(j - first_block for j, cut in enumerate(cuts)
                                          if cut and j > 0 and 0 < j - first_block < count)})
         shots = []
-        for first, last in zip(bounds, bounds[1:]):
+        for first, last in itertools.pairwise(bounds):
             members = [k for k in supervised if first <= k < last]
             if members:
                 shots.append((members, (members[0], last)))
@@ -260,7 +261,7 @@ def _refuse_nested_keys(args: Any) -> None:
     for section, values in items:
         if section in FLATTENED or not hasattr(values, "keys"):
             continue
-        nested = [key for key in values.keys() if isinstance(key, str) and "foresight" in key]
+        nested = [key for key in values if isinstance(key, str) and "foresight" in key]
         if nested or section == "foresight":
             raise MiraiError(f"foresight key(s) {nested or [section]} inside the {section!r} mapping: LongLive's "
                              f"normalize_config flattens only {', '.join(FLATTENED)}, so they would be ignored; "
@@ -288,10 +289,9 @@ def _dmd_masks_first_block(args: Any, rollout: int) -> bool:
 
 
 def _arg(args: Any, key: str, default: Any) -> Any:
-    try:
-        return args[key] if key in args else default
-    except TypeError:
-        return getattr(args, key, default)
+    if hasattr(args, "get"):
+        return args.get(key, default)
+    return getattr(args, key, default)
 
 
 def _segment_prompt(prompt_embeds: Tensor, batch: int, first: int, count: int) -> Tensor:
