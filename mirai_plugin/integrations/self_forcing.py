@@ -1,27 +1,41 @@
 """Glue for Self-Forcing and Causal-Forcing (same layout): what the patch lines call.
 
-The patches add, to the upstream trainer, only marked one-line calls into this
-module. Everything else — the head, its optimizer, the capture, the encoder
-call, replay, logging values and the checkpoint entry — lives here, in objects
-the upstream models do not own as submodules: the generator's parameters,
-``state_dict`` and checkpoint format are unchanged, and with
-``foresight_weight: 0`` (or the key absent) every call is a no-op, so the
-patched trainer computes exactly what the unpatched one does.
+``DMDForesight`` and ``ODEForesight`` implement the glue contract
+(``mirai_plugin.integrations.glue``). The patches add, to the upstream trainer,
+only marked one-line calls into this module. Everything else — the head, its
+optimizer, the capture, the encoder call, replay, logging values and the
+checkpoint entry — lives here, in objects the upstream models do not own as
+submodules: the generator's parameters, ``state_dict`` and checkpoint format
+are unchanged, and with ``foresight_weight: 0`` (or the key absent) every call
+is a no-op, so the patched trainer computes exactly what the unpatched one does.
 
-Patched call sites (Stage 3, ``model/dmd.py`` and ``trainer/distillation.py``)::
+Patched call sites, Stage 3 (DMD; ``model/dmd.py``, then ``trainer/distillation.py``)::
 
-    self.foresight = DMDForesight(self, args)                        # end of DMD.__init__
-    @with_foresight_capture                                          # on DMD.generator_loss
-    dmd_loss = self.foresight.add_term(dmd_loss, dmd_log_dict,       # before generator_loss returns
-                                       pred_image, conditional_dict)
-    self.model.foresight.after_generator_step()                      # after generator_optimizer.step()
-    self.model.foresight.after_critic_step(TRAIN_GENERATOR)          # after critic_optimizer.step(): replay
-    wandb_loss_dict.update(self.model.foresight.log_values())        # next to the DMD losses
-    state_dict.update(self.model.foresight.checkpoint_state())       # Trainer.save
-    self.model.foresight.load_checkpoint_state(state_dict)           # after torch.load(generator_ckpt)
+    self.foresight = DMDForesight(self, args)                      # end of DMD.__init__
+    @with_foresight_capture                                        # on DMD.generator_loss: runs it in capturing()
+    dmd_loss = self.foresight.add_term(dmd_loss, dmd_log_dict, pred_image, conditional_dict)  # before it returns
 
-Stage 2 (Causal-Forcing ODE regression) uses ``ODEForesight`` the same way,
-with the ground-truth clean latent as the encoder input.
+    foresight_of(self.model).load_checkpoint_state(state_dict)     # after torch.load(config.generator_ckpt)
+    state_dict.update(foresight_of(self.model).checkpoint_state())  # Trainer.save, on every rank
+    foresight_of(self.model).after_generator_step()                # after generator_optimizer.step()
+    foresight_of(self.model).after_critic_step(TRAIN_GENERATOR)    # after critic_optimizer.step(): replay
+    wandb_loss_dict.update(foresight_of(self.model).log_values())  # next to the DMD losses
+
+Stage 2 (Causal-Forcing ODE regression; ``model/ode_regression.py``, then
+``trainer/ode.py``) calls ``ODEForesight`` the same way, with the ground-truth
+clean latent as the encoder input and no critic step::
+
+    self.foresight = ODEForesight(self, args)                      # end of ODERegression.__init__
+    @with_foresight_capture                                        # on ODERegression.generator_loss
+    loss = self.foresight.add_term(loss, log_dict, clean_latent, conditional_dict)  # before it returns
+
+    foresight_of(self.model).load_checkpoint_state(state_dict)     # after torch.load(config.generator_ckpt)
+    state_dict.update(foresight_of(self.model).checkpoint_state())  # Trainer.save
+    foresight_of(self.model).after_generator_step()                # after generator_optimizer.step()
+    wandb_loss_dict.update(foresight_of(self.model).log_values())  # next to the ODE loss
+
+The trainer files reach the glue through ``foresight_of(model)``, a no-op stand-in
+for the models without one that the same trainer builds (CausVid, SiD).
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ import contextlib
 import functools
 import importlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -44,9 +58,8 @@ from mirai_plugin.encoder import FrozenEncoder
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import load_checkpoint
 from mirai_plugin.head import ForesightHead
+from mirai_plugin.integrations.glue import CHECKPOINT_KEY, checkpoint_entry
 from mirai_plugin.keys import GLUE_RULES, glue_value
-
-CHECKPOINT_KEY = "foresight"
 
 
 def with_foresight_capture(generator_loss: Callable) -> Callable:
@@ -108,7 +121,7 @@ class _UpstreamForesight:
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[CapturedHidden | None]:
-        if not self.head.active:  # off at this step by the weight schedule: no hook, no encoder
+        if not self.active:  # off, or off at this step by the weight schedule: no hook, no encoder
             yield None
             return
         with capture_hidden(self._model.generator, self.config.student_layer, select=self._select) as captured:
@@ -155,16 +168,17 @@ class _UpstreamForesight:
             return {}
         return {CHECKPOINT_KEY: self.head.training_state()}  # a collective: the trainer calls it on every rank
 
-    def load_checkpoint_state(self, checkpoint: dict, *, strict: bool = False) -> None:
+    def load_checkpoint_state(self, checkpoint: Mapping[str, Any], *, strict: bool = False) -> None:
         """Resume the head (and its optimizer) from a checkpoint written by ``checkpoint_state``,
         or take its weights from an official Video-Mirai checkpoint (``mirai_projector``).
 
         Without either entry nothing happens unless ``strict``.
         """
-        if not self.enabled or not isinstance(checkpoint, dict):
+        if not self.enabled or not isinstance(checkpoint, Mapping):
             return
-        if CHECKPOINT_KEY in checkpoint:
-            self.head.load_training_state(checkpoint[CHECKPOINT_KEY])
+        entry = checkpoint_entry(checkpoint)
+        if entry is not None:
+            self.head.load_training_state(entry)
         elif "mirai_projector" in checkpoint:
             official = ForesightHead.load_official(checkpoint, config=self.config)
             self.head.load_state_dict(official.state_dict(), strict=True)
