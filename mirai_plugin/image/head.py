@@ -229,6 +229,11 @@ class TokenForesightHead(nn.Module):
         self.steps_taken += 1
         return norm
 
+    def skip_step(self) -> None:
+        """A step the trainer skipped (an fp16 overflow): drop the gradients, advance the schedule only."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_taken += 1
+
     # ------------------------------------------------------ training state
 
     def training_state(self) -> dict[str, Any]:
