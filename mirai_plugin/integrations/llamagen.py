@@ -10,7 +10,8 @@ the checkpoint's ``model`` / ``ema`` entries are unchanged, and with
 Patched call sites::
 
     add_mirai_arguments(parser)                                     # before parse_args
-    mirai = LlamaGenMirai(model, args, steps_per_epoch, device)     # after the data, before compile and DDP
+    mirai = LlamaGenMirai(model, args, steps_per_epoch, device)     # after the data, before compile and DDP;
+                                                                    # its config: upstream_config(args, model, ...)
     mirai.load_checkpoint_state(checkpoint)                         # when resuming from --gpt-ckpt
     mirai.scaler = scaler                                           # after the GradScaler is made (fp16)
     mirai.begin_capture()                                           # before the training forward
@@ -91,29 +92,11 @@ class LlamaGenMirai:
         if isinstance(device, int):  # LlamaGen passes the local GPU index
             device = torch.device("cuda", device) if torch.cuda.is_available() else torch.device("cpu")
         device = torch.device(device)
-        source = "ema" if args.mirai == "E" else "encoder"
-        total_steps = args.epochs * max(1, steps_per_epoch)
-        grid = int(round(model.block_size ** 0.5))
-        self.config = ImageForesightConfig(
-            source=source,
-            student_layer=args.mirai_layer,
-            neighbours=args.mirai_neighbours,
-            order=args.mirai_order,
-            border=args.mirai_border,
-            prefix_tokens=model.cls_token_num,
-            projector_dim=args.mirai_projector_dim,
-            weight=args.mirai_weight,
-            weight_changes=((int(total_steps * args.mirai_step_down), args.mirai_weight_after),),
-            weight_start=args.mirai_warmup_steps,
-            ema_decay=args.mirai_ema_decay,
-            lr=args.lr,
-            betas=(args.beta1, args.beta2),
-            weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm or None,
-        )
+        self.config = cfg = upstream_config(args, model, steps_per_epoch)
+        grid = round(model.block_size ** 0.5)
         width = model.config.dim
-        if source == "ema":
-            self.source = EMASource(model, args.mirai_layer, decay=args.mirai_ema_decay, blocks="layers")
+        if cfg.source == "ema":
+            self.source = EMASource(model, cfg.student_layer, decay=cfg.ema_decay, blocks="layers")
             target_dim = width
         else:
             self.source = _image_source(args, grid, device)
@@ -262,6 +245,30 @@ def _deprecated(old: str, new: str) -> None:
                   DeprecationWarning, stacklevel=3)
 
 
+def upstream_config(args: Any, model: nn.Module, steps_per_epoch: int) -> ImageForesightConfig:
+    """The ``ImageForesightConfig`` the glue trains with, from the ``--mirai*`` options (``--mirai E`` or
+    ``I``), LlamaGen's optimizer options and the GPT (its class-token prefix); lambda steps down after
+    ``--mirai-step-down`` of ``--epochs`` x ``steps_per_epoch`` steps."""
+    total_steps = args.epochs * max(1, steps_per_epoch)
+    return ImageForesightConfig(
+        source="ema" if args.mirai == "E" else "encoder",
+        student_layer=args.mirai_layer,
+        neighbours=args.mirai_neighbours,
+        order=args.mirai_order,
+        border=args.mirai_border,
+        prefix_tokens=model.cls_token_num,
+        projector_dim=args.mirai_projector_dim,
+        weight=args.mirai_weight,
+        weight_changes=((int(total_steps * args.mirai_step_down), args.mirai_weight_after),),
+        weight_start=args.mirai_warmup_steps,
+        ema_decay=args.mirai_ema_decay,
+        lr=args.lr,
+        betas=(args.beta1, args.beta2),
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None,
+    )
+
+
 class _DecodedImageEncoder:
     """Mirai-I on a code dataset: codes -> VQ decode -> encoder patch features on the token grid."""
 
@@ -295,7 +302,7 @@ def _image_source(args: Any, grid: int, device: torch.device) -> _DecodedImageEn
     vq = vq.to(device).eval().requires_grad_(False)
     if args.mirai_encoder.startswith("dinov2"):
         encoder = torch.hub.load("facebookresearch/dinov2", args.mirai_encoder)
-        features = lambda m, x: m.forward_features(x)["x_norm_patchtokens"]  # noqa: E731
+        features = lambda m, x: m.forward_features(x)["x_norm_patchtokens"]
     else:
         encoder = torch.load(args.mirai_encoder, map_location="cpu", weights_only=False)
         features = None
