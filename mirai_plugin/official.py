@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mirai_plugin.config import ForesightConfig
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.wrappers import strip_wrapper_prefixes
 
 # Official per-block names -> ours (block index kept).
 _BLOCK_NAMES = {
@@ -27,7 +28,6 @@ _BLOCK_NAMES = {
     "ffn.2": "ffn_out",
 }
 _OFFSET_EMBEDDER_NAMES = {"delta_embedder.mlp.0": "fc1", "delta_embedder.mlp.2": "fc2"}
-_WRAPPER_PREFIXES = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)$")
 _EMBEDDER_KEY = re.compile(r"(delta_embedder\.mlp\.\d)\.(weight|bias)$")
 
@@ -42,7 +42,7 @@ def _strip(state: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
             f"{what} must map names to tensors; these entries are not tensors: {not_tensors[:6]}"
             f"{' ...' if len(not_tensors) > 6 else ''}"
         )
-    return {_WRAPPER_PREFIXES.sub("", key): value for key, value in state.items()}
+    return {strip_wrapper_prefixes(key): value for key, value in state.items()}
 
 
 def official_to_head_state(

@@ -45,6 +45,7 @@ from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import load_checkpoint
 from mirai_plugin.head import ForesightHead
 from mirai_plugin.keys import GLUE_RULES, glue_value
+from mirai_plugin.wrappers import tokens_per_frame, wrapper_chain
 
 CHECKPOINT_KEY = "foresight"
 
@@ -79,7 +80,7 @@ class _UpstreamForesight:
         self._logged: dict[str, Tensor] = {}
         if not config.enabled:
             return
-        student = _core(model.generator)
+        student = wan_transformer(model.generator)
         self.config = config = config.replace(num_heads=config.num_heads or getattr(student, "num_heads", None))
         sharding = glue_value(args, "foresight_head_sharding", "replicate")
         init = glue_value(args, "foresight_head_init")
@@ -180,7 +181,7 @@ class _UpstreamForesight:
         raise NotImplementedError
 
     def _encoder_dim(self) -> int:
-        return _core(self._encoder()).dim
+        return wan_transformer(self._encoder()).dim
 
 
 class DMDForesight(_UpstreamForesight):
@@ -245,9 +246,8 @@ class ODEForesight(_UpstreamForesight):
         """``loss`` plus the foresight term with the ground-truth ``clean_video`` as the encoder input."""
         if not self.active:
             return loss
-        patch = getattr(_core(self._model.generator), "patch_size", (1, 2, 2))
-        tokens_per_frame = (clean_video.shape[-2] // patch[1]) * (clean_video.shape[-1] // patch[2])
-        return loss + self._term(clean_video, conditional_dict, log_dict, tokens_per_frame=tokens_per_frame)
+        s = tokens_per_frame(self._model.generator, *clean_video.shape[-2:])
+        return loss + self._term(clean_video, conditional_dict, log_dict, tokens_per_frame=s)
 
 
 # ----------------------------------------------------------------- helpers
@@ -280,17 +280,11 @@ def upstream_config(args: Any, stage: str) -> ForesightConfig:
 
 
 
-def _core(wrapper: nn.Module) -> nn.Module:
-    """The transformer inside a (possibly FSDP-wrapped) WanDiffusionWrapper."""
-    module = wrapper
-    for _ in range(6):
+def wan_transformer(wrapper: nn.Module) -> nn.Module:
+    """The Wan transformer (``.blocks`` and ``.dim``) inside a WanDiffusionWrapper, through any wrapper."""
+    for module, _ in wrapper_chain(wrapper, containers=True):
         if hasattr(module, "blocks") and hasattr(module, "dim"):
             return module
-        module = getattr(module, "_fsdp_wrapped_module", None) or getattr(module, "module", None) or getattr(
-            module, "model", None
-        )
-        if module is None:
-            break
     raise MiraiError(f"no Wan transformer (with .blocks and .dim) found inside {type(wrapper).__name__}")
 
 
