@@ -17,8 +17,8 @@ from mirai_plugin.errors import MiraiError
 from mirai_plugin.head import ForesightHead
 from mirai_plugin.loss import foresight_loss
 from mirai_plugin.targets import SegmentTargets, fuse_targets
+from mirai_plugin.version import __version__ as __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "CapturedHidden",

@@ -23,6 +23,9 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mirai_plugin.config import ForesightConfig
+from mirai_plugin.errors import MiraiError
+
 _FREQ_DIM = 256  # sinusoidal features of the offset embedding
 _FLOAT32 = 4  # bytes: statistics that norms and attention keep in float32 whatever the input dtype
 
@@ -206,3 +209,20 @@ class MultiMLP(nn.Module):
     def saved_bytes(self, tokens: int, itemsize: int, *, checkpoint_blocks: bool = False) -> int:
         """One offset's MLP (one runs per pass)."""
         return self.heads[0].saved_bytes(tokens, itemsize)
+
+
+def build_predictor(config: ForesightConfig, width: int) -> nn.Module:
+    """The predictor ``config`` names, at the student's ``width``."""
+    ffn_dim = max(1, int(round(width * config.ffn_ratio)))
+    if config.predictor == "mlp":
+        return MLP(width, ffn_dim)
+    if config.predictor == "multi_mlp":
+        return MultiMLP(width, ffn_dim, config.offsets)
+    num_heads = config.num_heads or max(1, width // 128)
+    if width % num_heads:
+        raise MiraiError(
+            f"student width {width} is not divisible by num_heads={num_heads}; "
+            f"set ForesightConfig(num_heads=...) to a divisor (the generator's own head count)"
+        )
+    return DiTPredictor(width, depth=config.predictor_depth, num_heads=num_heads, ffn_dim=ffn_dim,
+                        offset_conditioning=config.offset_conditioning, max_offset=config.max_offset)

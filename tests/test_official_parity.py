@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from mirai_plugin import ForesightConfig, ForesightHead, HiddenRecord, MiraiError, fuse_targets
-from mirai_plugin.official import official_to_head_state
+from mirai_plugin.official.projector import official_to_head_state
 
 DATA = Path(__file__).parent / "data"
 CASES = ["official_mean", "official_none", "official_adaln", "official_next"]

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_official_parity as parity  # noqa: E402
 
 from mirai_plugin import fuse_targets  # noqa: E402
-from mirai_plugin.official import official_to_head_state  # noqa: E402
+from mirai_plugin.official.projector import official_to_head_state  # noqa: E402
 
 
 def report(case: str) -> dict[str, float]:

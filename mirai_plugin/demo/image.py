@@ -151,7 +151,7 @@ def train_arm(cfg: ImageDemoConfig, world: ImageWorld, arm: str, seed: int, enco
 
     if fcfg is not None:
         # both targets are cfg.dim wide: the EMA copy is the model, the encoder has the model's width
-        head = TokenForesightHead(fcfg, student_dim=cfg.dim, target_dim=cfg.dim, grid=grid)
+        head = TokenForesightHead(fcfg, student_dim=cfg.dim, encoder_dim=cfg.dim, grid=grid)
     run = ArmRun(model)
     for step in progress.range(cfg.steps, f"seed {seed} {arm}"):
         if step % cfg.eval_every == 0:

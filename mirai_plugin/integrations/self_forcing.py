@@ -38,13 +38,14 @@ from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, capture_hidden
 from mirai_plugin.checks import Rule, check
-from mirai_plugin.config import ForesightConfig, key_reader
-from mirai_plugin.distributed import broadcast_module, log_once, shard_head
+from mirai_plugin.collectives import broadcast_module, log_once
+from mirai_plugin.config import ForesightConfig
+from mirai_plugin.distributed import shard_head
 from mirai_plugin.encoder import FrozenEncoder
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import load_checkpoint
 from mirai_plugin.head import ForesightHead
-from mirai_plugin.keys import GLUE_RULES, glue_value
+from mirai_plugin.keys import GLUE_RULES, glue_value, key_reader
 from mirai_plugin.wrappers import tokens_per_frame, wrapper_chain
 
 CHECKPOINT_KEY = "foresight"
