@@ -1,8 +1,7 @@
 """Predictor -> loss for one group of segments, and the diagnosis of a non-finite term.
 
-Legend: b batch, r segments of one group, k supervised segments, o offsets,
-n tokens per segment, s tokens per frame, f frames per segment, d student width,
-e encoder width.
+Legend (docs/design.md): b batch, r segments of one group, o offsets, n tokens per
+segment, f frames of one segment, s tokens per frame, d student width, e encoder width.
 
 ``group_losses`` turns a ``SegmentGroup`` into per-segment ``(r)`` losses (fusion
 ``mean``) or per-pair ``(r o)`` losses; ``predict`` is the head's predictor then

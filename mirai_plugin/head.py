@@ -1,7 +1,7 @@
 """ForesightHead: the trainable predictor, the foresight term and projector replay.
 
-Legend: b batch, k supervised segments, o offsets, n tokens per segment,
-s tokens per frame, d student width, e encoder width (docs/design.md has the full legend).
+Legend (docs/design.md): b batch, k supervised segments, o offsets, n tokens per segment,
+s tokens per frame, t tokens of the video, d student width, e encoder width.
 
 Data flow of one generator step::
 

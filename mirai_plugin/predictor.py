@@ -1,7 +1,7 @@
 """Predictors that map a student segment's hidden states toward the encoder's view.
 
 Legend: B rows (batch x segments), n tokens of one segment, d student width,
-h heads, c head width.
+h heads, a head width (docs/design.md has the legend).
 
 All predictors keep the student width; ``ForesightHead`` adds the bias-free
 projection to the encoder width. A predictor sees one segment per row, so
@@ -106,10 +106,10 @@ class DiTBlock(nn.Module):
         scale1, shift1, gate1, scale2, shift2, gate2 = mod.reshape(-1, 1, mod.shape[-1]).chunk(6, dim=-1)  # (1 1 d)
 
         h = self.norm1(x) * (1 + scale1) + shift1  # (B n d)
-        q = rearrange(self.norm_q(self.to_q(h)), "B n (h c) -> B h n c", h=self.num_heads)
-        k = rearrange(self.norm_k(self.to_k(h)), "B n (h c) -> B h n c", h=self.num_heads)
-        v = rearrange(self.to_v(h), "B n (h c) -> B h n c", h=self.num_heads)
-        attn = rearrange(F.scaled_dot_product_attention(q, k, v), "B h n c -> B n (h c)")
+        q = rearrange(self.norm_q(self.to_q(h)), "B n (h a) -> B h n a", h=self.num_heads)
+        k = rearrange(self.norm_k(self.to_k(h)), "B n (h a) -> B h n a", h=self.num_heads)
+        v = rearrange(self.to_v(h), "B n (h a) -> B h n a", h=self.num_heads)
+        attn = rearrange(F.scaled_dot_product_attention(q, k, v), "B h n a -> B n (h a)")
         x = x + gate1 * self.to_out(attn)
 
         h = self.norm2(x) * (1 + scale2) + shift2
