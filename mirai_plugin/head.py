@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from mirai_plugin import checkpoint
 from mirai_plugin.capture import CapturedHidden, HiddenRecord
 from mirai_plugin.checks import Rule, check, check_device_available, check_tensor, parse_device
-from mirai_plugin.collectives import gather_ints, world
+from mirai_plugin.collectives import world
 from mirai_plugin.config import ForesightConfig
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import state_problems
@@ -38,10 +38,16 @@ from mirai_plugin.group_loss import check_finite, group_losses
 from mirai_plugin.official.projector import head_from_official
 from mirai_plugin.optimizer import HeadOptimizer
 from mirai_plugin.predictor import build_predictor
-from mirai_plugin.records import as_records, check_records, infer_tokens_per_frame, split_into_segments
+from mirai_plugin.records import (
+    as_records,
+    check_encoder_hidden,
+    check_records,
+    infer_tokens_per_frame,
+    split_into_segments,
+)
 from mirai_plugin.replay import ReplayCache
 from mirai_plugin.segmented import GroupedLosses, GroupPlan, SegmentGroup, groups_of, plan_groups
-from mirai_plugin.targets import materialise_targets, segment_count, segment_layout
+from mirai_plugin.targets import materialise_targets, segment_layout
 
 Captured = CapturedHidden | Sequence[HiddenRecord] | Sequence[Tensor]
 
@@ -157,21 +163,9 @@ class ForesightHead(nn.Module):
                                                tokens_per_frame=s, prefix_frames=prefix_frames)
         if capture is not None:
             capture.clear()
-        if encoder_hidden.dim() != 3 or encoder_hidden.shape[-1] != self.encoder_dim:
-            raise MiraiError(
-                f"encoder hidden has shape {tuple(encoder_hidden.shape)}; expected (batch, tokens, {self.encoder_dim}) "
-                f"— the head was built with encoder_dim={self.encoder_dim}"
-            )
-        if encoder_hidden.shape[0] != hidden[0].shape[0]:
-            raise MiraiError(f"batch mismatch: captured hidden has batch {hidden[0].shape[0]}, "
-                             f"encoder hidden {encoder_hidden.shape[0]}")
-        num_segments = segment_count(encoder_hidden.shape[1], segment_frames=cfg.segment_frames,
-                                     tokens_per_frame=s, prefix_frames=prefix_frames)
-        if max(segments) >= num_segments:
-            raise MiraiError(
-                f"captured segments {segments} but the encoder saw only {num_segments} segments; "
-                f"run the encoder on the whole rollout the generator produced"
-            )
+        num_segments = check_encoder_hidden(encoder_hidden, hidden, segments, width=self.encoder_dim,
+                                            segment_frames=cfg.segment_frames, tokens_per_frame=s,
+                                            prefix_frames=prefix_frames)
         layout = segment_layout(encoder_hidden, segment_frames=cfg.segment_frames, tokens_per_frame=s,
                                 offsets=cfg.offsets, segments=segments, prefix_frames=prefix_frames)
         if layout.segments.numel() == 0:
@@ -292,48 +286,8 @@ class ForesightHead(nn.Module):
         Returns:
             this rank's weighted replay loss (detached), or ``None`` when nothing is cached.
         """
-        cache, device = self.replay_cache, next(self.parameters()).device
-        units = cache.units()
-        # Replay rows are one (video, segment) each.
-        plan = self.plan(len(units), batch=1, tokens=cache.batches[units[0][0]].hidden.shape[2]) if units else None
-        size = self.config.replay_segments or (plan.size if plan else 1)
-        groups = [units[j : j + size] for j in range(0, len(units), size)]
-        local_pairs = sum(cache.pairs_in(cache.batches[b], [i]) for b, i in units)
-        rank, world_size = world()
-        total_pairs = local_pairs
-        strategy = self.optimization.strategy
-        if world_size > 1:
-            counts = gather_ints([local_pairs, len(groups)], device)  # (world 2)
-            total_pairs = int(counts[:, 0].sum())
-            if total_pairs and strategy != "replicate" and bool((counts[:, 1] != counts[0, 1]).any()):
-                cache.close()
-                raise MiraiError(
-                    f"replay needs the same number of backwards on every rank under {strategy!r}, got "
-                    f"{counts[:, 1].tolist()}: give every rank the same number of segments per step (or set "
-                    f"replay_max_pairs to at most that number), or use the replicated head"
-                )
-        if total_pairs == 0:
-            cache.close()
-            return None
-
-        if step:
-            self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        for group_units in groups:
-            group, row_weight = cache.group(group_units, device, checkpoint_blocks=bool(plan and plan.checkpoint_blocks),
-                                            mean_targets=self._mean_targets)
-            per_item = self.optimization.call(group)  # (rows) | (rows o)
-            if self.config.fusion != "mean":
-                per_item = torch.where(group.valid, per_item, 0.0)
-                row_weight = row_weight[:, None]
-            weighted_sum = (per_item * row_weight).sum()
-            # Replicated / DDP gradients are averaged over ranks afterwards, hence world_size.
-            (weighted_sum * (world_size / total_pairs)).backward()
-            total = total + weighted_sum.detach()
-        if step:
-            self.optimization.clip_and_step()
-        cache.close()
-        return total / local_pairs if local_pairs else None
+        return self.replay_cache.replay(self.optimization, self.plan, next(self.parameters()).device,
+                                        mean_targets=self._mean_targets, step=step)
 
     # ------------------------------------------------------------ optimizer
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from mirai_plugin.capture import CapturedHidden, HiddenRecord
 from mirai_plugin.checks import Rule, check, check_tensor
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.targets import segment_count
 
 
 def as_records(captured: Any) -> tuple[list[HiddenRecord], CapturedHidden | None]:
@@ -109,6 +110,27 @@ def split_into_segments(
     if len({c.shape[0] for c in chunks}) != 1:
         raise MiraiError(f"captured hidden states disagree on batch size: {[tuple(c.shape) for c in chunks]}")
     return chunks, segments
+
+
+def check_encoder_hidden(encoder_hidden: Tensor, hidden: list[Tensor], segments: list[int], *, width: int,
+                         segment_frames: int, tokens_per_frame: int, prefix_frames: int) -> int:
+    """The encoder's ``(b t e)`` fits the captured segments; returns the segments it holds."""
+    if encoder_hidden.dim() != 3 or encoder_hidden.shape[-1] != width:
+        raise MiraiError(
+            f"encoder hidden has shape {tuple(encoder_hidden.shape)}; expected (batch, tokens, {width}) "
+            f"— the head was built with encoder_dim={width}"
+        )
+    if encoder_hidden.shape[0] != hidden[0].shape[0]:
+        raise MiraiError(f"batch mismatch: captured hidden has batch {hidden[0].shape[0]}, "
+                         f"encoder hidden {encoder_hidden.shape[0]}")
+    num_segments = segment_count(encoder_hidden.shape[1], segment_frames=segment_frames,
+                                 tokens_per_frame=tokens_per_frame, prefix_frames=prefix_frames)
+    if max(segments) >= num_segments:
+        raise MiraiError(
+            f"captured segments {segments} but the encoder saw only {num_segments} segments; "
+            f"run the encoder on the whole rollout the generator produced"
+        )
+    return num_segments
 
 
 def nothing_captured_message(capture: CapturedHidden | None) -> str:

@@ -13,7 +13,7 @@ per rank, saved with the head's training state.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +21,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mirai_plugin.checks import check_device_available
-from mirai_plugin.collectives import world
+from mirai_plugin.collectives import gather_ints, world
 from mirai_plugin.config import ForesightConfig
-from mirai_plugin.segmented import SegmentGroup
+from mirai_plugin.errors import MiraiError
+from mirai_plugin.optimizer import HeadOptimizer
+from mirai_plugin.segmented import GroupPlan, SegmentGroup
 from mirai_plugin.targets import SegmentLayout, materialise_targets
 
 
@@ -125,6 +127,52 @@ class ReplayCache:
         else:
             group = SegmentGroup(hidden_rows, valid_rows, s, checkpoint_blocks=checkpoint_blocks, target=target_rows)
         return group, torch.cat(row_weight).to(device)  # (rows)
+
+    def replay(self, optimization: HeadOptimizer, plan: Callable[..., GroupPlan], device: torch.device, *,
+               mean_targets: bool, step: bool) -> Tensor | None:
+        """Backpropagate the cached pairs through ``optimization.call`` and, with ``step``, zero
+        before and step after (see ``ForesightHead.replay``). This rank's weighted loss, or
+        ``None`` when nothing is cached; closes the cache."""
+        units = self.units()
+        # Replay rows are one (video, segment) each.
+        grouping = plan(len(units), batch=1, tokens=self.batches[units[0][0]].hidden.shape[2]) if units else None
+        size = self.config.replay_segments or (grouping.size if grouping else 1)
+        groups = [units[j : j + size] for j in range(0, len(units), size)]
+        local_pairs = sum(self.pairs_in(self.batches[b], [i]) for b, i in units)
+        rank, world_size = world()
+        total_pairs = local_pairs
+        strategy = optimization.strategy
+        if world_size > 1:
+            counts = gather_ints([local_pairs, len(groups)], device)  # (world 2)
+            total_pairs = int(counts[:, 0].sum())
+            if total_pairs and strategy != "replicate" and bool((counts[:, 1] != counts[0, 1]).any()):
+                self.close()
+                raise MiraiError(
+                    f"replay needs the same number of backwards on every rank under {strategy!r}, got "
+                    f"{counts[:, 1].tolist()}: give every rank the same number of segments per step (or set "
+                    f"replay_max_pairs to at most that number), or use the replicated head"
+                )
+        self.close()
+        if total_pairs == 0:
+            return None
+        if step:
+            optimization.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        checkpoint_blocks = bool(grouping and grouping.checkpoint_blocks)
+        for group_units in groups:
+            group, row_weight = self.group(group_units, device, checkpoint_blocks=checkpoint_blocks,
+                                           mean_targets=mean_targets)
+            per_item = optimization.call(group)  # (rows) | (rows o)
+            if self.config.fusion != "mean":
+                per_item = torch.where(group.valid, per_item, 0.0)
+                row_weight = row_weight[:, None]
+            weighted_sum = (per_item * row_weight).sum()
+            # Replicated / DDP gradients are averaged over ranks afterwards, hence world_size.
+            (weighted_sum * (world_size / total_pairs)).backward()
+            total = total + weighted_sum.detach()
+        if step:
+            optimization.clip_and_step()
+        return total / local_pairs if local_pairs else None
 
     # ------------------------------------------------------------------ RNG
 
