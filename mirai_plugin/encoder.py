@@ -28,7 +28,7 @@ from mirai_plugin.wrappers import token_count, unwrap
 class _EarlyExit(Exception):
     """Raised by the encoder's hook; caught only by the FrozenEncoder that raised it."""
 
-    def __init__(self, owner: object, hidden: Tensor) -> None:
+    def __init__(self, owner: object, hidden: object) -> None:
         super().__init__("early exit")
         self.owner = owner
         self.hidden = hidden
@@ -139,7 +139,9 @@ class FrozenEncoder:
         elif self.convention == "diffusers_wan":
             run, tokens = self._diffusers_wan_call(*args, **kwargs)
         elif self.convention == "custom":
-            run, tokens = (lambda: self._call(self._model, *args, **kwargs)), None
+            call = self._call
+            assert call is not None
+            run, tokens = (lambda: call(self._model, *args, **kwargs)), None
         else:
             run, tokens = (lambda: self._model(*args, **kwargs)), None
 

@@ -33,6 +33,7 @@ def group_losses(group: SegmentGroup, predict: Predict, config: ForesightConfig)
     rows = rearrange(group.hidden, "b r n d -> (b r) n d")
     blocks = group.checkpoint_blocks
     if group.z is not None:  # offset-mean targets read from the encoder's segments
+        assert group.source is not None
         pred = predict(rows, checkpoint_blocks=blocks).view(b, r, n, -1)  # (b r n e)
         return mean_target_cosine(pred, group.z, group.source, group.valid)  # (r)
     assert group.target is not None

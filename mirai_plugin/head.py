@@ -37,7 +37,7 @@ from mirai_plugin.files import state_problems
 from mirai_plugin.group_loss import check_finite, group_losses
 from mirai_plugin.official.projector import head_from_official
 from mirai_plugin.optimizer import HeadOptimizer
-from mirai_plugin.predictor import build_predictor
+from mirai_plugin.predictor import MLP, DiTPredictor, MultiMLP, build_predictor
 from mirai_plugin.records import (
     as_records,
     check_encoder_hidden,
@@ -71,6 +71,9 @@ class ForesightHead(nn.Module):
         >>> loss.shape, loss.requires_grad
         (torch.Size([]), True)
     """
+
+    predictor: DiTPredictor | MLP | MultiMLP
+    project: nn.Linear | None
 
     def __init__(self, config: ForesightConfig, student_dim: int, encoder_dim: int) -> None:
         super().__init__()
@@ -365,15 +368,15 @@ class ForesightHead(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ForesightHead:
         """Rebuild a head written by ``save`` (settings included)."""
-        device = parse_device("device", device)
-        check_device_available("device", device)
+        target = parse_device("device", device)
+        check_device_available("device", target)
         tensors, config, student_dim, encoder_dim = checkpoint.read_weights(path)
         head = cls(config, student_dim, encoder_dim)
         problems = state_problems(head.state_dict(), tensors)
         if problems:
             raise MiraiError(f"{os.fspath(path)} does not fit the head its metadata describes: {problems}")
         head.load_state_dict(tensors, strict=True)
-        return head.to(device)
+        return head.to(target)
 
     @classmethod
     def load_official(

@@ -16,6 +16,7 @@ The head sizes its groups of segments with it, and mirai_plugin.memory reports i
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +151,7 @@ class DiTPredictor(nn.Module):
 
     def block_saved_bytes(self, tokens: int, itemsize: int) -> int:
         """What one block saves for backward over ``tokens`` tokens."""
-        block = self.blocks[0]
+        block = cast(DiTBlock, self.blocks[0])
         d, ffn, heads = block.to_q.in_features, block.ffn_in.out_features, block.num_heads
         per_token = (
             # block input, norm1 output, modulated attention input, q and k normalised and after the
@@ -171,7 +172,7 @@ class DiTPredictor(nn.Module):
         one = self.block_saved_bytes(tokens, itemsize)
         if not checkpoint_blocks:
             return len(self.blocks) * one
-        return len(self.blocks) * tokens * self.blocks[0].to_q.in_features * itemsize + one
+        return len(self.blocks) * tokens * cast(DiTBlock, self.blocks[0]).to_q.in_features * itemsize + one
 
 
 class MLP(nn.Module):
@@ -204,14 +205,14 @@ class MultiMLP(nn.Module):
     def forward(self, x: Tensor, offset: int | None = None, *, checkpoint_blocks: bool = False) -> Tensor:
         if offset not in self.offsets:
             raise TypeError(f"offset {offset!r} has no head; heads exist for offsets {self.offsets}")
-        return self.heads[self.offsets.index(offset)](x)
+        return cast(MLP, self.heads[self.offsets.index(offset)])(x)
 
     def saved_bytes(self, tokens: int, itemsize: int, *, checkpoint_blocks: bool = False) -> int:
         """One offset's MLP (one runs per pass)."""
-        return self.heads[0].saved_bytes(tokens, itemsize)
+        return cast(MLP, self.heads[0]).saved_bytes(tokens, itemsize)
 
 
-def build_predictor(config: ForesightConfig, width: int) -> nn.Module:
+def build_predictor(config: ForesightConfig, width: int) -> DiTPredictor | MLP | MultiMLP:
     """The predictor ``config`` names, at the student's ``width``."""
     ffn_dim = max(1, int(round(width * config.ffn_ratio)))
     if config.predictor == "mlp":

@@ -70,7 +70,8 @@ def split_into_segments(
     """One ``(b n d)`` view per segment in record order, and each one's segment index."""
     s = tokens_per_frame
     seg_tokens = segment_frames * s
-    chunks, segments = [], []
+    chunks: list[Tensor] = []
+    segments: list[int] = []
     next_segment = 0
     for record in records:
         h = record.hidden

@@ -76,15 +76,16 @@ class ImageForesightConfig(WeightSchedule):
 
     source: str = "ema"
     student_layer: int = 7
-    neighbours: int | None = None
-    offsets: tuple[tuple[int, int], ...] | None = None
+    # None on input means "derive it"; __post_init__ always sets these four, hence their types.
+    neighbours: int = None  # type: ignore[assignment]
+    offsets: tuple[tuple[int, int], ...] = None  # type: ignore[assignment]
     order: str = "grid"
     border: str = "raster"
     prefix_tokens: int = 1
-    align_prefix: bool | None = None
+    align_prefix: bool = None  # type: ignore[assignment]
     projector_dim: int = 2048
     weight: float = 2.0
-    head_weights: tuple[float, ...] | None = None
+    head_weights: tuple[float, ...] = None  # type: ignore[assignment]
     weight_start: int = 0
     weight_ramp: int = 0
     weight_changes: tuple[tuple[int, float], ...] = ()

@@ -126,12 +126,13 @@ class TokenForesightHead(nn.Module):
         """
         hidden = _hidden_of(captured)
         if not self.active:
-            device = self.projectors[0][0].weight.device
+            device = next(self.parameters()).device
             zero = torch.zeros((), device=device)
             return (zero, {"head_losses": [], "offsets": []}) if return_breakdown else zero
         cfg = self.config
         check_tensor("captured hidden", hidden, layout="(batch, positions, width)")
         check_tensor("target", target, layout=f"(batch, positions, {self.encoder_dim})")
+        assert target is not None  # check_tensor refuses None
         if target.dim() != 3 or target.shape[-1] != self.encoder_dim:
             raise MiraiError(f"target must be (batch, positions, {self.encoder_dim}), got {tuple(target.shape)}")
         if hidden.dim() != 3 or hidden.shape[-1] != self.student_dim:
@@ -147,7 +148,7 @@ class TokenForesightHead(nn.Module):
         target_tokens = target.shape[1] - target_prefix
         self._check_positions(student_tokens, target_tokens, tuple(hidden.shape), tuple(target.shape))
 
-        dtype = self.projectors[0][0].weight.dtype
+        dtype = next(self.parameters()).dtype
         losses, paired = [], []
         for k, offset in enumerate(cfg.offsets):
             t, q = grid_pairs(

@@ -78,7 +78,7 @@ def official_to_head_state(
         encoder_dim = weight.shape[0]
         dim_state["project.weight"] = weight
 
-    from_checkpoint = {"predictor": "dit", "predictor_depth": depth}
+    from_checkpoint: dict[str, Any] = {"predictor": "dit", "predictor_depth": depth}
     if num_heads is not None:
         from_checkpoint["num_heads"] = num_heads
     if ffn_dim is not None:

@@ -78,7 +78,7 @@ def upstream_keys(cfg: Any) -> dict[str, Any]:
     return keys
 
 
-def config_from_upstream(cls: type, args: Any) -> Any:
+def config_from_upstream(cls: Any, args: Any) -> Any:
     """A ``cls`` (``ForesightConfig``) from a trainer config (see ``ForesightConfig.from_upstream``)."""
     keys, get = config_view(args)
     check_keys(keys)
