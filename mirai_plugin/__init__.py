@@ -19,7 +19,6 @@ from mirai_plugin.loss import foresight_loss
 from mirai_plugin.targets import SegmentTargets, fuse_targets
 from mirai_plugin.version import __version__ as __version__
 
-
 __all__ = [
     "CapturedHidden",
     "ForesightConfig",

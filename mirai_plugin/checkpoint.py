@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mirai_plugin.checks import Rule, check
+from mirai_plugin.checks import Rule, check, check_device_available, parse_device
 from mirai_plugin.collectives import world
 from mirai_plugin.config import ForesightConfig, check_field_names
 from mirai_plugin.errors import MiraiError
@@ -28,6 +28,7 @@ TRAINING_STATE_FORMAT = "mirai_plugin.ForesightHead.training_state"
 FILE_FORMAT = "mirai_plugin.ForesightHead"
 # Settings that decide the head's parameters (and what they compute).
 ARCHITECTURE = ("predictor", "predictor_depth", "ffn_ratio", "offset_conditioning")
+Head = TypeVar("Head", bound=nn.Module)
 
 
 def gather_state(optimization: HeadOptimizer) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -88,6 +89,36 @@ def broadcast_header(values: list[int], device: torch.device) -> list[int]:
     return header.tolist()
 
 
+def head_training_state(head: Any) -> dict[str, Any]:
+    """``ForesightHead.training_state()``: weights, optimizer, schedule position, every rank's replay RNG."""
+    weights, optimizer_state = gather_state(head.optimization)
+    return {
+        "format": TRAINING_STATE_FORMAT,
+        "head": weights,
+        "optimizer": optimizer_state,
+        "steps_taken": head.steps_taken,
+        "replay_rng": head.replay_cache.rng_states(next(head.parameters()).device),
+        "config": head.config.to_dict(),
+        "student_dim": head.student_dim,
+        "encoder_dim": head.encoder_dim,
+    }
+
+
+def load_head_training_state(head: Any, state: Mapping[str, Any]) -> None:
+    """``ForesightHead.load_training_state``: rank 0's state, checked before anything loads."""
+    rank = world()[0]
+    device = next(head.parameters()).device
+    if rank == 0:
+        check_training_state(head, state)  # a bad state changes nothing
+    # Rank 0 decides; the others follow (they may hold an empty dict).
+    header = [int(state.get("optimizer") is not None), int(state.get("steps_taken", 0))] if rank == 0 else [0, 0]
+    has_optimizer, steps_taken = broadcast_header(header, device)
+    restore_state(head.optimization, state.get("head", {}), state.get("optimizer", {}) if has_optimizer else None)
+    head.steps_taken = steps_taken
+    head.replay_cache.load_rng_states(state.get("replay_rng") if rank == 0 else None, device)
+    head.replay_cache.clear()
+
+
 def check_training_state(head: Any, state: Any) -> None:
     """``state`` is a training state of a ``ForesightHead`` like ``head`` (checked before anything loads)."""
     if not isinstance(state, Mapping) or state.get("format") != TRAINING_STATE_FORMAT:
@@ -145,6 +176,19 @@ def save_weights(module: nn.Module, path: str | os.PathLike, *, config: Foresigh
     metadata = {"format": FILE_FORMAT, "version": __version__, "config": config.to_json(),
                 "student_dim": str(student_dim), "encoder_dim": str(encoder_dim)}
     save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def load_weights(cls: type[Head], path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Head:
+    """``cls(config, student_dim, encoder_dim)`` with the weights of a file ``save_weights`` wrote."""
+    target = parse_device("device", device)
+    check_device_available("device", target)
+    tensors, config, student_dim, encoder_dim = read_weights(path)
+    head = cls(config, student_dim, encoder_dim)  # type: ignore[call-arg]
+    problems = state_problems(head.state_dict(), tensors)
+    if problems:
+        raise MiraiError(f"{os.fspath(path)} does not fit the head its metadata describes: {problems}")
+    head.load_state_dict(tensors, strict=True)
+    return head.to(target)
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], ForesightConfig, int, int]:

@@ -29,11 +29,9 @@ from torch import Tensor, nn
 
 from mirai_plugin import checkpoint
 from mirai_plugin.capture import CapturedHidden, HiddenRecord
-from mirai_plugin.checks import Rule, check, check_device_available, check_tensor, parse_device
-from mirai_plugin.collectives import world
+from mirai_plugin.checks import Rule, check, check_tensor
 from mirai_plugin.config import ForesightConfig
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.files import state_problems
 from mirai_plugin.group_loss import check_finite, group_losses
 from mirai_plugin.official.projector import head_from_official
 from mirai_plugin.optimizer import HeadOptimizer
@@ -329,33 +327,12 @@ class ForesightHead(nn.Module):
         tensors (on GPUs only rank 0 does), so save rank 0's dict. The replay cache is
         not included: resume at a generator step.
         """
-        weights, optimizer_state = checkpoint.gather_state(self.optimization)
-        return {
-            "format": checkpoint.TRAINING_STATE_FORMAT,
-            "head": weights,
-            "optimizer": optimizer_state,
-            "steps_taken": self.steps_taken,
-            "replay_rng": self.replay_cache.rng_states(next(self.parameters()).device),
-            "config": self.config.to_dict(),
-            "student_dim": self.student_dim,
-            "encoder_dim": self.encoder_dim,
-        }
+        return checkpoint.head_training_state(self)
 
     def load_training_state(self, state: Mapping[str, Any]) -> None:
         """Resume from ``training_state()``. With a process group call it on every rank;
         rank 0's dict is used (other ranks may pass ``{}``)."""
-        rank = world()[0]
-        device = next(self.parameters()).device
-        if rank == 0:
-            checkpoint.check_training_state(self, state)  # before anything is loaded: a bad state changes nothing
-        # Rank 0 decides; the others follow (they may hold an empty dict).
-        header = [int(state.get("optimizer") is not None), int(state.get("steps_taken", 0))] if rank == 0 else [0, 0]
-        has_optimizer, steps_taken = checkpoint.broadcast_header(header, device)
-        checkpoint.restore_state(self.optimization, state.get("head", {}),
-                                 state.get("optimizer", {}) if has_optimizer else None)
-        self.steps_taken = steps_taken
-        self.replay_cache.load_rng_states(state.get("replay_rng") if rank == 0 else None, device)
-        self.replay_cache.clear()
+        checkpoint.load_head_training_state(self, state)
 
     # ------------------------------------------------------------ save/load
 
@@ -368,15 +345,7 @@ class ForesightHead(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ForesightHead:
         """Rebuild a head written by ``save`` (settings included)."""
-        target = parse_device("device", device)
-        check_device_available("device", target)
-        tensors, config, student_dim, encoder_dim = checkpoint.read_weights(path)
-        head = cls(config, student_dim, encoder_dim)
-        problems = state_problems(head.state_dict(), tensors)
-        if problems:
-            raise MiraiError(f"{os.fspath(path)} does not fit the head its metadata describes: {problems}")
-        head.load_state_dict(tensors, strict=True)
-        return head.to(target)
+        return checkpoint.load_weights(cls, path, device=device)
 
     @classmethod
     def load_official(

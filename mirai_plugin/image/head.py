@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, HiddenRecord
-from mirai_plugin.checks import Rule, check, check_tensor
 from mirai_plugin.checkpoint import gather_state, restore_state
+from mirai_plugin.checks import Rule, check, check_tensor
 from mirai_plugin.collectives import log_once
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import state_problems
