@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import pytest
 
 from mirai_plugin import MiraiError
-from mirai_plugin.cli import main
-from mirai_plugin.patching import PATCHES, UpstreamPatch, parse_patch, patch_problems
+from mirai_plugin.tooling.cli import main
+from mirai_plugin.tooling.patching import PATCHES, UpstreamPatch, parse_patch, patch_problems
 
 
 @pytest.mark.parametrize("name", sorted(PATCHES))

@@ -30,7 +30,7 @@ from mirai_plugin.errors import MiraiError
 
 
 def _patch_command(args: argparse.Namespace) -> int:
-    from mirai_plugin.patching import PATCHES, apply_patch, inspect_checkout, parse_patch, revert_patch
+    from mirai_plugin.tooling.patching import PATCHES, apply_patch, inspect_checkout, parse_patch, revert_patch
 
     if args.action == "list":
         for patch in PATCHES.values():
@@ -72,13 +72,23 @@ def _check_demo_flags(args: argparse.Namespace) -> None:
         raise MiraiError(f"--out {args.out} is a file; the demo writes results.json and figure.png into a folder")
 
 
+def _require_extra(extra: str, module: str, package: str) -> None:
+    """A tooling command whose extra is not installed stops here, naming the install (exit 2)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MiraiError(f"this command needs {package}, which the core install leaves out: "
+                         f"pip install 'mirai-plugin[{extra}]' (or pip install {package})")
+
+
 def _demo_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    _require_extra("demo", "PIL", "pillow")  # the figure; checked before anything trains
     _check_demo_flags(args)
     if args.image:
         return _image_demo_command(args)
-    from mirai_plugin.demo.run import make_config, run_demo
+    from mirai_plugin.tooling.demo.run import make_config, run_demo
 
     cfg = make_config(
         quick_run=args.quick,
@@ -95,7 +105,7 @@ def _demo_command(args: argparse.Namespace) -> int:
 def _image_demo_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mirai_plugin.demo.image import make_image_config, run_image_demo
+    from mirai_plugin.tooling.demo.image import make_image_config, run_image_demo
 
     video_only = [flag for flag, value in (("--offsets", args.offsets), ("--workers", args.workers))
                   if value is not None]
@@ -115,7 +125,7 @@ def _probe_command(args: argparse.Namespace) -> int:
     import json
 
     from mirai_plugin.files import read_safetensors
-    from mirai_plugin.probe import probe
+    from mirai_plugin.tooling.probe import probe
 
     tensors, _ = read_safetensors(args.features, what="probe features")
     if "targets" not in tensors:
@@ -182,7 +192,7 @@ def _read_percent_csv(path: str) -> dict[str, Any]:
 def _scores_of(paths: list[str]) -> dict[str, float]:
     from pathlib import Path
 
-    from mirai_plugin.eval import load_aggregates, scores_from_percent
+    from mirai_plugin.tooling.eval import load_aggregates, scores_from_percent
 
     if len(paths) == 1 and Path(paths[0]).is_file():
         if paths[0].endswith(".csv"):
@@ -196,7 +206,7 @@ def _scores_of(paths: list[str]) -> dict[str, float]:
 def _score_command(args: argparse.Namespace) -> int:
     import json
 
-    from mirai_plugin.eval import DIMENSIONS, final_scores
+    from mirai_plugin.tooling.eval import DIMENSIONS, final_scores
 
     scores = _scores_of(args.results)
     totals = final_scores(scores)
@@ -214,7 +224,7 @@ def _compare_command(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from mirai_plugin.eval import compare, load_results
+    from mirai_plugin.tooling.eval import compare, load_results
 
     _at_least("--bootstrap", args.bootstrap, 2, "10000 is the usual count")
     _at_least("--seed", args.seed, 0)
@@ -244,7 +254,7 @@ def _compare_command(args: argparse.Namespace) -> int:
 
 
 def _vbench_command(args: argparse.Namespace) -> int:
-    from mirai_plugin.eval.runner import run_vbench
+    from mirai_plugin.tooling.eval.runner import run_vbench
 
     path = run_vbench(args.videos, mode=args.mode, dimensions=args.dimensions, output=args.out, name=args.name,
                       device=args.device)
@@ -256,7 +266,7 @@ def _flops_command(args: argparse.Namespace) -> int:
     import json
 
     from mirai_plugin import ForesightConfig
-    from mirai_plugin.flops import CycleShape, cycle_from_upstream, dmd_cycle, report
+    from mirai_plugin.tooling.flops import CycleShape, cycle_from_upstream, dmd_cycle, report
 
     if args.config:
         cycle, foresight = cycle_from_upstream(_load_config(args.config))
@@ -276,8 +286,8 @@ def _memory_command(args: argparse.Namespace) -> int:
 
     from mirai_plugin import ForesightConfig
     from mirai_plugin.checks import Rule, check
-    from mirai_plugin.flops import CycleShape, cycle_from_upstream
-    from mirai_plugin.memory import memory_for_cycle
+    from mirai_plugin.tooling.flops import CycleShape, cycle_from_upstream
+    from mirai_plugin.tooling.memory import memory_for_cycle
 
     mixed_precision = True
     if args.config:

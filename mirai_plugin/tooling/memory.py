@@ -47,9 +47,9 @@ import torch
 
 from mirai_plugin.config import ForesightConfig
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.flops import CycleShape
 from mirai_plugin.head import ForesightHead
 from mirai_plugin.predictor import DiTPredictor
+from mirai_plugin.tooling.flops import CycleShape
 
 _FLOAT32 = 4  # bytes: statistics that norms and attention keep in float32 whatever the input dtype
 
@@ -294,9 +294,9 @@ def foresight_memory(
 
 
 def memory_for_cycle(cycle: CycleShape, config: ForesightConfig, **kwargs: Any) -> ForesightMemory:
-    """``foresight_memory`` with the widths and video shape of a ``mirai_plugin.flops.CycleShape``.
+    """``foresight_memory`` with the widths and video shape of a ``mirai_plugin.tooling.flops.CycleShape``.
 
-    >>> from mirai_plugin.flops import CycleShape
+    >>> from mirai_plugin.tooling.flops import CycleShape
     >>> memory = memory_for_cycle(CycleShape(), ForesightConfig())  # the official recipe
     >>> memory.parameter_count
     92877312

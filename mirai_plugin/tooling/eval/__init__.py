@@ -3,15 +3,15 @@
 Nothing here imports ``vbench``; only ``runner.run_vbench`` needs it, in its own environment.
 """
 
-from mirai_plugin.eval.bootstrap import Row, compare
-from mirai_plugin.eval.consistency import (
+from mirai_plugin.tooling.eval.bootstrap import Row, compare
+from mirai_plugin.tooling.eval.consistency import (
     background_consistency,
     feature_consistency,
     subject_consistency,
     temporal_flickering,
 )
-from mirai_plugin.eval.results import DimensionResult, load_aggregates, load_results, prompt_of
-from mirai_plugin.eval.vbench_score import DIMENSIONS, QUALITY, SEMANTIC, final_scores, scores_from_percent
+from mirai_plugin.tooling.eval.results import DimensionResult, load_aggregates, load_results, prompt_of
+from mirai_plugin.tooling.eval.vbench_score import DIMENSIONS, QUALITY, SEMANTIC, final_scores, scores_from_percent
 
 __all__ = [
     "DIMENSIONS",
