@@ -60,12 +60,15 @@ def test_targets_match(case):
 def test_projector_outputs_match(case):
     tensors, meta = load(case)
     head = official_head(tensors, meta)
+    compared = set()
     with torch.no_grad():
         for k in meta["segments"]:
             for d in meta["offsets"]:
                 name = f"projector_out.{k}" if meta["config"]["foresight_delta_mean_pool"] else f"projector_out.{k}.{d}"
                 if name in tensors:
                     assert max_err(head.predict(tensors[f"student_hidden.{k}"], d), tensors[name]) <= ATOL
+                    compared.add(name)
+    assert compared and compared == {name for name in tensors if name.startswith("projector_out.")}
 
 
 @pytest.mark.parametrize("case", CASES)
