@@ -188,6 +188,7 @@ def test_image_demo_options_are_validated(capsys):
 # --------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_quick_image_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--image", "--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
