@@ -71,8 +71,10 @@ def test_an_old_path_warns_and_is_the_moved_module(old, monkeypatch):
     for name in [m for m in sys.modules if m == old or m.startswith(old + ".")] + [old.rpartition(".")[0]]:
         if name.startswith("mirai_plugin.") and not name.startswith("mirai_plugin.tooling"):
             monkeypatch.delitem(sys.modules, name, raising=False)  # import it afresh; restored afterwards
-    with pytest.warns(DeprecationWarning, match=f"{old} moved to {MOVED[old]}"):
+    with warnings.catch_warnings(record=True) as caught:  # a module of a package: the package warns too
+        warnings.simplefilter("always")
         module = importlib.import_module(old)
+    assert [w for w in caught if w.category is DeprecationWarning and f"{old} moved to {MOVED[old]};" in str(w.message)]
     assert module is new
     public = [name for name in vars(new) if not name.startswith("__")]
     assert all(getattr(module, name) is getattr(new, name) for name in public)  # the package demo has none
@@ -106,3 +108,18 @@ def test_the_demo_without_its_extra_exits_2_naming_the_install(argv, monkeypatch
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'mirai-plugin[demo]'" in err
     assert not (tmp_path / "out").exists()  # stopped before anything ran
+
+
+def test_benchmarks_and_tools_import_no_tests_and_benchmarks_no_demo_models():
+    import re
+
+    root = PACKAGE.parent
+    test_modules = {p.stem for p in (root / "tests").glob("*.py")}
+    scripts = sorted(root.glob("benchmarks/**/*.py")) + sorted(root.glob("tools/*.py"))
+    assert len(scripts) >= 10  # the walk found them
+    for path in scripts:
+        names = _imported(path)
+        assert not {name.split(".")[0] for name in names} & test_modules, path
+        assert not re.search(r"sys\.path\.\w+\(.*[\"']tests[\"']", path.read_text()), path
+        if "benchmarks" in path.parts:
+            assert not [name for name in names if name.startswith(("mirai_plugin.tooling.demo", "mirai_plugin.demo"))], path
