@@ -54,15 +54,13 @@ class _Submodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def alias(old: str, new: str) -> None:
     """Warn that ``old`` moved to ``new``; make ``old`` the module ``new`` (or run it, under ``python -m``)."""
-    main = sys.modules.get("__main__")
     if old == "__main__":  # python -m OLD: warn from __main__ (shown by default) and run NEW
-        _warn(getattr(main.__spec__, "name", new), new, 3)
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        _warn(getattr(spec, "name", None) or new, new, 3)
         runpy.run_module(new, run_name="__main__", alter_sys=True)
         return
     _warn(old, new, 4)  # 1: _warn, 2: alias, 3: the old module, 4: the importer
     module = importlib.import_module(new)
-    if hasattr(module, "__path__") and not any(
-        isinstance(f, _Submodules) and f.old == old for f in sys.meta_path
-    ):
-        sys.meta_path.insert(0, _Submodules(old, new))
+    if hasattr(module, "__path__") and not any(isinstance(f, _Submodules) and f.old == old for f in sys.meta_path):
+        sys.meta_path.insert(0, _Submodules(old, new))  # old.x -> new.x
     sys.modules[old] = module  # the import system returns this one
