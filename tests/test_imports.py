@@ -1,17 +1,20 @@
-"""`import mirai_plugin` stays light: no diffusers, transformers or vbench."""
+"""`import mirai_plugin` stays light: no diffusers, transformers or vbench; the core loads no tooling."""
 
 import subprocess
 import sys
 
 
-def test_import_pulls_no_heavy_packages():
+def test_import_pulls_no_heavy_packages_and_the_core_no_tooling():
     code = (
         "import sys, mirai_plugin\n"
         "heavy = [m for m in ('diffusers', 'transformers', 'vbench', 'omegaconf') if m in sys.modules]\n"
-        "print(heavy)\n"
+        "import mirai_plugin.image, mirai_plugin.distributed, mirai_plugin.official\n"
+        "import mirai_plugin.integrations.self_forcing, mirai_plugin.integrations.llamagen\n"
+        "tooling = sorted(m for m in sys.modules if m.startswith(('mirai_plugin.tooling', 'PIL')))\n"
+        "print(heavy, tooling)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.strip() == "[] []"
 
 
 def test_public_names_resolve_and_cover_the_readme_imports():

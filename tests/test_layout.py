@@ -55,16 +55,6 @@ def test_the_core_imports_no_tooling():
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
-def test_importing_the_core_loads_no_tooling():
-    code = (
-        "import sys, mirai_plugin, mirai_plugin.image, mirai_plugin.distributed, mirai_plugin.official\n"
-        "import mirai_plugin.integrations.self_forcing, mirai_plugin.integrations.llamagen\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('mirai_plugin.tooling', 'PIL'))))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
-
-
 @pytest.mark.parametrize("old", MOVED)
 def test_an_old_path_warns_and_is_the_moved_module(old, monkeypatch):
     new = importlib.import_module(MOVED[old])
