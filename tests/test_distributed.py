@@ -5,7 +5,7 @@ import pytest
 
 import distributed_cases as cases
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # two processes each: 10-25 s
 
 
 @pytest.mark.parametrize(
