@@ -17,7 +17,6 @@ def run(*args, nproc=None):
     return [line for line in result.stdout.splitlines() if line.startswith("step")]
 
 
-@pytest.mark.slow  # ~30 s on 2 shared cores
 def test_plain_loop_trains():
     lines = run(EXAMPLES / "plain_loop.py")
     assert len(lines) == 5 and "foresight" in lines[-1]
