@@ -4,10 +4,6 @@ Training only: capture the generator's mid-depth hidden state per segment, ask a
 small predictor to match what a frozen bidirectional encoder sees at segments k
 and k+1 of the same rollout, and add the cosine loss to the generator loss.
 Inference is untouched.
-
->>> import mirai_plugin
->>> sorted(mirai_plugin.__all__)[:3]
-['CapturedHidden', 'ForesightConfig', 'ForesightHead']
 """
 
 from mirai_plugin.capture import CapturedHidden, HiddenRecord, capture_hidden

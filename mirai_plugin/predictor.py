@@ -10,7 +10,7 @@ attention never crosses segments, and rows can go through it in any grouping.
 ``saved_bytes(tokens, itemsize)`` is what autograd saves when ``tokens`` tokens go
 through a predictor whose parameters have ``itemsize`` bytes per element; counted
 tensor by tensor from the forward, exact on the CPU kernels (tests/test_memory.py).
-The head sizes its groups of segments with it, and mirai_plugin.memory reports it.
+The head sizes its groups of segments with it, and mirai_plugin.tooling.memory reports it.
 """
 
 from __future__ import annotations

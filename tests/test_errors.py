@@ -18,11 +18,11 @@ from test_glue import ARGS, TinyDMD
 from torch import nn
 
 from mirai_plugin import ForesightConfig, ForesightHead, FrozenEncoder, MiraiError, capture_hidden, fuse_targets
-from mirai_plugin.cli import main
-from mirai_plugin.eval.synthetic import synthetic_results
+from mirai_plugin.tooling.cli import main
+from synthetic import synthetic_results
 from mirai_plugin.image import FrozenImageEncoder, ImageForesightConfig, TokenForesightHead
 from mirai_plugin.keys import CONFIG_KEYS, GLUE_KEYS, NOT_IMPLEMENTED
-from mirai_plugin.patching import PATCHES, parse_patch
+from mirai_plugin.tooling.patching import PATCHES, parse_patch
 
 omegaconf = pytest.importorskip("omegaconf")
 OmegaConf = omegaconf.OmegaConf
@@ -323,7 +323,7 @@ def test_compare_refuses_a_per_video_value_out_of_range(tmp_path, capsys):
 
 
 def test_vbench_yes_no_per_video_results_count_as_rates(tmp_path):
-    from mirai_plugin.eval import load_results
+    from mirai_plugin.tooling.eval import load_results
 
     data = synthetic_results(0, prompts=2, seeds=2)
     entries = [{"video_path": f"/v/p{p}-{s}.mp4", "video_results": (p + s) % 2 == 0} for p in range(2) for s in range(2)]
@@ -549,7 +549,7 @@ def test_meta_device_inputs_are_refused_by_name():
 def toy_with_config(tmp_path, monkeypatch):
     from dataclasses import dataclass
 
-    from mirai_plugin.patching import UpstreamPatch
+    from mirai_plugin.tooling.patching import UpstreamPatch
 
     @dataclass(frozen=True)
     class Toy(UpstreamPatch):
@@ -661,7 +661,7 @@ def test_config_check_merges_the_default_config_like_the_trainer(tmp_path, capsy
 
 
 def test_cli_errors_exit_2_without_traceback_unless_debug(tmp_path):
-    command = [sys.executable, "-m", "mirai_plugin.cli", "config", "check", str(tmp_path / "missing.yaml")]
+    command = [sys.executable, "-m", "mirai_plugin.tooling.cli", "config", "check", str(tmp_path / "missing.yaml")]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "MIRAI_DEBUG": ""}, check=False)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: no such config file")
     assert "Traceback" not in result.stderr

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mirai_plugin import ForesightConfig, ForesightHead, MiraiError
-from mirai_plugin.cli import main
-from mirai_plugin.flops import CycleShape
-from mirai_plugin.memory import foresight_memory, memory_for_cycle
+from mirai_plugin.tooling.cli import main
+from mirai_plugin.tooling.flops import CycleShape
+from mirai_plugin.tooling.memory import foresight_memory, memory_for_cycle
 
 D, E, TOKENS_PER_FRAME, FRAMES, BATCH = 16, 24, 4, 4, 2  # 4 segments of 1 frame
 

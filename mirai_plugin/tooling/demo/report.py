@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from mirai_plugin.eval.bootstrap import paired_row
-from mirai_plugin.eval.results import DimensionResult
+from mirai_plugin.tooling.eval.bootstrap import paired_row
+from mirai_plugin.tooling.eval.results import DimensionResult
 
 ARMS = ("baseline", "foresight", "control")
 LABELS = {"start": "start (pretrained)", "baseline": "baseline (DMD)", "foresight": "+ foresight",
@@ -23,7 +23,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def paired_bootstrap(baseline: list[float], candidate: list[float], *, replicates: int, seed: int,
                      level: float) -> dict[str, float]:
-    """``mirai_plugin.eval``'s paired bootstrap on one per-video metric: the videos (the prompts there)
+    """``mirai_plugin.tooling.eval``'s paired bootstrap on one per-video metric: the videos (the prompts there)
     are resampled with replacement, the same draw for both arms, each replicate re-aggregated (a mean
     here), and the percentile CI taken of the difference ``candidate - baseline``."""
     units = tuple(str(i) for i in range(len(baseline)))

@@ -134,8 +134,8 @@ def figure(per_seed: dict[str, list[dict]], samples: dict, path: Path, *, per_ro
     arm, a red frame around samples breaking their rule."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from mirai_plugin.demo.image_world import FAMILIES, PALETTE, satisfies
-    from mirai_plugin.demo.report import load_font
+    from mirai_plugin.tooling.demo.image_world import FAMILIES, PALETTE, satisfies
+    from mirai_plugin.tooling.demo.report import load_font
 
     arms, cell = list(per_seed), 5  # pixels per token
     side = 8 * cell + 4

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from mirai_plugin import capture_hidden
-from mirai_plugin.demo.image_models import MaskedTokenEncoder, TinyGPT
-from mirai_plugin.demo.image_report import figure, summarise, table
-from mirai_plugin.demo.image_world import FAMILIES, ImageWorld, nll_per_token, satisfies
-from mirai_plugin.demo.progress import Progress
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.image import EMASource, FrozenImageEncoder, ImageForesightConfig, TokenForesightHead
+from mirai_plugin.tooling.demo.image_models import MaskedTokenEncoder, TinyGPT
+from mirai_plugin.tooling.demo.image_report import figure, summarise, table
+from mirai_plugin.tooling.demo.image_world import FAMILIES, ImageWorld, nll_per_token, satisfies
+from mirai_plugin.tooling.demo.progress import Progress
 
 ARMS = ("baseline", "mirai-e", "mirai-i")
 

@@ -17,8 +17,8 @@ import torch
 
 from mirai_plugin.checks import Rule, check
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.eval.results import DimensionResult
-from mirai_plugin.eval.vbench_score import DIMENSIONS, check_dimensions, final_scores
+from mirai_plugin.tooling.eval.results import DimensionResult
+from mirai_plugin.tooling.eval.vbench_score import DIMENSIONS, check_dimensions, final_scores
 
 
 @dataclass(frozen=True)
