@@ -66,8 +66,9 @@ class ForesightHead(nn.Module):
         >>> hidden = [torch.randn(1, 4, 16, requires_grad=True) for _ in range(3)]  # 3 segments, 4 tokens
         >>> z = torch.randn(1, 12, 24)                                              # encoder view, 3 frames
         >>> loss = head(hidden, z)
-        >>> loss.shape, loss.requires_grad
-        (torch.Size([]), True)
+        >>> loss.backward()                     # the gradient reaches the captured states
+        >>> loss.shape, hidden[0].grad.shape
+        (torch.Size([]), torch.Size([1, 4, 16]))
     """
 
     predictor: DiTPredictor | MLP | MultiMLP
