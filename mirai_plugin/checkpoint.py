@@ -75,7 +75,8 @@ def restore_state(optimization: HeadOptimizer, weights: Mapping[str, Any],
     set_model_state_dict(module, copy_containers(weights), options=options)
     if optimizer_state is None:
         return
-    if all(isinstance(key, int) for key in optimizer_state.get("state", {})):
+    legacy = "param_groups" in optimizer_state and all(isinstance(key, int) for key in optimizer_state["state"])
+    if legacy:
         optimization.optimizer.load_state_dict(copy_containers(optimizer_state))
     else:
         set_optimizer_state_dict(module, optimization.optimizer, copy_containers(optimizer_state), options=options)
