@@ -20,6 +20,7 @@ from checkouts import UPSTREAMS, checkout
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "llamagen_harness.py"
+pytestmark = pytest.mark.slow  # each test runs the real trainer in a subprocess (tens of seconds)
 
 
 @pytest.fixture(scope="module")

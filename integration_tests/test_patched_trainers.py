@@ -23,6 +23,7 @@ from checkouts import checkout
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "trainer_harness.py"
+pytestmark = pytest.mark.slow  # each test runs the real trainer in a subprocess (tens of seconds)
 LAYERS = {"foresight_student_layer": 1, "foresight_teacher_layer": 2}  # tiny models have 4 blocks
 TOLERANCE = 1e-5
 

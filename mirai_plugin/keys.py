@@ -188,3 +188,9 @@ def glue_value(args: Any, key: str, default: Any = None) -> Any:
     if value is None:
         return default
     return check(key, value, GLUE_RULES[key], coerce=True)
+
+
+def key_reader(args: Any):
+    """``get(key, default)`` over a trainer config (a mapping or a namespace; see ``mirai_plugin.keys``)."""
+    _, get = config_view(args)
+    return lambda key, default: default if get(key) is None else get(key)

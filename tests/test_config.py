@@ -6,7 +6,7 @@ import pytest
 
 from mirai_plugin import ForesightConfig, MiraiError
 
-OFFICIAL_RECIPE = dict(  # the keys METHOD.md lists for the official Stage-3 recipe
+OFFICIAL_RECIPE = dict(  # the official Stage-3 recipe, as docs/self-forcing.md lists its keys
     foresight_weight=0.2,
     foresight_student_layer=15,
     foresight_teacher_layer=20,

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from mirai_plugin import MiraiError
-from mirai_plugin.cli import main
-from mirai_plugin.demo.image import ARMS, ImageDemoConfig, make_image_config, new_model, train_arm
-from mirai_plugin.demo.image_models import MaskedTokenEncoder
-from mirai_plugin.demo.image_report import summarise
-from mirai_plugin.demo.image_world import FAMILIES, VOCAB, ImageWorld, nll_per_token, satisfies
-from mirai_plugin.demo.progress import Progress
+from mirai_plugin.tooling.cli import main
+from mirai_plugin.tooling.demo.image import ARMS, ImageDemoConfig, make_image_config, new_model, train_arm
+from mirai_plugin.tooling.demo.image_models import MaskedTokenEncoder
+from mirai_plugin.tooling.demo.image_report import summarise
+from mirai_plugin.tooling.demo.image_world import FAMILIES, VOCAB, ImageWorld, nll_per_token, satisfies
+from mirai_plugin.tooling.demo.progress import Progress
 
 MIRROR, RECTANGLE, RECURRENCE = (FAMILIES.index(name) for name in ("mirror", "rectangle", "recurrence"))
 
@@ -188,6 +188,7 @@ def test_image_demo_options_are_validated(capsys):
 # --------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_quick_image_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--image", "--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out

@@ -5,7 +5,7 @@ import pytest
 
 import distributed_cases as cases
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # two processes each: 7-25 s, 90 s in all
 
 
 @pytest.mark.parametrize(

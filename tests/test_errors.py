@@ -18,11 +18,11 @@ from test_glue import ARGS, TinyDMD
 from torch import nn
 
 from mirai_plugin import ForesightConfig, ForesightHead, FrozenEncoder, MiraiError, capture_hidden, fuse_targets
-from mirai_plugin.cli import main
-from mirai_plugin.eval.synthetic import synthetic_results
+from mirai_plugin.tooling.cli import main
+from synthetic import synthetic_results
 from mirai_plugin.image import FrozenImageEncoder, ImageForesightConfig, TokenForesightHead
 from mirai_plugin.keys import CONFIG_KEYS, GLUE_KEYS, NOT_IMPLEMENTED
-from mirai_plugin.patching import PATCHES, parse_patch
+from mirai_plugin.tooling.patching import PATCHES, parse_patch
 
 omegaconf = pytest.importorskip("omegaconf")
 OmegaConf = omegaconf.OmegaConf
@@ -183,9 +183,9 @@ def test_a_config_written_as_upstream_keys_reads_back_the_same():
 
 
 def test_foresight_keys_with_the_weight_off_are_reported_once_on_rank_0(caplog, monkeypatch):
-    from mirai_plugin import distributed
+    from mirai_plugin import collectives
 
-    monkeypatch.setattr(distributed, "_SAID", set())
+    monkeypatch.setattr(collectives, "_SAID", set())
     off = {**OFFICIAL_RECIPE, "foresight_weight": 0}
     with caplog.at_level(logging.WARNING, logger="mirai_plugin"):
         assert not ForesightConfig.from_upstream(off).enabled
@@ -323,7 +323,7 @@ def test_compare_refuses_a_per_video_value_out_of_range(tmp_path, capsys):
 
 
 def test_vbench_yes_no_per_video_results_count_as_rates(tmp_path):
-    from mirai_plugin.eval import load_results
+    from mirai_plugin.tooling.eval import load_results
 
     data = synthetic_results(0, prompts=2, seeds=2)
     entries = [{"video_path": f"/v/p{p}-{s}.mp4", "video_results": (p + s) % 2 == 0} for p in range(2) for s in range(2)]
@@ -383,12 +383,15 @@ def test_load_of_a_foreign_file_names_the_file(tmp_path):
 
 
 def test_load_of_a_file_whose_tensors_do_not_fit_its_metadata(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     head, path = saved_head(tmp_path)
+    with safe_open(str(path), "pt") as file:
+        metadata = file.metadata()
     tensors = {k: v.clone() for k, v in head.state_dict().items()}
     tensors["project.weight"] = torch.zeros(5, 16)
-    save_file(tensors, str(path), metadata=head._metadata())
+    save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(MiraiError, match=r"does not fit the head its metadata describes: wrong shapes \['project.weight"):
         ForesightHead.load(path)
 
@@ -451,9 +454,9 @@ def test_image_k_beyond_the_grid_is_refused_when_the_head_is_built():
 
 
 def test_image_heads_without_a_pair_are_left_out_of_the_average_and_reported(caplog, monkeypatch):
-    from mirai_plugin import distributed
+    from mirai_plugin import collectives
 
-    monkeypatch.setattr(distributed, "_SAID", set())
+    monkeypatch.setattr(collectives, "_SAID", set())
     # (1, 1) pairs token 0 with token 3 on the full 2x2 grid, but not with the 3 positions an EMA target has
     cfg = ImageForesightConfig(offsets=((0, 0), (1, 1)), projector_dim=8, prefix_tokens=1, align_prefix=False)
     head = TokenForesightHead(cfg, 8, 8, (2, 2))
@@ -546,7 +549,7 @@ def test_meta_device_inputs_are_refused_by_name():
 def toy_with_config(tmp_path, monkeypatch):
     from dataclasses import dataclass
 
-    from mirai_plugin.patching import UpstreamPatch
+    from mirai_plugin.tooling.patching import UpstreamPatch
 
     @dataclass(frozen=True)
     class Toy(UpstreamPatch):
@@ -658,7 +661,7 @@ def test_config_check_merges_the_default_config_like_the_trainer(tmp_path, capsy
 
 
 def test_cli_errors_exit_2_without_traceback_unless_debug(tmp_path):
-    command = [sys.executable, "-m", "mirai_plugin.cli", "config", "check", str(tmp_path / "missing.yaml")]
+    command = [sys.executable, "-m", "mirai_plugin.tooling.cli", "config", "check", str(tmp_path / "missing.yaml")]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "MIRAI_DEBUG": ""}, check=False)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: no such config file")
     assert "Traceback" not in result.stderr
@@ -676,9 +679,9 @@ def test_an_os_error_in_a_command_is_one_line(tmp_path, capsys):
 
 
 def test_the_glue_logs_the_resolved_config_once_at_start_up(caplog, monkeypatch):
-    from mirai_plugin import distributed
+    from mirai_plugin import collectives
 
-    monkeypatch.setattr(distributed, "_SAID", set())
+    monkeypatch.setattr(collectives, "_SAID", set())
     with caplog.at_level(logging.INFO, logger="mirai_plugin"):
         TinyDMD(ARGS)
         TinyDMD(ARGS)

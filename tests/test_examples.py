@@ -22,6 +22,7 @@ def test_plain_loop_trains():
     assert len(lines) == 5 and "foresight" in lines[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_torchrun_loop_same_numbers_under_fsdp_and_fsdp2_and_after_a_restart(tmp_path):
     script = EXAMPLES / "torchrun_loop.py"

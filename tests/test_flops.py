@@ -7,8 +7,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mirai_plugin import ForesightConfig, ForesightHead
-from mirai_plugin.cli import main
-from mirai_plugin.flops import CycleShape, TransformerShape, block_flops, dmd_cycle, forward_flops
+from mirai_plugin.tooling.cli import main
+from mirai_plugin.tooling.flops import CycleShape, TransformerShape, block_flops, dmd_cycle, forward_flops
 
 
 class WanShapedBlock(nn.Module):

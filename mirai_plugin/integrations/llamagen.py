@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, capture_hidden
-from mirai_plugin.distributed import broadcast_module
+from mirai_plugin.collectives import broadcast_module
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.image import EMASource, FrozenImageEncoder, ImageForesightConfig, TokenForesightHead
 from mirai_plugin.integrations.glue import CHECKPOINT_KEY, checkpoint_entry

@@ -52,14 +52,16 @@ from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, capture_hidden
 from mirai_plugin.checks import Rule, check
-from mirai_plugin.config import ForesightConfig, key_reader
-from mirai_plugin.distributed import broadcast_module, log_once, shard_head
+from mirai_plugin.collectives import broadcast_module, log_once
+from mirai_plugin.config import ForesightConfig
+from mirai_plugin.distributed import shard_head
 from mirai_plugin.encoder import FrozenEncoder
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import load_checkpoint
 from mirai_plugin.head import ForesightHead
 from mirai_plugin.integrations.glue import CHECKPOINT_KEY, checkpoint_entry
-from mirai_plugin.keys import GLUE_RULES, glue_value
+from mirai_plugin.keys import GLUE_RULES, glue_value, key_reader
+from mirai_plugin.wrappers import tokens_per_frame, wrapper_chain
 
 
 def with_foresight_capture(generator_loss: Callable) -> Callable:
@@ -92,7 +94,7 @@ class _UpstreamForesight:
         self._logged: dict[str, Tensor] = {}
         if not config.enabled:
             return
-        student = _core(model.generator)
+        student = wan_transformer(model.generator)
         self.config = config = config.replace(num_heads=config.num_heads or getattr(student, "num_heads", None))
         sharding = glue_value(args, "foresight_head_sharding", "replicate")
         init = glue_value(args, "foresight_head_init")
@@ -194,7 +196,7 @@ class _UpstreamForesight:
         raise NotImplementedError
 
     def _encoder_dim(self) -> int:
-        return _core(self._encoder()).dim
+        return wan_transformer(self._encoder()).dim
 
 
 class DMDForesight(_UpstreamForesight):
@@ -259,9 +261,8 @@ class ODEForesight(_UpstreamForesight):
         """``loss`` plus the foresight term with the ground-truth ``clean_video`` as the encoder input."""
         if not self.active:
             return loss
-        patch = getattr(_core(self._model.generator), "patch_size", (1, 2, 2))
-        tokens_per_frame = (clean_video.shape[-2] // patch[1]) * (clean_video.shape[-1] // patch[2])
-        return loss + self._term(clean_video, conditional_dict, log_dict, tokens_per_frame=tokens_per_frame)
+        s = tokens_per_frame(self._model.generator, *clean_video.shape[-2:])
+        return loss + self._term(clean_video, conditional_dict, log_dict, tokens_per_frame=s)
 
 
 # ----------------------------------------------------------------- helpers
@@ -294,17 +295,11 @@ def upstream_config(args: Any, stage: str) -> ForesightConfig:
 
 
 
-def _core(wrapper: nn.Module) -> nn.Module:
-    """The transformer inside a (possibly FSDP-wrapped) WanDiffusionWrapper."""
-    module = wrapper
-    for _ in range(6):
+def wan_transformer(wrapper: nn.Module) -> nn.Module:
+    """The Wan transformer (``.blocks`` and ``.dim``) inside a WanDiffusionWrapper, through any wrapper."""
+    for module, _ in wrapper_chain(wrapper, containers=True):
         if hasattr(module, "blocks") and hasattr(module, "dim"):
             return module
-        module = getattr(module, "_fsdp_wrapped_module", None) or getattr(module, "module", None) or getattr(
-            module, "model", None
-        )
-        if module is None:
-            break
     raise MiraiError(f"no Wan transformer (with .blocks and .dim) found inside {type(wrapper).__name__}")
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from mirai_plugin.eval.bootstrap import _row
-from mirai_plugin.eval.results import DimensionResult
+from mirai_plugin.tooling.eval.bootstrap import paired_row
+from mirai_plugin.tooling.eval.results import DimensionResult
 
 ARMS = ("baseline", "foresight", "control")
 LABELS = {"start": "start (pretrained)", "baseline": "baseline (DMD)", "foresight": "+ foresight",
@@ -23,7 +23,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def paired_bootstrap(baseline: list[float], candidate: list[float], *, replicates: int, seed: int,
                      level: float) -> dict[str, float]:
-    """``mirai_plugin.eval``'s paired bootstrap on one per-video metric: the videos (the prompts there)
+    """``mirai_plugin.tooling.eval``'s paired bootstrap on one per-video metric: the videos (the prompts there)
     are resampled with replacement, the same draw for both arms, each replicate re-aggregated (a mean
     here), and the percentile CI taken of the difference ``candidate - baseline``."""
     units = tuple(str(i) for i in range(len(baseline)))
@@ -32,8 +32,8 @@ def paired_bootstrap(baseline: list[float], candidate: list[float], *, replicate
     c = DimensionResult("metric", 0.0, units, torch.tensor(candidate, dtype=torch.float64), ones, len(units))
     draw = torch.randint(len(units), (replicates, len(units)), generator=torch.Generator().manual_seed(seed))
     replicate = {name: r.numerator[draw].sum(dim=1) / r.denominator[draw].sum(dim=1) for name, r in (("b", b), ("c", c))}
-    row = _row("metric", b.score, c.score, replicate["c"] - replicate["b"], level)
-    # `_row` reports fractions in percent; these values are already in their own unit.
+    row = paired_row("metric", b.score, c.score, replicate["c"] - replicate["b"], level)
+    # `paired_row` reports fractions in percent; these values are already in their own unit.
     return {"baseline": row.baseline / 100, "candidate": row.candidate / 100, "difference": row.difference / 100,
             "standard_error": row.standard_error / 100, "low": row.low / 100, "high": row.high / 100,
             "videos": len(units), "replicates": replicates, "level": level}
@@ -146,7 +146,7 @@ def figure(summary: dict, gate: dict, path: Path, *, train_segments: int) -> Non
     width, height = 1320, 800
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font, small = _font(ImageFont, 14), _font(ImageFont, 12)
+    font, small = load_font(ImageFont, 14), load_font(ImageFont, 12)
     arms = summary["arms"]
     per_seed, means = summary["per_seed"], summary["means"]
     cell_w, cell_h = width // 3, (height - 90) // 2
@@ -200,7 +200,7 @@ def _spread(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - std, mean + std
 
 
-def _font(ImageFont, size: int):  # the module passed in: image_report.py shares this helper
+def load_font(ImageFont, size: int):  # the module passed in: image_report.py shares this helper
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the bitmap font

@@ -17,12 +17,21 @@ from pathlib import Path
 
 import torch
 
-from mirai_plugin.demo.evaluation import encoder_gate
-from mirai_plugin.demo.experiment import ARMS, DemoConfig, Start, _state, load_config, quick, run_task, warm_up_fake
-from mirai_plugin.demo.pretrained import models_key, obtain_models
-from mirai_plugin.demo.progress import Progress
-from mirai_plugin.demo.report import figure, summarise, table, verdict
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.tooling.demo.evaluation import encoder_gate
+from mirai_plugin.tooling.demo.experiment import (
+    ARMS,
+    DemoConfig,
+    Start,
+    _state,
+    load_config,
+    quick,
+    run_task,
+    warm_up_fake,
+)
+from mirai_plugin.tooling.demo.pretrained import models_key, obtain_models
+from mirai_plugin.tooling.demo.progress import Progress
+from mirai_plugin.tooling.demo.report import figure, summarise, table, verdict
 
 
 def make_config(*, quick_run: bool = False, steps: int | None = None, seeds: int | None = None,

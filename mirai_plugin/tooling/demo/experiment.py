@@ -25,17 +25,17 @@ import torch
 from torch import Tensor
 
 from mirai_plugin import ForesightConfig, ForesightHead, FrozenEncoder, capture_hidden
-from mirai_plugin.demo.dmd import critic_loss, dmd_loss, rollout
-from mirai_plugin.demo.evaluation import (
+from mirai_plugin.tooling.demo.dmd import critic_loss, dmd_loss, rollout
+from mirai_plugin.tooling.demo.evaluation import (
     consistency,
     psnr_per_video,
     reappearance_colour_error,
     reappearance_frames,
     student_probe,
 )
-from mirai_plugin.demo.models import Student, Teacher
-from mirai_plugin.demo.pretrained import ModelSettings
-from mirai_plugin.demo.world import OccludedWorld
+from mirai_plugin.tooling.demo.models import Student, Teacher
+from mirai_plugin.tooling.demo.pretrained import ModelSettings
+from mirai_plugin.tooling.demo.world import OccludedWorld
 
 PREREGISTRATION = Path(__file__).with_name("preregistration.json")
 ARMS = ("baseline", "foresight", "control")

@@ -8,7 +8,7 @@ three models: the **teacher** (bidirectional, the real score and the frozen fore
 encoder), the **base** (bidirectional at the student's width: the fake score's
 initialisation) and the **student** (causal, teacher-forced denoising on true videos).
 All are denoisers trained on the world's videos. ``tools/train_demo_models.py`` trains
-them and writes the files shipped in ``mirai_plugin/demo/weights``. Files are used only
+them and writes the files shipped in ``mirai_plugin/tooling/demo/weights``. Files are used only
 when their recorded key matches ``models_key(settings)``, a hash of the settings and of
 the source of the code that produces them (this module, the world and the models);
 otherwise the models are trained here and kept in a local cache under that key.
@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mirai_plugin.demo import models as models_module
-from mirai_plugin.demo import world as world_module
-from mirai_plugin.demo.models import Student, Teacher
-from mirai_plugin.demo.progress import Progress
-from mirai_plugin.demo.world import OccludedWorld
+from mirai_plugin.tooling.demo import models as models_module
+from mirai_plugin.tooling.demo import world as world_module
+from mirai_plugin.tooling.demo.models import Student, Teacher
+from mirai_plugin.tooling.demo.progress import Progress
+from mirai_plugin.tooling.demo.world import OccludedWorld
 
 SHIPPED = Path(__file__).parent / "weights"
 

@@ -134,8 +134,8 @@ def figure(per_seed: dict[str, list[dict]], samples: dict, path: Path, *, per_ro
     arm, a red frame around samples breaking their rule."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from mirai_plugin.demo.image_world import FAMILIES, PALETTE, satisfies
-    from mirai_plugin.demo.report import _font
+    from mirai_plugin.tooling.demo.image_world import FAMILIES, PALETTE, satisfies
+    from mirai_plugin.tooling.demo.report import load_font
 
     arms, cell = list(per_seed), 5  # pixels per token
     side = 8 * cell + 4
@@ -143,7 +143,7 @@ def figure(per_seed: dict[str, list[dict]], samples: dict, path: Path, *, per_ro
     width = 500 + len(arms) * (block_width + 20)
     image = Image.new("RGB", (width, max(320, 40 + len(FAMILIES) * (side + 6) + 30)), "white")
     draw = ImageDraw.Draw(image)
-    font = _font(ImageFont, 12)
+    font = load_font(ImageFont, 12)
     _loss_panel(draw, (10, 10, 400, 300), per_seed, font)
     for f, name in enumerate(FAMILIES):
         draw.text((415, 32 + f * (side + 6) + side // 2 - 6), name, fill="black", font=font)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.eval.vbench_score import DIMENSIONS, canonical, check_score
+from mirai_plugin.tooling.eval.vbench_score import DIMENSIONS, canonical, check_score
 
 _SEED_SUFFIX = re.compile(r"-\d+$")
 

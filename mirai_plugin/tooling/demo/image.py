@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from mirai_plugin import capture_hidden
-from mirai_plugin.demo.image_models import MaskedTokenEncoder, TinyGPT
-from mirai_plugin.demo.image_report import figure, summarise, table
-from mirai_plugin.demo.image_world import FAMILIES, ImageWorld, nll_per_token, satisfies
-from mirai_plugin.demo.progress import Progress
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.image import EMASource, FrozenImageEncoder, ImageForesightConfig, TokenForesightHead
+from mirai_plugin.tooling.demo.image_models import MaskedTokenEncoder, TinyGPT
+from mirai_plugin.tooling.demo.image_report import figure, summarise, table
+from mirai_plugin.tooling.demo.image_world import FAMILIES, ImageWorld, nll_per_token, satisfies
+from mirai_plugin.tooling.demo.progress import Progress
 
 ARMS = ("baseline", "mirai-e", "mirai-i")
 
@@ -151,7 +151,7 @@ def train_arm(cfg: ImageDemoConfig, world: ImageWorld, arm: str, seed: int, enco
 
     if fcfg is not None:
         # both targets are cfg.dim wide: the EMA copy is the model, the encoder has the model's width
-        head = TokenForesightHead(fcfg, student_dim=cfg.dim, target_dim=cfg.dim, grid=grid)
+        head = TokenForesightHead(fcfg, student_dim=cfg.dim, encoder_dim=cfg.dim, grid=grid)
     run = ArmRun(model)
     for step in progress.range(cfg.steps, f"seed {seed} {arm}"):
         if step % cfg.eval_every == 0:

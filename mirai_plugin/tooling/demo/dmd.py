@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mirai_plugin.demo.models import Student, Teacher
+from mirai_plugin.tooling.demo.models import Student, Teacher
 
 DENOISING_STEPS = (1.0, 0.5)  # the student's few-step sampler (noise levels of its calls)
 

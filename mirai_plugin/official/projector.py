@@ -1,4 +1,4 @@
-"""Reading the projector state written by the official Video-Mirai trainer.
+"""Reading the projector written by the official Video-Mirai trainer into a head.
 
 The official trainer saves ``mirai_projector`` (a DiT projector) and, when the
 student and encoder widths differ, ``foresight_dim_proj`` (a bias-free linear)
@@ -7,13 +7,17 @@ next to the generator. This module maps those names onto ``ForesightHead``'s.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from typing import Any, TypeVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from mirai_plugin.config import ForesightConfig
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.files import load_checkpoint, state_problems
+from mirai_plugin.wrappers import strip_wrapper_prefixes
 
 # Official per-block names -> ours (block index kept).
 _BLOCK_NAMES = {
@@ -27,7 +31,6 @@ _BLOCK_NAMES = {
     "ffn.2": "ffn_out",
 }
 _OFFSET_EMBEDDER_NAMES = {"delta_embedder.mlp.0": "fc1", "delta_embedder.mlp.2": "fc2"}
-_WRAPPER_PREFIXES = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)$")
 _EMBEDDER_KEY = re.compile(r"(delta_embedder\.mlp\.\d)\.(weight|bias)$")
 
@@ -42,7 +45,7 @@ def _strip(state: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
             f"{what} must map names to tensors; these entries are not tensors: {not_tensors[:6]}"
             f"{' ...' if len(not_tensors) > 6 else ''}"
         )
-    return {_WRAPPER_PREFIXES.sub("", key): value for key, value in state.items()}
+    return {strip_wrapper_prefixes(key): value for key, value in state.items()}
 
 
 def official_to_head_state(
@@ -75,7 +78,7 @@ def official_to_head_state(
         encoder_dim = weight.shape[0]
         dim_state["project.weight"] = weight
 
-    from_checkpoint = {"predictor": "dit", "predictor_depth": depth}
+    from_checkpoint: dict[str, Any] = {"predictor": "dit", "predictor_depth": depth}
     if num_heads is not None:
         from_checkpoint["num_heads"] = num_heads
     if ffn_dim is not None:
@@ -123,3 +126,43 @@ def official_to_head_state(
             f"(timestep conditioning and cross-attention are not part of the released recipe)"
         )
     return config, student_dim, encoder_dim, state
+
+
+Head = TypeVar("Head", bound=nn.Module)
+
+
+def head_from_official(
+    cls: type[Head],
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    config: ForesightConfig | None,
+    dim_proj: Mapping[str, Tensor] | None,
+) -> Head:
+    """``cls(config, student_dim, encoder_dim)`` loaded from an official checkpoint (see
+    ``ForesightHead.load_official``)."""
+    where = "load_official"
+    if isinstance(source, (str, os.PathLike)):
+        where = os.fspath(source)
+        source = load_checkpoint(source, what="official checkpoint")
+    if not isinstance(source, Mapping):
+        raise MiraiError(
+            f"load_official needs a checkpoint path or a state dict, got {type(source).__name__}"
+            + (f" (read from {where})" if where != "load_official" else "")
+        )
+    if config is not None and not isinstance(config, ForesightConfig):
+        raise MiraiError(f"config must be a ForesightConfig or None, got {type(config).__name__}")
+    if "mirai_projector" in source:
+        projector_sd, dim_proj = source["mirai_projector"], source.get("foresight_dim_proj", dim_proj)
+    else:
+        projector_sd = source
+    try:
+        config, student_dim, encoder_dim, state = official_to_head_state(projector_sd, dim_proj, config)
+    except MiraiError as error:
+        raise MiraiError(f"{where}: {error}") from None  # the same error, naming the file
+    head = cls(config, student_dim, encoder_dim)  # type: ignore[call-arg]
+    expected = head.state_dict()
+    problems = state_problems(expected, state)
+    if problems:
+        raise MiraiError(f"{where}: official projector does not fit the head: {problems}")
+    head.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    return head

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import mirai_plugin.fused as fused
+import mirai_plugin.mean_target_cosine as fused
 from mirai_plugin import foresight_loss, fuse_targets
 from mirai_plugin.targets import segment_layout
 
@@ -23,7 +23,7 @@ def test_matches_fuse_then_cosine(monkeypatch, offsets, chunk):
 
     expected = foresight_loss(pred, target, keep_dims=(1,))
     (expected_grad,) = torch.autograd.grad((expected * weights).sum(), pred)
-    got = fused.fused_mean_cosine(pred, layout.z, layout.source, layout.valid)
+    got = fused.mean_target_cosine(pred, layout.z, layout.source, layout.valid)
     (got_grad,) = torch.autograd.grad((got * weights).sum(), pred)
     assert (got - expected).abs().max() <= 1e-6
     assert (got_grad - expected_grad).abs().max() <= 1e-6
@@ -35,7 +35,7 @@ def test_bfloat16_rounds_the_target_like_the_official_mean():
     layout = segment_layout(z, segment_frames=N_FRAMES, tokens_per_frame=S)
     target = fuse_targets(z, segment_frames=N_FRAMES, tokens_per_frame=S).target  # bf16, rounded once
     pred = torch.randn(1, 7, N_FRAMES * S, 16, generator=g).bfloat16().requires_grad_(True)
-    got = fused.fused_mean_cosine(pred, layout.z, layout.source, layout.valid)
+    got = fused.mean_target_cosine(pred, layout.z, layout.source, layout.valid)
     assert got.dtype == torch.float32
     assert (got - foresight_loss(pred, target, keep_dims=(1,))).abs().max() <= 1e-6
     got.sum().backward()
@@ -46,6 +46,6 @@ def test_zero_prediction_gives_zero_loss_and_finite_gradient():
     z = torch.randn(1, 21 * S, 8)
     layout = segment_layout(z, segment_frames=N_FRAMES, tokens_per_frame=S)
     pred = torch.zeros(1, 7, N_FRAMES * S, 8, requires_grad=True)
-    loss = fused.fused_mean_cosine(pred, layout.z, layout.source, layout.valid)
+    loss = fused.mean_target_cosine(pred, layout.z, layout.source, layout.valid)
     loss.sum().backward()
     assert torch.equal(loss, torch.zeros(7)) and torch.isfinite(pred.grad).all()

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mirai_plugin import FrozenEncoder, capture_hidden, fuse_targets
-from mirai_plugin.demo.dmd import encode_context
-from mirai_plugin.demo.models import Student, Teacher, patchify
-from mirai_plugin.demo.world import Scene
-from mirai_plugin.probe import fit_readout
+from mirai_plugin.tooling.demo.dmd import encode_context
+from mirai_plugin.tooling.demo.models import Student, Teacher, patchify
+from mirai_plugin.tooling.demo.world import Scene
+from mirai_plugin.tooling.probe import fit_readout
 
 HIDDEN_FRAMES = 3  # an event is a return after at least this many frames wholly off-screen (one segment)
 BACK = 0.5  # the object counts as back once this fraction of it is visible

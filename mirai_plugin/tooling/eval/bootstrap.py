@@ -17,8 +17,8 @@ import torch
 
 from mirai_plugin.checks import Rule, check
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.eval.results import DimensionResult
-from mirai_plugin.eval.vbench_score import DIMENSIONS, check_dimensions, final_scores
+from mirai_plugin.tooling.eval.results import DimensionResult
+from mirai_plugin.tooling.eval.vbench_score import DIMENSIONS, check_dimensions, final_scores
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,11 @@ def compare(
             points[name] = (numerator.sum() / denominator.sum()).item()
             reps[name] = numerator[draw].sum(dim=1) / denominator[draw].sum(dim=1)  # (replicates)
 
-    rows = [_row(name, points_b[name], points_c[name], reps_c[name] - reps_b[name], level) for name in DIMENSIONS]
+    rows = [paired_row(name, points_b[name], points_c[name], reps_c[name] - reps_b[name], level) for name in DIMENSIONS]
     totals_b, totals_c = final_scores(points_b), final_scores(points_c)
     reps_totals_b, reps_totals_c = final_scores(reps_b), final_scores(reps_c)
     for part in ("quality", "semantic", "total"):
-        rows.append(_row(part, totals_b[part], totals_c[part], reps_totals_c[part] - reps_totals_b[part], level))
+        rows.append(paired_row(part, totals_b[part], totals_c[part], reps_totals_c[part] - reps_totals_b[part], level))
     return rows
 
 
@@ -87,7 +87,7 @@ def _paired_order(name: str, b: DimensionResult, c: DimensionResult) -> torch.Te
     return torch.tensor([position[p] for p in b.prompts])
 
 
-def _row(name: str, baseline: float, candidate: float, differences: torch.Tensor, level: float) -> Row:
+def paired_row(name: str, baseline: float, candidate: float, differences: torch.Tensor, level: float) -> Row:
     tail = (1 - level) / 2
     low, high = torch.quantile(differences, torch.tensor([tail, 1 - tail], dtype=differences.dtype)).tolist()
     return Row(

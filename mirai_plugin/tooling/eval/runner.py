@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.eval.vbench_score import DIMENSIONS
+from mirai_plugin.tooling.eval.vbench_score import DIMENSIONS
 
 # Files VBench loads per dimension, relative to its cache folder.
 WEIGHTS = {

@@ -1,4 +1,4 @@
-"""Synthetic VBench result files with known aggregates, for tests and benchmarks.
+"""Synthetic VBench result files with known aggregates, for the tests.
 
 Per-video values are drawn inside each dimension's normalisation range; the
 aggregate is computed the way VBench aggregates its per-video entries (ratios of
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mirai_plugin.eval.vbench_score import DIMENSIONS, NORMALISATION
+from mirai_plugin.tooling.eval.vbench_score import DIMENSIONS, NORMALISATION
 
 COUNTED = {"background_consistency": ("video_sim", "cnt_per_video"),
            "object_class": ("success_frame_count", "frame_count"),
