@@ -15,7 +15,7 @@ from mirai_plugin import integrations
 from mirai_plugin.integrations import CHECKPOINT_KEY, TrainerGlue
 from mirai_plugin.integrations.llamagen import LlamaGenMirai
 from mirai_plugin.integrations.self_forcing import DMDForesight, ODEForesight
-from mirai_plugin.patching import PATCHES, parse_patch
+from mirai_plugin.tooling.patching import PATCHES, parse_patch
 
 CONTRACT = sorted(name for name in vars(TrainerGlue) if not name.startswith("_"))
 
