@@ -79,9 +79,10 @@ class LlamaGenMirai:
     unscaled with its scale, and a step with overflowing gradients is skipped.
     """
 
-    def __init__(self, model: nn.Module, args: Any, steps_per_epoch: int, device: torch.device | int) -> None:
+    def __init__(self, model: Any, args: Any, steps_per_epoch: int, device: torch.device | int) -> None:
         self.enabled = getattr(args, "mirai", "none") != "none"
         self.head: TokenForesightHead | None = None
+        self.source: Any = None  # EMASource (E) or the decoded-image encoder (I)
         self.scaler: Any = None
         self._model = model
         self._open: contextlib.ExitStack | None = None  # a capture begin_capture() entered
@@ -152,6 +153,7 @@ class LlamaGenMirai:
             target = self.source(cond_idx=c_indices, idx=z_indices[:, :-1], input_pos=positions)
         else:
             target = self.source(z_indices)
+        assert self.head is not None  # add_term returned early when off
         term = self.head(captured, target)
         self._logged.append(term.detach().item())
         return loss + term
@@ -168,17 +170,18 @@ class LlamaGenMirai:
         self._step(self._model, self.scaler)
 
     def _step(self, model: nn.Module, scaler: Any) -> None:
-        if not self.enabled:
+        head = self.head
+        if head is None:
             return
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
-        grads = [p.grad for p in self.head.parameters() if p.grad is not None]
+        grads = [p.grad for p in head.parameters() if p.grad is not None]
         if scale != 1.0:
             for g in grads:
                 g.div_(scale)
         if grads and not all(bool(torch.isfinite(g).all()) for g in grads):  # fp16 overflow: skip, as the scaler does
-            self.head.skip_step()
+            head.skip_step()
         else:
-            self.head.step()
+            head.step()
         if self.config.source == "ema":
             self.source.update(model)
 
@@ -189,14 +192,14 @@ class LlamaGenMirai:
         """``foresight_loss`` (the mean term since the last call, when it ran) and
         ``foresight_weight`` (lambda now); empty when off."""
         values, self._logged = self._logged, []
-        if not self.enabled:
+        if self.head is None:
             return {}
         logged = {"foresight_loss": sum(values) / len(values)} if values else {}
         return {**logged, "foresight_weight": self.head.weight}
 
     def checkpoint_state(self) -> dict[str, Any]:
         """``{"foresight": {"head": ..., "source": ...}}`` (the EMA copy for Mirai-E); empty when off."""
-        if not self.enabled:
+        if self.head is None:
             return {}
         state = {"head": self.head.training_state()}
         if self.config.source == "ema":
@@ -207,7 +210,8 @@ class LlamaGenMirai:
         """Resume the heads, their optimizer, the schedule and the EMA source from ``checkpoint_state()``
         (also from the ``"mirai"`` entry versions before 0.2.0 wrote). Without an entry nothing
         happens unless ``strict``."""
-        if not self.enabled:
+        head = self.head
+        if head is None:
             return
         entry = checkpoint_entry(checkpoint)
         if entry is None:
@@ -215,7 +219,7 @@ class LlamaGenMirai:
                 keys = sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
                 raise MiraiError(f"checkpoint has no {CHECKPOINT_KEY!r} entry to resume Mirai from; keys: {keys}")
             return
-        self.head.load_training_state(entry["head"])
+        head.load_training_state(entry["head"])
         if self.config.source == "ema" and "source" in entry:
             self.source.load_state_dict(entry["source"])
 
@@ -245,7 +249,7 @@ def _deprecated(old: str, new: str) -> None:
                   DeprecationWarning, stacklevel=3)
 
 
-def upstream_config(args: Any, model: nn.Module, steps_per_epoch: int) -> ImageForesightConfig:
+def upstream_config(args: Any, model: Any, steps_per_epoch: int) -> ImageForesightConfig:
     """The ``ImageForesightConfig`` the glue trains with, from the ``--mirai*`` options (``--mirai E`` or
     ``I``), LlamaGen's optimizer options and the GPT (its class-token prefix); lambda steps down after
     ``--mirai-step-down`` of ``--epochs`` x ``steps_per_epoch`` steps."""
@@ -272,7 +276,7 @@ def upstream_config(args: Any, model: nn.Module, steps_per_epoch: int) -> ImageF
 class _DecodedImageEncoder:
     """Mirai-I on a code dataset: codes -> VQ decode -> encoder patch features on the token grid."""
 
-    def __init__(self, vq: nn.Module, encoder: FrozenImageEncoder, grid: int, width: int) -> None:
+    def __init__(self, vq: Any, encoder: FrozenImageEncoder, grid: int, width: int) -> None:
         self.vq, self.encoder, self.grid, self.width = vq, encoder, grid, width
 
     @torch.no_grad()

@@ -86,7 +86,7 @@ def with_foresight_capture(generator_loss: Callable) -> Callable:
 class _UpstreamForesight:
     """Shared state and trainer hooks; subclasses say where the encoder and inputs come from."""
 
-    def __init__(self, model: nn.Module, args: Any, config: ForesightConfig) -> None:
+    def __init__(self, model: Any, args: Any, config: ForesightConfig) -> None:
         self._model = model  # the upstream DMD / ODERegression object (holds the generator)
         self.config = config
         self.head: ForesightHead | None = None
@@ -143,6 +143,7 @@ class _UpstreamForesight:
             )
         encoder = FrozenEncoder(self._encoder(), self.config.encoder_layer)
         encoder_hidden = encoder(video.detach(), conditional_dict)  # (b t e), stop-gradient target
+        assert self.head is not None  # add_term checked that the term is on
         term = self.head(self._captured, encoder_hidden, **head_kwargs)
         log_dict["foresight_loss"] = term.detach()
         self._logged["foresight_loss"] = term.detach()
@@ -152,7 +153,7 @@ class _UpstreamForesight:
 
     def after_generator_step(self) -> None:
         """After the generator optimizer step: clip, step and zero the head's own optimizer."""
-        if self.enabled:
+        if self.head is not None:
             self.head.step()
 
     def after_critic_step(self, train_generator: bool) -> None:
@@ -166,7 +167,7 @@ class _UpstreamForesight:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """``{"foresight": {...}}`` for the trainer's checkpoint (empty when disabled)."""
-        if not self.enabled:
+        if self.head is None:
             return {}
         return {CHECKPOINT_KEY: self.head.training_state()}  # a collective: the trainer calls it on every rank
 
@@ -176,14 +177,15 @@ class _UpstreamForesight:
 
         Without either entry nothing happens unless ``strict``.
         """
-        if not self.enabled or not isinstance(checkpoint, Mapping):
+        head = self.head
+        if head is None or not isinstance(checkpoint, Mapping):
             return
         entry = checkpoint_entry(checkpoint)
         if entry is not None:
-            self.head.load_training_state(entry)
+            head.load_training_state(entry)
         elif "mirai_projector" in checkpoint:
             official = ForesightHead.load_official(checkpoint, config=self.config)
-            self.head.load_state_dict(official.state_dict(), strict=True)
+            head.load_state_dict(official.state_dict(), strict=True)
         elif strict:
             raise MiraiError(
                 f"checkpoint has neither a {CHECKPOINT_KEY!r} entry nor an official 'mirai_projector'; "
@@ -192,7 +194,7 @@ class _UpstreamForesight:
 
     # ------------------------------------------------------- for subclasses
 
-    def _encoder(self) -> nn.Module:
+    def _encoder(self) -> Any:
         raise NotImplementedError
 
     def _encoder_dim(self) -> int:
@@ -209,10 +211,10 @@ class DMDForesight(_UpstreamForesight):
             ``num_frame_per_block`` and the clip norm from ``max_grad_norm_generator``.
     """
 
-    def __init__(self, dmd: nn.Module, args: Any) -> None:
+    def __init__(self, dmd: Any, args: Any) -> None:
         super().__init__(dmd, args, upstream_config(args, "dmd"))
 
-    def _encoder(self) -> nn.Module:
+    def _encoder(self) -> Any:
         # Looked up on every call: the trainer replaces `real_score` by its FSDP wrapper.
         return self._model.real_score
 
@@ -224,7 +226,7 @@ class DMDForesight(_UpstreamForesight):
 
     def after_critic_step(self, train_generator: bool) -> None:
         """On critic steps that are not generator steps: projector replay (``projector_every_step``)."""
-        if self.enabled and self.config.replay and not train_generator:
+        if self.head is not None and self.config.replay and not train_generator:
             replayed = self.head.replay()
             if replayed is not None:
                 self._logged["replay_foresight_loss"] = replayed
@@ -241,7 +243,7 @@ class ODEForesight(_UpstreamForesight):
     (every step is a generator step).
     """
 
-    def __init__(self, model: nn.Module, args: Any) -> None:
+    def __init__(self, model: Any, args: Any) -> None:
         config = upstream_config(args, "ode")
         self._frozen: nn.Module | None = None
         if config.enabled:
@@ -254,7 +256,7 @@ class ODEForesight(_UpstreamForesight):
         # generator's prediction (and so the student state) is the noisy half.
         return hidden[:, hidden.shape[1] // 2 :]
 
-    def _encoder(self) -> nn.Module:
+    def _encoder(self) -> Any:
         return self._frozen
 
     def add_term(self, loss: Tensor, log_dict: dict, clean_video: Tensor, conditional_dict: dict) -> Tensor:
@@ -295,7 +297,7 @@ def upstream_config(args: Any, stage: str) -> ForesightConfig:
 
 
 
-def wan_transformer(wrapper: nn.Module) -> nn.Module:
+def wan_transformer(wrapper: nn.Module) -> Any:
     """The Wan transformer (``.blocks`` and ``.dim``) inside a WanDiffusionWrapper, through any wrapper."""
     for module, _ in wrapper_chain(wrapper, containers=True):
         if hasattr(module, "blocks") and hasattr(module, "dim"):
@@ -303,7 +305,7 @@ def wan_transformer(wrapper: nn.Module) -> nn.Module:
     raise MiraiError(f"no Wan transformer (with .blocks and .dim) found inside {type(wrapper).__name__}")
 
 
-def _device(model: nn.Module) -> torch.device:
+def _device(model: Any) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, int):
         return torch.device("cuda", device)
