@@ -191,10 +191,7 @@ class Student(_Backbone):
         levels = torch.cat([zero[:, None], t], dim=1)  # clean tokens at t = 0, noisy segment k at t[:, k]
         conds = self.time(_time_features(levels.flatten(), self.dim)).view(t.shape[0], segments + 1, self.dim)
         per_token = torch.cat(
-            [
-                conds[:, :1].expand(-1, frames * self.tokens_per_frame, -1),
-                conds[:, 1:].repeat_interleave(tokens, dim=1),
-            ],
+            [conds[:, :1].expand(-1, frames * self.tokens_per_frame, -1), conds[:, 1:].repeat_interleave(tokens, dim=1)],
             dim=1,
         )
         seg = torch.arange(segments, device=clean.device).repeat_interleave(tokens)
