@@ -38,7 +38,7 @@ def main() -> None:
     print(f"{'layer':>5s} {'ms':>8s} {'ratio':>7s} {'(l+1)/L':>8s} {'excess':>7s}")
     for layer in (1, 3, 5, 7):
         encoder = FrozenEncoder(teacher, layer)
-        seconds = median_seconds(lambda: encoder(video, t))
+        seconds = median_seconds(lambda encoder=encoder: encoder(video, t))
         ideal = (layer + 1) / DEPTH
         print(f"{layer:5d} {seconds * 1e3:8.1f} {seconds / full:7.3f} {ideal:8.3f} {seconds / full / ideal - 1:+7.1%}")
 

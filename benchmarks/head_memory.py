@@ -254,7 +254,7 @@ def linear_fit(points: dict[int, float], at: int) -> float:
 
 
 def markdown(results: dict, segments: list[int]) -> str:
-    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    gib = lambda b: f"{b / 2**30:.2f}"
     lines = ["| case | step | " + " | ".join(f"{k} seg. measured (GiB)" for k in segments)
              + " | 7 seg. (linear fit) | estimator, 7 seg. |", "|---" * (4 + len(segments)) + "|"]
     for case, by_k in results.items():

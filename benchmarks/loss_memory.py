@@ -43,9 +43,9 @@ def run(kind: str, dtype_name: str) -> dict:
 
         source = (torch.arange(SEGMENTS)[:, None] + torch.tensor([0, 1])).clamp(max=SEGMENTS - 1)
         valid = torch.arange(SEGMENTS)[:, None] + torch.tensor([0, 1]) < SEGMENTS
-        loss_fn = lambda: mean_target_cosine(pred, z, source, valid).mean()  # noqa: E731
+        loss_fn = lambda: mean_target_cosine(pred, z, source, valid).mean()
     else:
-        loss_fn = lambda: straightforward(pred, z)  # noqa: E731
+        loss_fn = lambda: straightforward(pred, z)
     before = rss_bytes()
     loss = loss_fn()
     loss.backward()

@@ -194,5 +194,9 @@ def test_mirai_i_with_a_decoded_batch_and_a_frozen_encoder(patched, tmp_path):
     on = train(patched, tmp_path / "on", steps=2, grad_probe=True, extra=extra)
     assert all(math.isfinite(v) for v in losses(on))
     assert any("Mirai: foresight_loss" in line for line in on["logs"])
-    reached = {block_index(n): g.abs().sum().item() for n, g in on["grads"].items() if block_index(n) is not None and n.endswith("wo.weight")}
+    reached = {
+        block_index(n): g.abs().sum().item()
+        for n, g in on["grads"].items()
+        if block_index(n) is not None and n.endswith("wo.weight")
+    }
     assert reached[0] > 0 and reached[1] > 0 and reached[2] == 0 and reached[3] == 0, reached

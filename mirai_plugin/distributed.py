@@ -67,7 +67,9 @@ def shard_head(head: nn.Module, strategy: str, **wrap_kwargs: Any) -> nn.Module:
             "(or after load, before the first step) so its optimizer is built over the sharded parameters"
         )
     if strategy != "replicate" and not (dist.is_available() and dist.is_initialized()):
-        raise MiraiError(f"strategy {strategy!r} needs an initialised process group (torch.distributed.init_process_group)")
+        raise MiraiError(
+            f"strategy {strategy!r} needs an initialised process group (torch.distributed.init_process_group)"
+        )
 
     broadcast_module(head)
     wrapper: nn.Module | None = None

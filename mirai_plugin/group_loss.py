@@ -69,7 +69,7 @@ def check_finite(loss: Tensor, hidden: list[Tensor], layout: SegmentLayout, per_
     """Raise on NaN/inf, naming the segments; with several ranks every rank raises together
     (naming the rank), so none is left waiting in a collective."""
     problem = None if bool(torch.isfinite(loss)) else _diagnose(hidden, layout, per_item)
-    rank, world_size = world()
+    _rank, world_size = world()
     if world_size == 1:
         if problem is not None:
             raise MiraiError(f"foresight loss is not finite: {problem}")

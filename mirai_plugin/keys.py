@@ -132,7 +132,7 @@ def config_view(args: Any, *, caller: str = "from_upstream") -> tuple[list[str],
 
         def get(key: str) -> Any:
             # DictConfig answers `in` without the struct-mode and missing-value errors its get() raises.
-            return args[key] if key in args else None  # noqa: SIM401
+            return args[key] if key in args else None
 
         return [key for key in args if isinstance(key, str)], get
     if isinstance(args, (argparse.Namespace, types.SimpleNamespace)):

@@ -48,7 +48,9 @@ def check_records(records: list[HiddenRecord], capture: CapturedHidden | None, *
         raise MiraiError(nothing_captured_message(capture))
     for i, record in enumerate(records):
         check_tensor(f"captured hidden state {i}", record.hidden, layout="(batch, tokens, width)")
-    check("tokens_per_frame", tokens_per_frame, Rule("int", minimum=1, none=True, fix="None infers it from the capture"))
+    check(
+        "tokens_per_frame", tokens_per_frame, Rule("int", minimum=1, none=True, fix="None infers it from the capture")
+    )
     check("prefix_frames", prefix_frames, Rule("int", minimum=0, fix="0 without an image-to-video context frame"))
 
 

@@ -139,7 +139,7 @@ class ReplayCache:
         size = self.config.replay_segments or (grouping.size if grouping else 1)
         groups = [units[j : j + size] for j in range(0, len(units), size)]
         local_pairs = sum(self.pairs_in(self.batches[b], [i]) for b, i in units)
-        rank, world_size = world()
+        _rank, world_size = world()
         total_pairs = local_pairs
         strategy = optimization.strategy
         if world_size > 1:
@@ -184,7 +184,7 @@ class ReplayCache:
     def rng_states(self, device: torch.device) -> Tensor:
         """``(world S)``: every rank's sampling state (a collective with several ranks)."""
         local = self.rng().get_state()  # uint8 (S)
-        rank, world_size = world()
+        _rank, world_size = world()
         if world_size == 1:
             return local[None].clone()
         out = [torch.empty_like(local, device=device) for _ in range(world_size)]  # NCCL gathers device tensors
@@ -208,7 +208,10 @@ class ReplayCache:
                 )
             self._generator = None
             return
-        rows = states.to(device) if states is not None else torch.empty(world_size, size, dtype=torch.uint8, device=device)
+        if states is not None:
+            rows = states.to(device)
+        else:
+            rows = torch.empty(world_size, size, dtype=torch.uint8, device=device)
         if world_size > 1:
             dist.broadcast(rows, src=0)
         self.rng().set_state(rows[rank].cpu().clone())  # its own storage: set_state reads from offset 0

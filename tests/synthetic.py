@@ -21,7 +21,7 @@ def synthetic_results(seed: int = 0, *, prompts: int = 12, seeds: int = 3, shift
     """A result file whose aggregates follow VBench's own aggregation of its per-video entries."""
     g = torch.Generator().manual_seed(seed)
     data = {}
-    for d, name in enumerate(DIMENSIONS):
+    for _d, name in enumerate(DIMENSIONS):
         low, high = NORMALISATION[name]
         entries, num, den = [], 0.0, 0.0
         for p in range(prompts):

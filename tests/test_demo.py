@@ -226,7 +226,9 @@ def test_models_come_from_the_cache_under_their_key(tmp_path, monkeypatch):
     first = pretrained.obtain_models(settings, pretrained.Progress(enabled=False), workers=1)
     again = pretrained.obtain_models(settings, pretrained.Progress(enabled=False), workers=1)
     assert first.source.startswith("trained now") and again.source.startswith("local cache")
-    assert all(torch.equal(a, b) for a, b in zip(first.student.state_dict().values(), again.student.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(first.student.state_dict().values(), again.student.state_dict().values())
+    )
     assert pretrained.models_key(replace(settings, teacher_steps=3)) != pretrained.models_key(settings)
 
 

@@ -196,7 +196,9 @@ def test_quick_image_demo_runs_end_to_end(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["per_seed"]) == set(ARMS) and all(len(runs) == 2 for runs in results["per_seed"].values())
     assert set(results["verdict"]) == {"mirai-e", "mirai-i"}
-    assert all(v.split(" (")[0] in ("helped", "hurt", "mixed", "no clear difference") for v in results["verdict"].values())
+    assert all(
+        v.split(" (")[0] in ("helped", "hurt", "mixed", "no clear difference") for v in results["verdict"].values()
+    )
     baseline, ema, encoder = (results["per_seed"][arm][0] for arm in ARMS)
     assert baseline["final_foresight_term"] is None
     assert ema["final_foresight_term"] < 0 and encoder["final_foresight_term"] < 0  # a negative cosine, weighted

@@ -1,9 +1,8 @@
 """The head, capture, encoder and replay under torchrun-style data parallelism:
 2 ranks, gloo, CPU. The cases live in distributed_cases.py (run in subprocesses)."""
 
-import pytest
-
 import distributed_cases as cases
+import pytest
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # two processes each: 7-25 s, 90 s in all
 

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import synthetic_results
 from test_config import OFFICIAL_RECIPE
 from test_glue import ARGS, TinyDMD
 from torch import nn
 
 from mirai_plugin import ForesightConfig, ForesightHead, FrozenEncoder, MiraiError, capture_hidden, fuse_targets
-from mirai_plugin.tooling.cli import main
-from synthetic import synthetic_results
 from mirai_plugin.image import FrozenImageEncoder, ImageForesightConfig, TokenForesightHead
 from mirai_plugin.keys import CONFIG_KEYS, GLUE_KEYS, NOT_IMPLEMENTED
+from mirai_plugin.tooling.cli import main
 from mirai_plugin.tooling.patching import PATCHES, parse_patch
 
 omegaconf = pytest.importorskip("omegaconf")
@@ -124,7 +124,9 @@ def test_foresight_layer_with_one_of_the_pair_is_ambiguous():
 
 def test_conflicting_keys_are_refused():
     with pytest.raises(MiraiError, match="foresight_fusion='mean' disagrees with foresight_delta_mean_pool=False"):
-        ForesightConfig.from_upstream({**OFFICIAL_RECIPE, "foresight_fusion": "mean", "foresight_delta_mean_pool": False})
+        ForesightConfig.from_upstream(
+            {**OFFICIAL_RECIPE, "foresight_fusion": "mean", "foresight_delta_mean_pool": False}
+        )
     with pytest.raises(MiraiError, match="foresight_offsets and foresight_delta"):
         ForesightConfig.from_upstream({**OFFICIAL_RECIPE, "foresight_offsets": [0, 2]})
     with pytest.raises(MiraiError, match="'multi_mlp' .* set foresight_delta_mean_pool: false"):
@@ -326,7 +328,9 @@ def test_vbench_yes_no_per_video_results_count_as_rates(tmp_path):
     from mirai_plugin.tooling.eval import load_results
 
     data = synthetic_results(0, prompts=2, seeds=2)
-    entries = [{"video_path": f"/v/p{p}-{s}.mp4", "video_results": (p + s) % 2 == 0} for p in range(2) for s in range(2)]
+    entries = [
+        {"video_path": f"/v/p{p}-{s}.mp4", "video_results": (p + s) % 2 == 0} for p in range(2) for s in range(2)
+    ]
     data["dynamic_degree"] = [0.5, entries]
     assert load_results([write(tmp_path, "yes_no", data)])["dynamic_degree"].score == pytest.approx(0.5)
 
@@ -392,7 +396,9 @@ def test_load_of_a_file_whose_tensors_do_not_fit_its_metadata(tmp_path):
     tensors = {k: v.clone() for k, v in head.state_dict().items()}
     tensors["project.weight"] = torch.zeros(5, 16)
     save_file(tensors, str(path), metadata=metadata)
-    with pytest.raises(MiraiError, match=r"does not fit the head its metadata describes: wrong shapes \['project.weight"):
+    with pytest.raises(
+        MiraiError, match=r"does not fit the head its metadata describes: wrong shapes \['project.weight"
+    ):
         ForesightHead.load(path)
 
 
@@ -408,15 +414,18 @@ def test_load_official_of_junk_bytes_never_suggests_unsafe_loading(tmp_path):
 def test_load_official_of_a_checkpoint_with_objects_names_the_type_not_unsafe_loading(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"mirai_projector": {}, "args": Namespace(lr=1.0)}, path)
-    with pytest.raises(MiraiError, match="argparse.Namespace, and mirai_plugin reads checkpoints with weights_only=True") \
-            as caught:
+    with pytest.raises(
+        MiraiError, match="argparse.Namespace, and mirai_plugin reads checkpoints with weights_only=True"
+    ) as caught:
         ForesightHead.load_official(path)
     assert "weights_only=False" not in str(caught.value)
 
 
 def test_load_official_with_values_that_are_not_tensors(tmp_path):
     projector = {"blocks.0.q.weight": [[0.0] * 4] * 4, "blocks.0.q.bias": torch.zeros(4)}
-    with pytest.raises(MiraiError, match=r"must map names to tensors; these entries are not tensors: \['blocks.0.q.weight \(list\)'\]"):
+    with pytest.raises(
+        MiraiError, match=r"must map names to tensors; these entries are not tensors: \['blocks.0.q.weight \(list\)'\]"
+    ):
         ForesightHead.load_official({"mirai_projector": projector})
     path = tmp_path / "model.pt"
     torch.save({"mirai_projector": {"blocks.0.q.weight": 3}}, path)
@@ -428,7 +437,9 @@ def test_load_training_state_from_another_predictor_changes_nothing():
     dit = ForesightHead(head_config(), student_dim=16, encoder_dim=24)
     mlp = ForesightHead(head_config(predictor="mlp"), student_dim=16, encoder_dim=24)
     before = {k: v.clone() for k, v in mlp.state_dict().items()}
-    with pytest.raises(MiraiError, match=r"different head: predictor='dit' \(this head: 'mlp'\).*ForesightConfig\(\*\*state"):
+    with pytest.raises(
+        MiraiError, match=r"different head: predictor='dit' \(this head: 'mlp'\).*ForesightConfig\(\*\*state"
+    ):
         mlp.load_training_state(dit.training_state())
     assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items()) and mlp.steps_taken == 0
     with pytest.raises(MiraiError, match="not a head training state .*got str"):
@@ -449,7 +460,9 @@ def test_image_load_training_state_that_does_not_fit_changes_nothing():
 
 def test_image_k_beyond_the_grid_is_refused_when_the_head_is_built():
     cfg = ImageForesightConfig(neighbours=5, border="drop", projector_dim=8)  # (0, 2) is off a 2-wide grid
-    with pytest.raises(MiraiError, match=r"offsets \[\(0, 2\)\] have no target on the 2x2 token grid.*fewer neighbours"):
+    with pytest.raises(
+        MiraiError, match=r"offsets \[\(0, 2\)\] have no target on the 2x2 token grid.*fewer neighbours"
+    ):
         TokenForesightHead(cfg, 8, 8, (2, 2))
 
 

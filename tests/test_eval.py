@@ -1,10 +1,10 @@
 """VBench scoring, the paired bootstrap, consistency formulas and the VBench runner's checks."""
 
 import json
-import math
 
 import pytest
 import torch
+from synthetic import synthetic_results
 
 from mirai_plugin import MiraiError
 from mirai_plugin.tooling.cli import main
@@ -19,8 +19,8 @@ from mirai_plugin.tooling.eval import (
     temporal_flickering,
 )
 from mirai_plugin.tooling.eval.runner import missing_weights, run_vbench
-from synthetic import synthetic_results
 from mirai_plugin.tooling.eval.vbench_score import NORMALISATION
+
 
 def write(tmp_path, name, data):
     path = tmp_path / f"{name}_eval_results.json"

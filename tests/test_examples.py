@@ -12,7 +12,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def run(*args, nproc=None):
     launcher = [sys.executable] if nproc is None else [sys.executable, "-m", "torch.distributed.run",
                                                        "--nproc_per_node", str(nproc)]  # fmt: skip
-    result = subprocess.run(launcher + [str(a) for a in args], capture_output=True, text=True, cwd=EXAMPLES, timeout=600)
+    result = subprocess.run(
+        launcher + [str(a) for a in args], capture_output=True, text=True, cwd=EXAMPLES, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return [line for line in result.stdout.splitlines() if line.startswith("step")]
 

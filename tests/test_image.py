@@ -117,7 +117,7 @@ def test_term_matches_the_method_written_as_loops(source, border):
     cfg = ImageForesightConfig(source=source, neighbours=3, border=border, projector_dim=24, weight=1.5)
     head = TokenForesightHead(cfg, student_dim=WIDTH, encoder_dim=12, grid=GRID)
     hidden = torch.randn(2, N, WIDTH)  # class token + 15 image tokens
-    target = torch.randn(2, N if source == "ema" else N, 12)  # EMA: same layout; encoder: 16 patches
+    target = torch.randn(2, N, 12)  # EMA: same layout; encoder: 16 patches
     torch.testing.assert_close(head(hidden, target), reference_term(cfg, head, hidden, target), rtol=1e-5, atol=1e-6)
 
 

@@ -84,8 +84,8 @@ def test_from_import_of_an_old_path_gives_the_same_objects():
 
 
 def test_python_m_on_the_old_cli_path_warns_and_runs():
-    result = subprocess.run([sys.executable, "-m", "mirai_plugin.cli", "patch", "list"], capture_output=True, check=False,
-                            text=True)
+    result = subprocess.run([sys.executable, "-m", "mirai_plugin.cli", "patch", "list"],
+                            capture_output=True, check=False, text=True)
     assert result.returncode == 0, result.stderr
     assert "self-forcing" in result.stdout
     assert "DeprecationWarning: mirai_plugin.cli moved to mirai_plugin.tooling.cli" in result.stderr
@@ -112,4 +112,5 @@ def test_benchmarks_and_tools_import_no_tests_and_benchmarks_no_demo_models():
         assert not {name.split(".")[0] for name in names} & test_modules, path
         assert not re.search(r"sys\.path\.\w+\(.*[\"']tests[\"']", path.read_text()), path
         if "benchmarks" in path.parts:
-            assert not [name for name in names if name.startswith(("mirai_plugin.tooling.demo", "mirai_plugin.demo"))], path
+            demo_modules = ("mirai_plugin.tooling.demo", "mirai_plugin.demo")
+            assert not [name for name in names if name.startswith(demo_modules)], path

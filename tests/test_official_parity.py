@@ -128,8 +128,11 @@ def test_an_off_by_one_breaks_parity(case, wrong):
 def test_a_segment_shift_breaks_parity():
     tensors, meta = load("official_mean")
     head = official_head(tensors, meta)
-    hidden, records = student_records(tensors, meta)
-    shifted = [HiddenRecord(r.hidden, r.position + SEGMENT_FRAMES * TOKENS_PER_FRAME, i, r.version) for i, r in enumerate(records[:-1])]
+    _hidden, records = student_records(tensors, meta)
+    shifted = [
+        HiddenRecord(r.hidden, r.position + SEGMENT_FRAMES * TOKENS_PER_FRAME, i, r.version)
+        for i, r in enumerate(records[:-1])
+    ]
     loss = head(shifted, tensors["encoder_hidden"])
     assert max_err(loss, tensors["loss"]) > 100 * ATOL
 
@@ -148,7 +151,9 @@ def test_load_official_names_missing_unexpected_and_misshaped_keys():
         ForesightHead.load_official({"mirai_projector": extra, "foresight_dim_proj": dim_proj}, config=cfg)
 
     misshaped = {**projector, "blocks.0.q.bias": torch.zeros(17)}
-    with pytest.raises(MiraiError, match=r"wrong shapes \['predictor.blocks.0.to_q.bias: checkpoint \(17,\) vs head \(16,\)'\]"):
+    with pytest.raises(
+        MiraiError, match=r"wrong shapes \['predictor.blocks.0.to_q.bias: checkpoint \(17,\) vs head \(16,\)'\]"
+    ):
         ForesightHead.load_official({"mirai_projector": misshaped, "foresight_dim_proj": dim_proj}, config=cfg)
 
     with pytest.raises(MiraiError, match="config disagrees with the official projector: predictor_depth=2"):

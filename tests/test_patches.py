@@ -62,7 +62,8 @@ BASE = "diff --git a/model.py b/model.py\n--- a/model.py\n+++ b/model.py\n"
             "inference code must not be patched",
         ),
         (
-            "diff --git a/new.yaml b/new.yaml\nnew file mode 100644\n--- /dev/null\n+++ b/new.yaml\n@@ -0,0 +1 @@\n+a: 1\n",
+            "diff --git a/new.yaml b/new.yaml\nnew file mode 100644\n"
+            "--- /dev/null\n+++ b/new.yaml\n@@ -0,0 +1 @@\n+a: 1\n",
             "must start with a 'mirai-plugin' comment",
         ),
     ],

@@ -72,7 +72,8 @@ def main() -> None:
         "pixels of k+1 (the readout's ceiling)": pixels[v, k + 1],
     }
     for name, features in inputs.items():
-        print(f"{name:44s} {g.probe_steps:5d} " + " ".join(f"{x:10.2f}      " for x in readout(features, g.probe_steps)))
+        print(f"{name:44s} {g.probe_steps:5d} "
+              + " ".join(f"{x:10.2f}      " for x in readout(features, g.probe_steps)))
     for name in ("fused target mean(z_k, z_k+1) (the gate)", "pixels of k (the gate's reference)"):
         steps = 4 * g.probe_steps
         print(f"{name:44s} {steps:5d} " + " ".join(f"{x:10.2f}      " for x in readout(inputs[name], steps)))

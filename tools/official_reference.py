@@ -18,7 +18,7 @@ SEGMENT_FRAMES, TOKENS_PER_FRAME = 3, 16
 
 def load(case):
     with safe_open(DATA / f"{case}.safetensors", framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
     return tensors, {k: json.loads(v) for k, v in meta.items() if k != "commit"} | {"commit": meta["commit"]}
 
@@ -45,7 +45,9 @@ def official_head(tensors, meta, **changes):
 def student_records(tensors, meta):
     """Leaf copies of the official captured hidden states, positioned like capture_hidden records."""
     hidden = {k: tensors[f"student_hidden.{k}"].clone().requires_grad_(True) for k in meta["segments"]}
-    records = [HiddenRecord(h, k * SEGMENT_FRAMES * TOKENS_PER_FRAME, i, h._version) for i, (k, h) in enumerate(hidden.items())]
+    records = [
+        HiddenRecord(h, k * SEGMENT_FRAMES * TOKENS_PER_FRAME, i, h._version) for i, (k, h) in enumerate(hidden.items())
+    ]
     return hidden, records
 
 

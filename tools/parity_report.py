@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import official_reference as parity  # noqa: E402
+import official_reference as parity
 
-from mirai_plugin import fuse_targets  # noqa: E402
-from mirai_plugin.official.projector import official_to_head_state  # noqa: E402
+from mirai_plugin import fuse_targets
+from mirai_plugin.official.projector import official_to_head_state
 
 
 def report(case: str) -> dict[str, float]:
@@ -37,7 +37,9 @@ def report(case: str) -> dict[str, float]:
             errors["target"] = max(errors["target"], parity.max_err(ours, tensors[f"target.{suffix}"][0]))
             with torch.no_grad():
                 out = head.predict(tensors[f"student_hidden.{k}"], d)
-            errors["projector_out"] = max(errors["projector_out"], parity.max_err(out, tensors[f"projector_out.{suffix}"]))
+            errors["projector_out"] = max(
+                errors["projector_out"], parity.max_err(out, tensors[f"projector_out.{suffix}"])
+            )
 
     hidden, records = parity.student_records(tensors, meta)
     loss = head(records, tensors["encoder_hidden"])

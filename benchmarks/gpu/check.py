@@ -173,7 +173,7 @@ def fused_rows(sizes: Sizes, device: torch.device) -> list[tuple[str, str, float
         pred = torch.randn(1, k, sizes.n, e, device=device, dtype=dtype, requires_grad=True)
         z = torch.randn(1, k, sizes.n, e, device=device, dtype=dtype)
 
-        def loss_step() -> None:
+        def loss_step(pred=pred, z=z) -> None:
             mean_target_cosine(pred, z, source, valid).mean().backward()
             pred.grad = None
 

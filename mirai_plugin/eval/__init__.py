@@ -1,4 +1,5 @@
-"""Deprecated: moved to ``mirai_plugin.tooling.eval`` in 0.2.0 (its modules too); this path warns and is removed in 0.3.0."""
+"""Deprecated: moved to ``mirai_plugin.tooling.eval`` in 0.2.0 (its modules too);
+this path warns and is removed in 0.3.0."""
 
 from typing import TYPE_CHECKING
 

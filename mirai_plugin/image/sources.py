@@ -91,7 +91,9 @@ class EMASource:
         """``ema = decay * ema + (1 - decay) * model`` for every parameter the copy keeps."""
         decay = self.decay if decay is None else check("decay", decay, Rule("number", minimum=0, below=1))
         if not isinstance(model, nn.Module):
-            raise MiraiError(f"update needs the model this source was built from (an nn.Module), got {type(model).__name__}")
+            raise MiraiError(
+                f"update needs the model this source was built from (an nn.Module), got {type(model).__name__}"
+            )
         current = dict(unwrap(model).named_parameters())
         pairs = []
         for name, param in self.model.named_parameters():  # every pair checked before any is updated

@@ -59,7 +59,8 @@ def add_mirai_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mirai-border", choices=["raster", "drop"], default="raster")
     group.add_argument("--mirai-weight", type=float, default=2.0, help="lambda before the step-down")
     group.add_argument("--mirai-weight-after", type=float, default=1.0, help="lambda after the step-down")
-    group.add_argument("--mirai-step-down", type=float, default=0.5, help="fraction of training at which lambda steps down")
+    group.add_argument("--mirai-step-down", type=float, default=0.5,
+                       help="fraction of training at which lambda steps down")
     group.add_argument("--mirai-warmup-steps", type=int, default=0, help="steps before the term starts")
     group.add_argument("--mirai-ema-decay", type=float, default=0.9999)
     group.add_argument("--mirai-projector-dim", type=int, default=2048)

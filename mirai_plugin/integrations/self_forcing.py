@@ -336,7 +336,8 @@ def _head_wrap_kwargs(sharding: str, args: Any, head: nn.Module) -> dict[str, An
         "hybrid_zero2": ShardingStrategy._HYBRID_SHARD_ZERO2,
         "no_shard": ShardingStrategy.NO_SHARD,
     }
-    name = check("sharding_strategy", _get(args, "sharding_strategy", "full"), Rule("choice", choices=tuple(strategies)))
+    name = check("sharding_strategy", _get(args, "sharding_strategy", "full"),
+                 Rule("choice", choices=tuple(strategies)))
     mixed = check("mixed_precision", _get(args, "mixed_precision", False), Rule("bool"), coerce=True)
     return dict(
         sharding_strategy=strategies[name],

@@ -159,7 +159,9 @@ def _layers(read, default: Any) -> tuple[int, int]:
     student = read("foresight_student_layer", "student_layer")
     teacher = read("foresight_teacher_layer", "encoder_layer")
     if layer is not None and (student is None) != (teacher is None):
-        given, value = ("foresight_student_layer", student) if student is not None else ("foresight_teacher_layer", teacher)
+        given, value = (
+            ("foresight_student_layer", student) if student is not None else ("foresight_teacher_layer", teacher)
+        )
         raise MiraiError(
             f"foresight_layer={layer} is set with only {given}={value}: the official trainer then uses "
             f"foresight_layer for both blocks and ignores {given}; set both foresight_student_layer and "
@@ -201,7 +203,11 @@ def _window_keys(offsets: tuple[int, ...]) -> dict[str, Any]:
     if not rest:
         return {"foresight_include_current": True, "foresight_delta": 0, "foresight_skip": 0}
     if rest == list(range(rest[0], rest[-1] + 1)):
-        return {"foresight_include_current": offsets[0] == 0, "foresight_delta": len(rest), "foresight_skip": rest[0] - 1}
+        return {
+            "foresight_include_current": offsets[0] == 0,
+            "foresight_delta": len(rest),
+            "foresight_skip": rest[0] - 1,
+        }
     return {"foresight_offsets": list(offsets)}
 
 
@@ -234,7 +240,8 @@ def _changes(value: Any) -> tuple[tuple[int, float], ...]:
         if isinstance(pair, (str, bytes, Mapping)):
             fail("foresight_weight_changes", expected, value)
         pairs.append((
-            check("foresight_weight_changes", step, Rule("int", minimum=0, what=f"{expected} with steps >= 0"), coerce=True),
+            check("foresight_weight_changes", step, Rule("int", minimum=0, what=f"{expected} with steps >= 0"),
+                  coerce=True),
             check("foresight_weight_changes", weight, Rule("number", minimum=0, what=f"{expected} with weights >= 0"),
                   coerce=True),
         ))

@@ -42,7 +42,8 @@ def _patch_command(args: argparse.Namespace) -> int:
     print(f"{patch.repository} at {patch.commit[:12]}: {state.path}")
     if args.action == "check":
         if state.applied and state.lacking:
-            print(f"patch is applied, except in {list(state.lacking)} (restored or removed since); revert removes the rest")
+            print(f"patch is applied, except in {list(state.lacking)} (restored or removed since); "
+                  "revert removes the rest")
         else:
             print("patch is applied" if state.applied else "patch applies cleanly (not applied yet)")
         return 0
@@ -132,7 +133,9 @@ def _probe_command(args: argparse.Namespace) -> int:
         raise MiraiError(f"{args.features} has no 'targets' tensor (videos, segments, tokens, values)")
     sets = {k.partition(".")[2] or "features": v for k, v in tensors.items() if k.split(".")[0] == "features"}
     if not sets:
-        raise MiraiError(f"{args.features} has no 'features' or 'features.<name>' tensor (videos, segments, tokens, width)")
+        raise MiraiError(
+            f"{args.features} has no 'features' or 'features.<name>' tensor (videos, segments, tokens, width)"
+        )
     results = {
         name: probe(feats, tensors["targets"], horizons=args.horizons, test_videos=args.test_videos, peak=args.peak,
                     steps=args.steps)
@@ -246,7 +249,8 @@ def _compare_command(args: argparse.Namespace) -> int:
     print(f"{'dimension':24s} {'baseline':>9s} {'candidate':>9s} {'diff':>8s} {'se':>7s}  {percent}% CI")
     for row in rows:
         mark = " *" if row.significant else ""
-        print(f"{row.name:24s} {row.baseline:9.2f} {row.candidate:9.2f} {row.difference:+8.2f} {row.standard_error:7.2f}"
+        print(f"{row.name:24s} {row.baseline:9.2f} {row.candidate:9.2f} {row.difference:+8.2f} "
+              f"{row.standard_error:7.2f}"
               f"  [{row.low:+.2f}, {row.high:+.2f}]{mark}")
     print(f"\n* CI excludes 0. Paired prompt-level bootstrap, {args.bootstrap} replicates, seed {args.seed}, "
           f"{seconds:.1f}s.")
@@ -383,10 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     def command(group: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
         return group.add_parser(name, parents=[common], **kwargs)
 
-    demo = command(commands, "demo", help="the method on a toy video world (or --image: a token AR image model), on a CPU")
+    demo = command(commands, "demo",
+                   help="the method on a toy video world (or --image: a token AR image model), on a CPU")
     demo.add_argument("--image", action="store_true",
                       help="Mirai on a tiny raster-order token AR image model: baseline, Mirai-E, Mirai-I")
-    demo.add_argument("--quick", action="store_true", help="every stage at a tiny size (about a minute; the CI smoke test)")
+    demo.add_argument("--quick", action="store_true",
+                      help="every stage at a tiny size (about a minute; the CI smoke test)")
     demo.add_argument("--steps", type=int, help="student training steps (video: DMD generator steps)")
     demo.add_argument("--seeds", type=int, help="number of seeds (default: the pre-registered 3)")
     demo.add_argument("--offsets", type=int, nargs="+", help="foresight offsets (default 0 1)")
@@ -404,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(run=_probe_command)
     score = command(commands, "score", help="VBench Quality/Semantic/Total from result files or a percent table")
-    score.add_argument("results", nargs="+", help="*_eval_results.json files or folders, or one table (JSON/CSV, percent)")
+    score.add_argument("results", nargs="+",
+                       help="*_eval_results.json files or folders, or one table (JSON/CSV, percent)")
     score.add_argument("--json", action="store_true")
     score.set_defaults(run=_score_command)
 

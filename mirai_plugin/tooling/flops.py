@@ -26,8 +26,8 @@ import torch
 
 from mirai_plugin.checks import Rule, check, fail
 from mirai_plugin.config import ForesightConfig
-from mirai_plugin.keys import key_reader
 from mirai_plugin.head import ForesightHead
+from mirai_plugin.keys import key_reader
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,7 @@ def probe(
         y = targets[:, h:].float()  # (v k-h n p)
         readout = fit_readout(x[:-test].reshape(-1, x.shape[-1]), y[:-test].reshape(-1, y.shape[-1]), **readout_options)
         with torch.no_grad():
-            mse = (readout(x[-test:].reshape(-1, x.shape[-1])) - y[-test:].reshape(-1, y.shape[-1])).square().mean().item()
+            error = readout(x[-test:].reshape(-1, x.shape[-1])) - y[-test:].reshape(-1, y.shape[-1])
+            mse = error.square().mean().item()
         results[h] = {"psnr": 10 * math.log10(peak * peak / max(mse, 1e-12)), "mse": mse}
     return results

@@ -62,7 +62,10 @@ def encoder_gate(teacher: Teacher, scene: Scene, *, layer: int, offsets: tuple[i
                          offsets=offsets).target  # (v K t e)
     pixels = segment_pixels(video, segment_frames)  # (v K t p)
     test = torch.arange(v) >= v - test_videos  # held-out videos
-    pairs = {"hidden": hidden_pairs(scene, segment_frames), "all": torch.ones(v, f // segment_frames - 1, dtype=torch.bool)}
+    pairs = {
+        "hidden": hidden_pairs(scene, segment_frames),
+        "all": torch.ones(v, f // segment_frames - 1, dtype=torch.bool),
+    }
     result = {}
     for name, mask in pairs.items():
         rows = mask.nonzero()  # (m 2): video, segment k

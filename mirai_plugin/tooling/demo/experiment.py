@@ -224,9 +224,12 @@ def train_arm(cfg: DemoConfig, teacher: Teacher, fake: Teacher, student: Student
                 log["cycle_seconds"].append(time.perf_counter() - start)
                 log["critic_loss"].append(sum(critic_losses) / len(critic_losses))
                 start, critic_losses = time.perf_counter(), []
-            video = cfg.world.render(d.batch, cfg.models.train_frames, seed=seed * 1_000_000 + step).video  # (b f c h w)
+            video = cfg.world.render(
+                d.batch, cfg.models.train_frames, seed=seed * 1_000_000 + step
+            ).video  # (b f c h w)
             exit_index = int(torch.randint(len(d.denoising_steps), (1,), generator=g))
-            with capture_hidden(student, fcfg.student_layer) if foresight else contextlib.nullcontext() as captured:  # 1
+            capture = capture_hidden(student, fcfg.student_layer) if foresight else contextlib.nullcontext()
+            with capture as captured:  # 1
                 generated = rollout(student, video[:, :n], cfg.train_segments - 1, exit_index=exit_index, g=g,
                                     levels=d.denoising_steps)
             loss = dmd_loss(generated, teacher, fake, given_frames=n, t_range=d.score_t_range, g=g)

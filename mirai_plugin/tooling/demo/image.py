@@ -79,9 +79,13 @@ def make_image_config(*, quick: bool = False, **options) -> ImageDemoConfig:
     cfg = ImageDemoConfig(**QUICK) if quick else ImageDemoConfig()
     cfg = replace(cfg, **{k: v for k, v in options.items() if v is not None})
     if not 0 <= cfg.layer < cfg.depth:
-        raise MiraiError(f"layer {cfg.layer} out of range: the image demo model has {cfg.depth} blocks (0..{cfg.depth - 1})")
+        raise MiraiError(
+            f"layer {cfg.layer} out of range: the image demo model has {cfg.depth} blocks (0..{cfg.depth - 1})"
+        )
     if cfg.steps < 2 * cfg.eval_every:
-        raise MiraiError(f"steps={cfg.steps} is too few: need at least 2 validation points ({2 * cfg.eval_every} steps)")
+        raise MiraiError(
+            f"steps={cfg.steps} is too few: need at least 2 validation points ({2 * cfg.eval_every} steps)"
+        )
     if len(cfg.seeds) < 1:
         raise MiraiError("give at least one seed (--seeds N, N >= 1)")
     if cfg.samples_per_class < 1 or cfg.val_images < 1:
@@ -200,14 +204,18 @@ def encoder_accuracy(encoder: MaskedTokenEncoder, images: torch.Tensor, labels: 
     return {name: right[masked & (labels == i)[:, None]].float().mean().item() for i, name in enumerate(FAMILIES)}
 
 
-def sample_images(cfg: ImageDemoConfig, world: ImageWorld, model: TinyGPT, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_images(
+    cfg: ImageDemoConfig, world: ImageWorld, model: TinyGPT, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.arange(world.classes).repeat_interleave(cfg.samples_per_class)
     g = torch.Generator().manual_seed(70_000_000 + seed)  # the same sampling noise for every arm
     samples = model.sample(labels, generator=g, temperature=cfg.temperature)
     return samples.view(-1, world.size, world.size), labels
 
 
-def evaluate(cfg: ImageDemoConfig, world: ImageWorld, run: ArmRun, seed: int) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+def evaluate(
+    cfg: ImageDemoConfig, world: ImageWorld, run: ArmRun, seed: int
+) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
     samples, labels = sample_images(cfg, world, run.model, seed)
     ok = satisfies(samples, labels).float()
     by_family = {name: ok[labels == i].mean().item() for i, name in enumerate(FAMILIES)}
@@ -265,7 +273,8 @@ def run_image_demo(cfg: ImageDemoConfig, out: Path, *, progress: Progress | None
     (out / "results.json").write_text(json.dumps(results, indent=2))
     figure(per_seed, first_samples, out / "figure.png", per_row=min(8, cfg.samples_per_class))
     print(table(summary))
-    print(f"\nthe data's own entropy: {results['data_nll_per_token']:.3f} nats/token (the best possible validation loss)")
+    print(f"\nthe data's own entropy: {results['data_nll_per_token']:.3f} nats/token "
+          "(the best possible validation loss)")
     print("frozen encoder (Mirai-I), accuracy on 30% masked tokens: "
           + ", ".join(f"{name} {value:.2f}" for name, value in accuracy.items()))
     for arm, verdict in summary["verdict"].items():

@@ -31,7 +31,9 @@ def paired_bootstrap(baseline: list[float], candidate: list[float], *, replicate
     b = DimensionResult("metric", 0.0, units, torch.tensor(baseline, dtype=torch.float64), ones, len(units))
     c = DimensionResult("metric", 0.0, units, torch.tensor(candidate, dtype=torch.float64), ones, len(units))
     draw = torch.randint(len(units), (replicates, len(units)), generator=torch.Generator().manual_seed(seed))
-    replicate = {name: r.numerator[draw].sum(dim=1) / r.denominator[draw].sum(dim=1) for name, r in (("b", b), ("c", c))}
+    replicate = {
+        name: r.numerator[draw].sum(dim=1) / r.denominator[draw].sum(dim=1) for name, r in (("b", b), ("c", c))
+    }
     row = paired_row("metric", b.score, c.score, replicate["c"] - replicate["b"], level)
     # `paired_row` reports fractions in percent; these values are already in their own unit.
     return {"baseline": row.baseline / 100, "candidate": row.candidate / 100, "difference": row.difference / 100,
@@ -49,7 +51,8 @@ def summarise(results: list[dict], *, replicates: int, seed: int, level: float) 
         **{m: [statistics.fmean(by[a, s][m]) for s in seeds] for m in PER_VIDEO},
         "probe_psnr": [by[a, s]["probe_psnr"] for s in seeds],
         "cycle_seconds": [_median(by[a, s]["train"]["cycle_seconds"]) for s in seeds] if a != "start" else [],
-        "gradient_ratio": [by[a, s]["train"]["gradient"]["ratio"] for s in seeds] if a in ("foresight", "control") else [],
+        "gradient_ratio": [by[a, s]["train"]["gradient"]["ratio"] for s in seeds] if a in ("foresight", "control")
+        else [],
         "gradient_cosine": [by[a, s]["train"]["gradient"]["cosine"] for s in seeds] if a in ("foresight", "control")
         else [],
     } for a in arms}
@@ -113,10 +116,12 @@ def table(summary: dict) -> str:
     def vs_baseline(a: str, ci: dict, digits: int) -> str:
         if a == "baseline":
             return f"{ci['baseline']:.{digits}f}"
-        return f"{ci['candidate']:.{digits}f} ({ci['difference']:+.{digits}f} [{ci['low']:+.{digits}f}, {ci['high']:+.{digits}f}])"
+        return (f"{ci['candidate']:.{digits}f} ({ci['difference']:+.{digits}f} "
+                f"[{ci['low']:+.{digits}f}, {ci['high']:+.{digits}f}])")
 
     add("reappearance colour error, % (primary; diff vs baseline [95% CI])",
-        lambda a: vs_baseline(a, summary["primary"][a] if a != "baseline" else next(iter(summary["primary"].values())), 2))
+        lambda a: vs_baseline(
+            a, summary["primary"][a] if a != "baseline" else next(iter(summary["primary"].values())), 2))
     add("  per seed", lambda a: " ".join(f"{v:.2f}" for v in summary["per_seed"][a]["identity_error"]))
     add("probe PSNR, hidden segment -> reappearance (dB, mean ± sd over seeds)",
         lambda a: "{:.2f} ± {:.2f}".format(*mean_std(summary["per_seed"][a]["probe_psnr"])))
@@ -175,7 +180,8 @@ def figure(summary: dict, gate: dict, path: Path, *, train_segments: int) -> Non
     _groups(draw, boxes[5], "seconds per DMD cycle (1 generator + 5 critic steps)",
             [("", [point(a, *_spread(per_seed[a]["cycle_seconds"])) for a in arms if a != "start"])], font, small)
 
-    legend = [(LABELS[a], COLOURS[a]) for a in arms] + [("true videos", TRUTH), ("gate: encoder features", GATE_FEATURES),
+    legend = [(LABELS[a], COLOURS[a]) for a in arms] + [("true videos", TRUTH),
+                                                       ("gate: encoder features", GATE_FEATURES),
                                                        ("gate: pixels", GATE_PIXELS)]
     x = 14
     for label, colour in legend:

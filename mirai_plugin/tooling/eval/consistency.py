@@ -27,7 +27,10 @@ def feature_consistency(features: Tensor) -> Tensor:
     1.0
     """
     if features.dim() not in (2, 3) or features.shape[-2] < 2:
-        raise MiraiError(f"features must be (frames, width) or (videos, frames, width) with >= 2 frames, got {tuple(features.shape)}")
+        raise MiraiError(
+            f"features must be (frames, width) or (videos, frames, width) with >= 2 frames, "
+            f"got {tuple(features.shape)}"
+        )
     phi = F.normalize(features.double(), dim=-1)
     to_previous = (phi[..., 1:, :] * phi[..., :-1, :]).sum(-1).clamp_min(0)
     to_first = (phi[..., 1:, :] * phi[..., :1, :]).sum(-1).clamp_min(0)
@@ -41,7 +44,10 @@ background_consistency = feature_consistency
 def temporal_flickering(frames: Tensor) -> Tensor:
     """``(t h w c)`` or ``(v t h w c)`` frames in [0, 255] -> per-video score."""
     if frames.dim() not in (4, 5) or frames.shape[-4] < 2:
-        raise MiraiError(f"frames must be (frames, h, w, c) or (videos, frames, h, w, c) with >= 2 frames, got {tuple(frames.shape)}")
+        raise MiraiError(
+            f"frames must be (frames, h, w, c) or (videos, frames, h, w, c) with >= 2 frames, "
+            f"got {tuple(frames.shape)}"
+        )
     frames = frames.double()
     mae = (frames[..., 1:, :, :, :] - frames[..., :-1, :, :, :]).abs().mean(dim=(-3, -2, -1))  # (.. t-1)
     return (255.0 - mae.mean(-1)) / 255.0

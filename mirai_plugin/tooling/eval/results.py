@@ -73,7 +73,8 @@ def _terms(name: str, entry: Mapping, frames: Mapping[str, int] | None) -> tuple
             return numerator, denominator
     value = entry.get("video_results")
     if isinstance(value, bool):
-        value = float(value)  # dynamic degree, human action: VBench stores a yes/no per video, the aggregate is the rate
+        # dynamic degree, human action: VBench stores a yes/no per video, the aggregate is the rate
+        value = float(value)
     if not isinstance(value, (int, float)):
         raise MiraiError(f"{name}: per-video entry without a numeric 'video_results': {dict(entry)!r}"[:300])
     top = 100.0 if name == "imaging_quality" else 1.0  # imaging quality is on a 0-100 scale per video

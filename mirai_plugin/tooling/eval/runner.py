@@ -49,8 +49,8 @@ def missing_weights(dimensions, cache: Path | None = None) -> list[str]:
     return sorted({str(cache / f) for d in dimensions for f in WEIGHTS[d] if not (cache / f).exists()})
 
 
-def run_vbench(videos: str | Path, *, mode: str, dimensions=None, output: str | Path, name: str, full_info: str | None = None,
-               device: str = "cuda") -> Path:
+def run_vbench(videos: str | Path, *, mode: str, dimensions=None, output: str | Path, name: str,
+               full_info: str | None = None, device: str = "cuda") -> Path:
     """Evaluate the videos in ``videos``; returns VBench's ``<name>_eval_results.json``.
 
     ``mode="standard"``: VBench's 16 dimensions on its prompt suite (``<prompt>-<seed>.mp4``).
@@ -72,7 +72,7 @@ def run_vbench(videos: str | Path, *, mode: str, dimensions=None, output: str | 
         raise MiraiError(
             f"VBench weights missing under {cache_dir()} (set VBENCH_CACHE_DIR to their folder): " + ", ".join(missing)
         )
-    from vbench import VBench  # noqa: PLC0415  (optional, heavy)
+    from vbench import VBench
 
     if full_info is None:
         import vbench

@@ -105,7 +105,8 @@ def final_scores(scores: Mapping[str, Any]) -> dict[str, Any]:
 def check_score(name: str, value: Any, *, where: str = "", percent: bool = False) -> float:
     """A dimension's score: a finite number in [0, 1] (``percent``: [0, 100]), naming the dimension."""
     top = 100 if percent else 1
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= top:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not 0 <= value <= top):
         unit = "a percentage in [0, 100]" if percent else "a fraction in [0, 1]"
         raise MiraiError(
             f"{name}{where} must be {unit} (VBench's range), got {value!r}; "
