@@ -2,7 +2,7 @@
 
     python benchmarks/capture_memory.py
 
-A causal student (the demo's, width 256) rolls out 4 segments as in Self-Forcing
+A causal student (benchmarks/models.py, width 256) rolls out 4 segments as in Self-Forcing
 training (no-grad denoising calls, one grad-enabled exit call, a no-grad context
 pass per segment). Expected: one retained tensor per segment (the grad-enabled
 call's block output, which the generator's own graph keeps anyway), none from
@@ -10,15 +10,14 @@ no-grad calls.
 """
 
 import torch
+from models import CausalVideoTransformer, rollout
 
 from mirai_plugin import capture_hidden
-from mirai_plugin.demo.experiment import rollout
-from mirai_plugin.demo.models import Student
 
 
 def main() -> None:
     torch.manual_seed(0)
-    student = Student(dim=256, depth=4, heads=4, size=16, segment_frames=3, window=3)
+    student = CausalVideoTransformer(dim=256, depth=4, heads=4, size=16, frames=12)
     first = torch.rand(2, 3, 3, 16, 16)
     for exit_index in (0, 1):
         with capture_hidden(student, 1) as captured:

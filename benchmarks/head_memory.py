@@ -1,5 +1,5 @@
 """Memory the foresight head adds at the official recipe's real shapes, side by side with the
-official Video-Mirai projector, next to the estimator (mirai_plugin.memory).
+official Video-Mirai projector, next to the estimator (mirai_plugin.tooling.memory).
 
     eval "$(../shared/upstreams/unpack /tmp/up)" && python benchmarks/head_memory.py --segments 1 2 3
 
@@ -140,7 +140,7 @@ def run_ours(changes: dict, segments: int, device: torch.device) -> dict:
 def estimate(changes: dict, segments: int, device: torch.device) -> dict:
     """The estimator's numbers for the quantity measured here."""
     from mirai_plugin import ForesightConfig
-    from mirai_plugin.memory import foresight_memory
+    from mirai_plugin.tooling.memory import foresight_memory
 
     memory = foresight_memory(ForesightConfig(**changes), student_dim=D, encoder_dim=E,
                               frames=segments * SEGMENT_FRAMES, tokens_per_frame=TOKENS_PER_FRAME)
@@ -254,7 +254,7 @@ def linear_fit(points: dict[int, float], at: int) -> float:
 
 
 def markdown(results: dict, segments: list[int]) -> str:
-    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    gib = lambda b: f"{b / 2**30:.2f}"
     lines = ["| case | step | " + " | ".join(f"{k} seg. measured (GiB)" for k in segments)
              + " | 7 seg. (linear fit) | estimator, 7 seg. |", "|---" * (4 + len(segments)) + "|"]
     for case, by_k in results.items():

@@ -45,7 +45,8 @@ class Block(nn.Module):
             cache.append((k, v))
         x = x + self.out(F.scaled_dot_product_attention(q, keys, values).transpose(1, 2).flatten(2))
         ck, cv = (self.split(t) for t in self.ckv(text).chunk(2, dim=-1))
-        x = x + self.cout(F.scaled_dot_product_attention(self.split(self.cq(self.norm2(x))), ck, cv).transpose(1, 2).flatten(2))
+        cq = self.split(self.cq(self.norm2(x)))
+        x = x + self.cout(F.scaled_dot_product_attention(cq, ck, cv).transpose(1, 2).flatten(2))
         return x + self.ffn(self.norm3(x))
 
 
@@ -89,7 +90,8 @@ def run_case(size: str, case: str, out: Path) -> None:
             with capture_hidden(model, depth // 2) as captured:
                 caches = [[] for _ in model.blocks]
                 hidden = [model(noise[:, k], text, caches, k) for k in range(2)]
-            (sum(h.mean() for h in hidden) + head([r.hidden for r in captured], torch.randn(1, 2 * TOKENS, dim))).backward()
+            term = head([r.hidden for r in captured], torch.randn(1, 2 * TOKENS, dim))
+            (sum(h.mean() for h in hidden) + term).backward()
             model.eval()
     rollout(model, noise, text)  # warm-up
     times = []

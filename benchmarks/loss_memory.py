@@ -3,7 +3,7 @@
     python benchmarks/loss_memory.py
 
 B = 1, 21 frames x 1560 tokens (7 segments of 4680), encoder width 5120, offsets {0, 1}
-fused by mean: the package's loss (mirai_plugin.fused) against a straightforward
+fused by mean: the package's loss (mirai_plugin.mean_target_cosine) against a straightforward
 stack-mean-cosine, each in a fresh process, float32 and bfloat16 inputs. Extra memory
 = peak RSS minus RSS once the encoder output and the predictions exist; the unit is one
 target tensor (7 x 4680 x 5120 in the input dtype). Target: at most 1.5.
@@ -39,13 +39,13 @@ def run(kind: str, dtype_name: str) -> dict:
     z = torch.randn(1, SEGMENTS, TOKENS, WIDTH, dtype=dtype)
     pred = torch.randn(1, SEGMENTS, TOKENS, WIDTH, dtype=dtype, requires_grad=True)
     if kind == "fused":
-        from mirai_plugin.fused import fused_mean_cosine
+        from mirai_plugin.mean_target_cosine import mean_target_cosine
 
         source = (torch.arange(SEGMENTS)[:, None] + torch.tensor([0, 1])).clamp(max=SEGMENTS - 1)
         valid = torch.arange(SEGMENTS)[:, None] + torch.tensor([0, 1]) < SEGMENTS
-        loss_fn = lambda: fused_mean_cosine(pred, z, source, valid).mean()  # noqa: E731
+        loss_fn = lambda: mean_target_cosine(pred, z, source, valid).mean()
     else:
-        loss_fn = lambda: straightforward(pred, z)  # noqa: E731
+        loss_fn = lambda: straightforward(pred, z)
     before = rss_bytes()
     loss = loss_fn()
     loss.backward()

@@ -7,7 +7,7 @@ The official recipe: Wan2.1-T2V-1.3B student (d 1536), Wan-14B encoder (e 5120),
 832x480 -> 21 latent frames x 1560 tokens, segments of 3 frames, batch 1 per
 rank, bfloat16 generator and encoder, float32 head (as the integration builds it).
 Tables: 1 and 8 GPUs, replicated vs sharded (FSDP) head, 1 and 8 accumulation
-micro-steps. The numbers come from ``mirai_plugin.memory`` (the same code as
+micro-steps. The numbers come from ``mirai_plugin.tooling.memory`` (the same code as
 ``mirai-plugin memory``), whose rows are checked against real tensors in
 tests/test_memory.py.
 """
@@ -17,8 +17,8 @@ import argparse
 import torch
 
 from mirai_plugin import ForesightConfig, ForesightHead
-from mirai_plugin.flops import CycleShape
-from mirai_plugin.memory import foresight_memory, memory_for_cycle
+from mirai_plugin.tooling.flops import CycleShape
+from mirai_plugin.tooling.memory import foresight_memory, memory_for_cycle
 
 GIB = 2**30
 

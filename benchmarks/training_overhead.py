@@ -6,7 +6,7 @@ Copies the checkout (``MIRAI_SELF_FORCING_DIR``, integration_tests/checkouts.py)
 patch with the mirai-plugin command, and times two DMD cycles (10 iterations: 2 generator
 steps, 10 critic steps, 8 projector replays) of the real upstream Trainer on tiny models
 (integration_tests/trainer_harness.py), with and without foresight, 5 runs each (medians). The
-same shapes go through mirai_plugin.flops for the predicted overhead.
+same shapes go through mirai_plugin.tooling.flops for the predicted overhead.
 
 ``--before REV`` also runs the package as it was at commit REV of this repository (imported
 through PYTHONPATH by the same patched trainer), interleaved run by run with the current one,
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mirai_plugin import ForesightConfig
-from mirai_plugin.flops import CycleShape, TransformerShape, dmd_cycle
+from mirai_plugin.tooling.flops import CycleShape, TransformerShape, dmd_cycle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

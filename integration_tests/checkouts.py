@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirai_plugin.patching import PATCHES
+from mirai_plugin.tooling.patching import PATCHES
 
 __all__ = ["UPSTREAMS", "CheckoutMissing", "Upstream", "checkout", "source"]
 
@@ -85,14 +85,14 @@ def source(name: str) -> Path:
 
 def checkout(name: str, dest: str | os.PathLike, *patches: str) -> Path:
     """A fresh sparse copy of ``name`` at its pinned commit in ``dest``, with ``patches`` applied
-    by the ``mirai-plugin patch apply`` command (names from ``mirai_plugin.patching.PATCHES``)."""
+    by the ``mirai-plugin patch apply`` command (names from ``mirai_plugin.tooling.patching.PATCHES``)."""
     upstream, dest = UPSTREAMS[name], Path(dest)
     _git("clone", "-q", "--no-checkout", str(source(name)), str(dest))
     _git("-C", str(dest), "sparse-checkout", "set", "--no-cone", *SPARSE)
     _git("-C", str(dest), "checkout", "-q", upstream.commit)
     for patch in patches:
         applied = subprocess.run(
-            [sys.executable, "-m", "mirai_plugin.cli", "patch", "apply", "--upstream", patch, str(dest)],
+            [sys.executable, "-m", "mirai_plugin.tooling.cli", "patch", "apply", "--upstream", patch, str(dest)],
             capture_output=True, text=True)
         if applied.returncode != 0 or "added:" not in applied.stdout:
             raise RuntimeError(f"patch {patch} did not apply to {dest} (exit {applied.returncode}):\n"

@@ -342,7 +342,7 @@ def _find_action(parser: argparse.ArgumentParser, key: str) -> argparse.Action:
 # ----------------------------------------------------------------------------- patches
 
 
-def _apply_patches(stack: contextlib.ExitStack, module, run: "_Run", model_cfg: dict, data_cfg: dict) -> None:
+def _apply_patches(stack: contextlib.ExitStack, module, run: _Run, model_cfg: dict, data_cfg: dict) -> None:
     """Everything a CPU run of ``train_c2i.main`` needs, scoped to this run."""
     gpt = sys.modules["autoregressive.models.gpt"]
 
@@ -407,7 +407,7 @@ class _OneCpuDevice(int):
 class _TorchOnCpu:
     """The ``torch`` module as ``train_c2i.main`` sees it: everything is torch's, except ``torch.cuda``."""
 
-    def __init__(self, real, run: "_Run"):
+    def __init__(self, real, run: _Run):
         self._real = real
         self.cuda = _CudaOnCpu(real.cuda, run)
 
@@ -416,7 +416,7 @@ class _TorchOnCpu:
 
 
 class _CudaOnCpu:
-    def __init__(self, real_cuda, run: "_Run"):
+    def __init__(self, real_cuda, run: _Run):
         self._real = real_cuda
         self.amp = types.SimpleNamespace(autocast=_cpu_autocast, GradScaler=run.wrap_scaler(_cpu_grad_scaler))
 

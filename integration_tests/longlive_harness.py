@@ -74,7 +74,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-from monkeypatch import patched
+from monkeypatch import patched  # noqa: E402  (after the sys.path insert above)
 
 __all__ = ["MODELS", "TINY", "load_result", "run_inference", "run_training", "write_encoder_checkpoint"]
 
@@ -528,7 +528,8 @@ def run_training(checkout, *, config, steps, out, overrides=None, flat=None, see
     _ensure_process_group()
     rank = dist.get_rank()
     out = Path(out).resolve()
-    cfg = build_config(ll, config, {**(overrides or {}), "logging": {"seed": seed, **(overrides or {}).get("logging", {})}},
+    logging_keys = {"seed": seed, **(overrides or {}).get("logging", {})}
+    cfg = build_config(ll, config, {**(overrides or {}), "logging": logging_keys},
                        flat, logdir=out / "logs", auto_resume=auto_resume)
     shape = list(cfg.image_or_video_shape)
     tokens_per_frame = shape[3] * shape[4] // 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from checkouts import UPSTREAMS, checkout
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "llamagen_harness.py"
+pytestmark = pytest.mark.slow  # each test runs the real trainer in a subprocess (tens of seconds)
 
 
 @pytest.fixture(scope="module")
@@ -135,14 +137,14 @@ def test_patched_trainer_with_mirai_off_is_the_unpatched_trainer(repo, patched, 
     assert not any(changed(plain["model"], off["model"]).values())
     assert not any(changed(plain["ema"], off["ema"]).values())
     saved = torch.load(off["checkpoints"][0], map_location="cpu", weights_only=False)
-    assert "mirai" not in saved
+    assert "foresight" not in saved and "mirai" not in saved
 
 
 def test_mirai_e_term_reaches_blocks_up_to_its_layer_and_is_saved(patched, tmp_path):
     off = train(patched, tmp_path / "off", steps=2, grad_probe=True)
     on = train(patched, tmp_path / "on", steps=2, grad_probe=True, extra=MIRAI_E)
     assert all(math.isfinite(v) for v in losses(on)) and losses(on) != losses(off)
-    assert any("mirai (ema): term" in line for line in on["logs"])
+    assert any(re.search(r"Mirai: foresight_loss -?\d\.\d{4}, foresight_weight 2\.0000$", line) for line in on["logs"])
     # Step 1: LlamaGen zero-initialises its output layer, so the blocks' gradient is the term's alone.
     reached = {}
     for name, grad in on["grads"].items():
@@ -154,8 +156,8 @@ def test_mirai_e_term_reaches_blocks_up_to_its_layer_and_is_saved(patched, tmp_p
 
     saved = torch.load(on["checkpoints"][0], map_location="cpu", weights_only=False)
     assert saved["model"].keys() == on["model"].keys() == off["model"].keys()  # the GPT's entries unchanged
-    assert saved["mirai"]["head"]["steps_taken"] == 2 and "source" in saved["mirai"]
-    assert len(saved["mirai"]["source"]) < len(saved["model"])  # the EMA copy keeps blocks 0..1 only
+    assert saved["foresight"]["head"]["steps_taken"] == 2 and "source" in saved["foresight"]
+    assert len(saved["foresight"]["source"]) < len(saved["model"])  # the EMA copy keeps blocks 0..1 only
 
 
 def test_mirai_e_resumes_from_the_trainers_checkpoint(patched, tmp_path):
@@ -163,13 +165,21 @@ def test_mirai_e_resumes_from_the_trainers_checkpoint(patched, tmp_path):
     checkpoint = first["checkpoints"][0]
     resumed = train(patched, tmp_path / "resumed", steps=2, extra=[*MIRAI_E, "--gpt-ckpt", checkpoint])
     saved = torch.load(resumed["checkpoints"][0], map_location="cpu", weights_only=False)
-    assert saved["mirai"]["head"]["steps_taken"] == 4  # 2 restored + 2 more
+    assert saved["foresight"]["head"]["steps_taken"] == 4  # 2 restored + 2 more
+
+    # a checkpoint written before 0.2.0 holds the same entry under "mirai": it resumes the same way
+    legacy = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    legacy["mirai"] = legacy.pop("foresight")
+    torch.save(legacy, tmp_path / "legacy.pt")
+    resumed = train(patched, tmp_path / "legacy", steps=2, extra=[*MIRAI_E, "--gpt-ckpt", str(tmp_path / "legacy.pt")])
+    saved = torch.load(resumed["checkpoints"][0], map_location="cpu", weights_only=False)
+    assert saved["foresight"]["head"]["steps_taken"] == 4 and "mirai" not in saved
 
 
 def test_mirai_e_on_two_ranks(patched, tmp_path):
     result = train(patched, tmp_path / "run", steps=2, nproc=2, extra=MIRAI_E)
     assert result["extra"]["world_size"] == 2 and all(math.isfinite(v) for v in losses(result))
-    assert any("mirai (ema): term" in line for line in result["logs"])
+    assert any("Mirai: foresight_loss" in line for line in result["logs"])
 
 
 def test_mirai_i_with_a_decoded_batch_and_a_frozen_encoder(patched, tmp_path):
@@ -183,6 +193,10 @@ def test_mirai_i_with_a_decoded_batch_and_a_frozen_encoder(patched, tmp_path):
              "--mirai-vq-ckpt", str(tmp_path / "vq.pt"), "--mirai-encoder", str(tmp_path / "encoder.pt")]  # fmt: skip
     on = train(patched, tmp_path / "on", steps=2, grad_probe=True, extra=extra)
     assert all(math.isfinite(v) for v in losses(on))
-    assert any("mirai (encoder): term" in line for line in on["logs"])
-    reached = {block_index(n): g.abs().sum().item() for n, g in on["grads"].items() if block_index(n) is not None and n.endswith("wo.weight")}
+    assert any("Mirai: foresight_loss" in line for line in on["logs"])
+    reached = {
+        block_index(n): g.abs().sum().item()
+        for n, g in on["grads"].items()
+        if block_index(n) is not None and n.endswith("wo.weight")
+    }
     assert reached[0] > 0 and reached[1] > 0 and reached[2] == 0 and reached[3] == 0, reached

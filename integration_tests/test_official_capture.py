@@ -92,7 +92,7 @@ def official_video_mirai() -> None:
         foresight_weight=0.2, foresight_projector_type="dit", foresight_loss_type="cosine",
         foresight_include_current=True, foresight_delta_mean_pool=True,
     )
-    up, upstream, gen, enc, pipe, prompt, noise, extra = _setup(sys.argv[2], **official_keys)
+    _up, _upstream, gen, enc, pipe, prompt, noise, extra = _setup(sys.argv[2], **official_keys)
 
     # Stash the official return_hidden_at_layer tensors by wrapping the wrappers' forward.
     official_student, official_encoder = {}, []

@@ -23,6 +23,7 @@ from checkouts import checkout
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "trainer_harness.py"
+pytestmark = pytest.mark.slow  # each test runs the real trainer in a subprocess (tens of seconds)
 LAYERS = {"foresight_student_layer": 1, "foresight_teacher_layer": 2}  # tiny models have 4 blocks
 TOLERANCE = 1e-5
 
@@ -34,7 +35,8 @@ def train(repo: Path, config: str, out: Path, *, steps: int, overrides=None, npr
     ]
     if grad_probe:
         args.append("--grad-probe")
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc_per_node", str(nproc)]
     result = subprocess.run(launcher + args, capture_output=True, text=True, cwd=HERE.parent, timeout=900)
     assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return torch.load(out / "result.pt", map_location="cpu", weights_only=False)

@@ -117,8 +117,8 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-import upstream
-from monkeypatch import patched
+import upstream  # noqa: E402  (after the sys.path insert above)
+from monkeypatch import patched  # noqa: E402  (after the sys.path insert above)
 
 __all__ = ["DEFAULT_MODELS", "PROMPTS", "SHAPE", "build_config", "load_result", "run_inference", "run_training"]
 

@@ -82,7 +82,7 @@ def import_upstream(checkout: str | os.PathLike) -> types.SimpleNamespace:
 
     # Import the third-party packages the checkout needs *before* any stub below
     # exists, so that their own feature probes (find_spec) never see a stub.
-    import diffusers.configuration_utils  # noqa: F401
+    import diffusers.configuration_utils
     import diffusers.models.modeling_utils  # noqa: F401
 
     if str(root) not in sys.path:

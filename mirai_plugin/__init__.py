@@ -4,10 +4,6 @@ Training only: capture the generator's mid-depth hidden state per segment, ask a
 small predictor to match what a frozen bidirectional encoder sees at segments k
 and k+1 of the same rollout, and add the cosine loss to the generator loss.
 Inference is untouched.
-
->>> import mirai_plugin
->>> sorted(mirai_plugin.__all__)[:3]
-['CapturedHidden', 'ForesightConfig', 'ForesightHead']
 """
 
 from mirai_plugin.capture import CapturedHidden, HiddenRecord, capture_hidden
@@ -17,8 +13,7 @@ from mirai_plugin.errors import MiraiError
 from mirai_plugin.head import ForesightHead
 from mirai_plugin.loss import foresight_loss
 from mirai_plugin.targets import SegmentTargets, fuse_targets
-
-__version__ = "0.1.0"
+from mirai_plugin.version import __version__ as __version__
 
 __all__ = [
     "CapturedHidden",

@@ -5,21 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.wrappers import wrapper_attributes, wrapper_chain
 
-# Attributes that lead from a wrapper to the module it wraps, in the order tried:
-# DDP `.module`, FSDP1 `_fsdp_wrapped_module`, activation-checkpoint wrappers,
-# torch.compile `_orig_mod`, PEFT `base_model` (then LoraModel `.model`),
-# Self-Forcing's WanDiffusionWrapper `.model`, diffusers pipelines `.transformer`.
-# FSDP2 (`fully_shard`) wraps in place, so its modules need no unwrapping.
-_WRAPPER_ATTRS = (
-    "module",
-    "_fsdp_wrapped_module",
-    "_checkpoint_wrapped_module",
-    "_orig_mod",
-    "base_model",
-    "model",
-    "transformer",
-)
 _MAX_DEPTH = 8
 
 
@@ -46,7 +33,7 @@ def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> 
         return blocks, f"{root}.<given ModuleList>"
     if isinstance(blocks, str):
         # The name is relative to the model or to what a known wrapper (DDP, compile...) wraps.
-        for module, path in _wrapper_chain(model, root):
+        for module, path in wrapper_chain(model, containers=True):
             try:
                 found = module.get_submodule(blocks)
             except AttributeError:
@@ -69,7 +56,7 @@ def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> 
             candidate = module._modules.get("blocks")
             if isinstance(candidate, nn.ModuleList):
                 return candidate, f"{path}.blocks"
-            for attr in _WRAPPER_ATTRS:
+            for attr in wrapper_attributes(containers=True):
                 inner = module._modules.get(attr)
                 if isinstance(inner, nn.Module):
                     next_frontier.append((inner, f"{path}.{attr}"))
@@ -78,24 +65,9 @@ def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> 
             break
     raise MiraiError(
         f"no block list found in {root}: looked for a `.blocks` nn.ModuleList through the wrappers "
-        f"{', '.join(_WRAPPER_ATTRS)}. ModuleLists present: {_module_lists(model)}. "
+        f"{', '.join(wrapper_attributes(containers=True))}. ModuleLists present: {_module_lists(model)}. "
         f"Pass blocks='<dotted.path>' to name the list."
     )
-
-
-def _wrapper_chain(model: nn.Module, root: str) -> list[tuple[nn.Module, str]]:
-    """The model and the modules its wrappers wrap, outermost first."""
-    chain, module, path = [], model, root
-    for _ in range(_MAX_DEPTH):
-        chain.append((module, path))
-        for attr in _WRAPPER_ATTRS:
-            inner = module._modules.get(attr)
-            if isinstance(inner, nn.Module):
-                module, path = inner, f"{path}.{attr}"
-                break
-        else:
-            break
-    return chain
 
 
 def block_at(model: nn.Module, layer: int, blocks: str | nn.ModuleList | None = None) -> tuple[nn.Module, str]:

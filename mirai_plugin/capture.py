@@ -1,6 +1,6 @@
 """Capturing the generator's mid-depth hidden states with a forward hook.
 
-Legend: b batch, n tokens of one call, d student width.
+Legend (docs/design.md): b batch, u tokens of one call, d student width.
 
 The hook is registered on entry of ``capture_hidden`` and removed in ``finally``;
 the model, its ``forward`` and its ``state_dict`` are never touched.
@@ -25,7 +25,7 @@ class HiddenRecord:
     """One captured block output.
 
     Attributes:
-        hidden: ``(b n d)`` block output, still attached to the generator's graph.
+        hidden: ``(b u d)`` block output, still attached to the generator's graph.
         position: token offset of the call's first token (the ``current_start``
             keyword a KV-cache rollout passes to its blocks), or ``None`` when the
             block did not receive one.

@@ -19,9 +19,9 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeGuard
 
 from mirai_plugin.errors import MiraiError
 
@@ -40,12 +40,12 @@ def show(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     """An integer that is not a bool (numpy integers count)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[float]:
     """A real number that is not a bool (ints and numpy numbers count)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -239,3 +239,27 @@ def check_tensor(name: str, value: Any, *, dims: int | None = None, layout: str 
     if dims is not None and value.dim() != dims:
         raise MiraiError(f"{name} must be {described} ({dims} dims), got shape {tuple(value.shape)}")
     return value
+
+
+def normalise_betas(betas: Any, *, name: str = "betas") -> tuple[float, float]:
+    expected = "two numbers in [0, 1) such as (0.0, 0.999)"
+    if isinstance(betas, (str, bytes, Mapping)) or not isinstance(betas, Iterable):
+        fail(name, expected, betas)
+    values = tuple(betas)
+    if len(values) != 2 or not all(is_number(b) and 0.0 <= b < 1.0 for b in values):
+        fail(name, expected, betas)
+    return float(values[0]), float(values[1])
+
+
+def normalise_offsets(offsets: Any) -> tuple[int, ...]:
+    expected = "a non-empty sequence of distinct ints >= 0 such as (0, 1) (0 = current segment, 1 = next)"
+    if isinstance(offsets, (str, bytes, Mapping)) or not isinstance(offsets, Iterable):
+        fail("offsets", expected, offsets)
+    values = tuple(offsets)
+    if not values:
+        raise MiraiError("offsets is empty: give at least one segment offset, e.g. offsets=(0, 1)")
+    if not all(is_int(v) and v >= 0 for v in values):
+        fail("offsets", expected, offsets)
+    if len(set(values)) != len(values):
+        fail("offsets", expected, offsets, "offsets has duplicates; give each offset once")
+    return tuple(sorted(int(v) for v in values))

@@ -22,12 +22,13 @@ from torch import Tensor, nn
 
 from mirai_plugin.blocks import block_at
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.wrappers import token_count, unwrap
 
 
 class _EarlyExit(Exception):
     """Raised by the encoder's hook; caught only by the FrozenEncoder that raised it."""
 
-    def __init__(self, owner: object, hidden: Tensor) -> None:
+    def __init__(self, owner: object, hidden: object) -> None:
         super().__init__("early exit")
         self.owner = owner
         self.hidden = hidden
@@ -45,32 +46,6 @@ def _parameter_names(model: nn.Module) -> set[str]:
             continue
         names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     return names
-
-
-def _innermost(model: nn.Module) -> nn.Module:
-    """Follow DDP/FSDP/compile/PEFT wrappers to the module whose forward defines the call convention."""
-    for _ in range(8):
-        inner = _wrapped(model)
-        if inner is None:
-            return model
-        model = inner
-    return model
-
-
-def _wrapped(model: nn.Module) -> nn.Module | None:
-    """The module one wrapper level down, or ``None`` when ``model`` is no known wrapper."""
-    for attr in ("module", "_fsdp_wrapped_module", "_orig_mod"):
-        inner = model._modules.get(attr)
-        if isinstance(inner, nn.Module):
-            return inner
-    # PEFT: PeftModel.base_model is a tuner (LoraModel, ...) whose `.model` is the wrapped model.
-    # Matched by the class's package: a plain `.model` child is a Wan wrapper's own convention.
-    if type(model).__module__.split(".")[0] == "peft":
-        for attr in ("base_model", "model"):
-            inner = model._modules.get(attr)
-            if isinstance(inner, nn.Module):
-                return inner
-    return None
 
 
 class FrozenEncoder:
@@ -137,7 +112,7 @@ class FrozenEncoder:
         self.layer = layer
         self._call = call
         self._swallow_reported = False
-        names = _parameter_names(_innermost(model))
+        names = _parameter_names(unwrap(model))
         if call is not None:
             self.convention = "custom"
         elif {"noisy_image_or_video", "conditional_dict", "timestep"} <= names:
@@ -164,7 +139,9 @@ class FrozenEncoder:
         elif self.convention == "diffusers_wan":
             run, tokens = self._diffusers_wan_call(*args, **kwargs)
         elif self.convention == "custom":
-            run, tokens = (lambda: self._call(self._model, *args, **kwargs)), None
+            call = self._call
+            assert call is not None
+            run, tokens = (lambda: call(self._model, *args, **kwargs)), None
         else:
             run, tokens = (lambda: self._model(*args, **kwargs)), None
 
@@ -225,26 +202,26 @@ class FrozenEncoder:
         b, f = _video_shape(video)
         if timestep is None:
             timestep = torch.zeros(b, f, dtype=torch.int64, device=video.device)  # clean rollout
-        run = lambda: self._model(  # noqa: E731
+        run = lambda: self._model(
             noisy_image_or_video=video, conditional_dict=conditional_dict, timestep=timestep, **kwargs
         )
-        return run, _token_count(self._model, video, f)
+        return run, token_count(self._model, f, *video.shape[-2:])
 
     def _wan_model_call(self, video: Tensor, context: Tensor | list, *, t: Tensor | None = None, **kwargs):
         b, f = _video_shape(video)
-        tokens = _token_count(self._model, video, f)
+        tokens = token_count(self._model, f, *video.shape[-2:])
         if t is None:
             t = torch.zeros(b, dtype=torch.int64, device=video.device)
         x = list(video.permute(0, 2, 1, 3, 4))  # b x (c f h w), Wan's input layout
         seq_len = kwargs.pop("seq_len", tokens)
-        run = lambda: self._model(x=x, t=t, context=context, seq_len=seq_len, **kwargs)  # noqa: E731
+        run = lambda: self._model(x=x, t=t, context=context, seq_len=seq_len, **kwargs)
         return run, tokens
 
     def _diffusers_wan_call(
         self, latents: Tensor, encoder_hidden_states: Tensor, *, timestep: Tensor | None = None, **kwargs
     ):
         b, f = _video_shape(latents, layout="b c f h w")
-        channels = getattr(getattr(_innermost(self._model), "config", None), "in_channels", None)
+        channels = getattr(getattr(unwrap(self._model), "config", None), "in_channels", None)
         if channels is not None and latents.shape[1] != channels:
             raise MiraiError(
                 f"diffusers Wan takes latents (b c f h w) with c = in_channels = {channels}, got "
@@ -252,14 +229,14 @@ class FrozenEncoder:
             )
         if timestep is None:
             timestep = torch.zeros(b, dtype=torch.int64, device=latents.device)  # clean input
-        run = lambda: self._model(  # noqa: E731
+        run = lambda: self._model(
             hidden_states=latents,
             timestep=timestep,
             encoder_hidden_states=encoder_hidden_states,
             return_dict=False,
             **kwargs,
         )
-        return run, _token_count(self._model, latents, f)
+        return run, token_count(self._model, f, *latents.shape[-2:])
 
 
 def _video_shape(video: Tensor, layout: str = "b f c h w") -> tuple[int, int]:
@@ -268,34 +245,3 @@ def _video_shape(video: Tensor, layout: str = "b f c h w") -> tuple[int, int]:
         shape = tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__
         raise MiraiError(f"the encoder expects a latent video ({layout}), got {shape}")
     return video.shape[0], video.shape[layout.split().index("f")]
-
-
-def _patch_size(model: nn.Module) -> tuple[int, int, int]:
-    """``(p_t, p_h, p_w)`` of a Wan-style model, looked up through wrappers.
-
-    diffusers keeps it in ``config.patch_size`` (reading the attribute there is
-    deprecated), Wan's ``WanModel`` as an attribute, Self-Forcing's wrapper on its
-    ``.model``; Wan 2.1's ``(1, 2, 2)`` when none is found.
-    """
-    inner = _innermost(model)
-    for module in (inner._modules.get("model"), inner):
-        if module is None:
-            continue
-        patch = getattr(getattr(module, "config", None), "patch_size", None)
-        if patch is None:
-            patch = getattr(module, "patch_size", None)
-        if patch is not None:
-            return tuple(int(p) for p in patch)
-    return (1, 2, 2)
-
-
-def _token_count(model: nn.Module, latents: Tensor, frames: int) -> int:
-    """Tokens the model makes of ``frames`` latent frames of size ``latents.shape[-2:]``."""
-    p_t, p_h, p_w = _patch_size(model)
-    h, w = latents.shape[-2:]
-    if frames % p_t or h % p_h or w % p_w:
-        raise MiraiError(
-            f"latent size {frames}x{h}x{w} (frames x height x width) is not divisible by the encoder patch size "
-            f"{(p_t, p_h, p_w)}; crop or pad the latents to a multiple of it"
-        )
-    return (frames // p_t) * (h // p_h) * (w // p_w)

@@ -63,9 +63,11 @@ def read_safetensors(path: Any, *, what: str = "safetensors file") -> tuple[dict
     try:
         with safe_open(name, framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118  (safe_open is no dict)
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except SafetensorError as error:
-        raise MiraiError(f"{what} {name} is not a readable safetensors file (truncated or another format: {error})") from None
+        raise MiraiError(
+            f"{what} {name} is not a readable safetensors file (truncated or another format: {error})"
+        ) from None
     except OSError as error:
         raise MiraiError(f"{what} {name} cannot be read: {error.strerror or error}") from None
     return tensors, metadata

@@ -76,8 +76,10 @@ GLUE_KEYS = {
     "foresight_head_sharding": "replicate, ddp or fsdp",
     "foresight_head_init": "a checkpoint to start the head from (ours or an official model.pt)",
     "foresight_encoder_name": "Stage 2 (ODE): the frozen bidirectional Wan that gives the targets",
-    "foresight_encoder": "LongLive: bidirectional (a frozen Wan2.2-TI2V-5B from foresight_encoder_ckpt) or causal_real_score",
-    "foresight_encoder_ckpt": "LongLive: the bidirectional encoder's weights (needed by foresight_encoder: bidirectional)",
+    "foresight_encoder": (
+        "LongLive: bidirectional (a frozen Wan2.2-TI2V-5B from foresight_encoder_ckpt) or causal_real_score"),
+    "foresight_encoder_ckpt": (
+        "LongLive: the bidirectional encoder's weights (needed by foresight_encoder: bidirectional)"),
     "foresight_encoder_sharding": "LongLive: fsdp (wrapped like the real score) or replicate",
     "foresight_scene_cut": "LongLive: mask (no target across a scene cut) or keep",
     "foresight_window_first_block": "LongLive: as_dmd, supervise or mask the DMD window's first block",
@@ -144,7 +146,7 @@ def config_view(args: Any, *, caller: str = "from_upstream") -> tuple[list[str],
 
         def get(key: str) -> Any:
             # DictConfig answers `in` without the struct-mode and missing-value errors its get() raises.
-            return args[key] if key in args else None  # noqa: SIM401
+            return args[key] if key in args else None
 
         return [key for key in args if isinstance(key, str)], get
     if isinstance(args, (argparse.Namespace, types.SimpleNamespace)):
@@ -200,3 +202,9 @@ def glue_value(args: Any, key: str, default: Any = None) -> Any:
     if value is None:
         return default
     return check(key, value, GLUE_RULES[key], coerce=True)
+
+
+def key_reader(args: Any):
+    """``get(key, default)`` over a trainer config (a mapping or a namespace; see ``mirai_plugin.keys``)."""
+    _, get = config_view(args)
+    return lambda key, default: default if get(key) is None else get(key)

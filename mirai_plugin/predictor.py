@@ -1,7 +1,7 @@
 """Predictors that map a student segment's hidden states toward the encoder's view.
 
 Legend: B rows (batch x segments), n tokens of one segment, d student width,
-h heads, c head width.
+h heads, a head width (docs/design.md has the legend).
 
 All predictors keep the student width; ``ForesightHead`` adds the bias-free
 projection to the encoder width. A predictor sees one segment per row, so
@@ -10,18 +10,22 @@ attention never crosses segments, and rows can go through it in any grouping.
 ``saved_bytes(tokens, itemsize)`` is what autograd saves when ``tokens`` tokens go
 through a predictor whose parameters have ``itemsize`` bytes per element; counted
 tensor by tensor from the forward, exact on the CPU kernels (tests/test_memory.py).
-The head sizes its groups of segments with it, and mirai_plugin.memory reports it.
+The head sizes its groups of segments with it, and mirai_plugin.tooling.memory reports it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from mirai_plugin.config import ForesightConfig
+from mirai_plugin.errors import MiraiError
 
 _FREQ_DIM = 256  # sinusoidal features of the offset embedding
 _FLOAT32 = 4  # bytes: statistics that norms and attention keep in float32 whatever the input dtype
@@ -103,10 +107,10 @@ class DiTBlock(nn.Module):
         scale1, shift1, gate1, scale2, shift2, gate2 = mod.reshape(-1, 1, mod.shape[-1]).chunk(6, dim=-1)  # (1 1 d)
 
         h = self.norm1(x) * (1 + scale1) + shift1  # (B n d)
-        q = rearrange(self.norm_q(self.to_q(h)), "B n (h c) -> B h n c", h=self.num_heads)
-        k = rearrange(self.norm_k(self.to_k(h)), "B n (h c) -> B h n c", h=self.num_heads)
-        v = rearrange(self.to_v(h), "B n (h c) -> B h n c", h=self.num_heads)
-        attn = rearrange(F.scaled_dot_product_attention(q, k, v), "B h n c -> B n (h c)")
+        q = rearrange(self.norm_q(self.to_q(h)), "B n (h a) -> B h n a", h=self.num_heads)
+        k = rearrange(self.norm_k(self.to_k(h)), "B n (h a) -> B h n a", h=self.num_heads)
+        v = rearrange(self.to_v(h), "B n (h a) -> B h n a", h=self.num_heads)
+        attn = rearrange(F.scaled_dot_product_attention(q, k, v), "B h n a -> B n (h a)")
         x = x + gate1 * self.to_out(attn)
 
         h = self.norm2(x) * (1 + scale2) + shift2
@@ -147,7 +151,7 @@ class DiTPredictor(nn.Module):
 
     def block_saved_bytes(self, tokens: int, itemsize: int) -> int:
         """What one block saves for backward over ``tokens`` tokens."""
-        block = self.blocks[0]
+        block = cast(DiTBlock, self.blocks[0])
         d, ffn, heads = block.to_q.in_features, block.ffn_in.out_features, block.num_heads
         per_token = (
             # block input, norm1 output, modulated attention input, q and k normalised and after the
@@ -168,7 +172,7 @@ class DiTPredictor(nn.Module):
         one = self.block_saved_bytes(tokens, itemsize)
         if not checkpoint_blocks:
             return len(self.blocks) * one
-        return len(self.blocks) * tokens * self.blocks[0].to_q.in_features * itemsize + one
+        return len(self.blocks) * tokens * cast(DiTBlock, self.blocks[0]).to_q.in_features * itemsize + one
 
 
 class MLP(nn.Module):
@@ -201,8 +205,25 @@ class MultiMLP(nn.Module):
     def forward(self, x: Tensor, offset: int | None = None, *, checkpoint_blocks: bool = False) -> Tensor:
         if offset not in self.offsets:
             raise TypeError(f"offset {offset!r} has no head; heads exist for offsets {self.offsets}")
-        return self.heads[self.offsets.index(offset)](x)
+        return cast(MLP, self.heads[self.offsets.index(offset)])(x)
 
     def saved_bytes(self, tokens: int, itemsize: int, *, checkpoint_blocks: bool = False) -> int:
         """One offset's MLP (one runs per pass)."""
-        return self.heads[0].saved_bytes(tokens, itemsize)
+        return cast(MLP, self.heads[0]).saved_bytes(tokens, itemsize)
+
+
+def build_predictor(config: ForesightConfig, width: int) -> DiTPredictor | MLP | MultiMLP:
+    """The predictor ``config`` names, at the student's ``width``."""
+    ffn_dim = max(1, int(round(width * config.ffn_ratio)))
+    if config.predictor == "mlp":
+        return MLP(width, ffn_dim)
+    if config.predictor == "multi_mlp":
+        return MultiMLP(width, ffn_dim, config.offsets)
+    num_heads = config.num_heads or max(1, width // 128)
+    if width % num_heads:
+        raise MiraiError(
+            f"student width {width} is not divisible by num_heads={num_heads}; "
+            f"set ForesightConfig(num_heads=...) to a divisor (the generator's own head count)"
+        )
+    return DiTPredictor(width, depth=config.predictor_depth, num_heads=num_heads, ffn_dim=ffn_dim,
+                        offset_conditioning=config.offset_conditioning, max_offset=config.max_offset)

@@ -24,6 +24,21 @@ import torch
 from torch import Tensor
 
 
+@dataclass
+class SegmentGroup:
+    """Segments whose losses run in one predictor call; the head's ``forward`` takes it so a
+    DDP/FSDP wrapper sees the call. Targets are either materialised (``target``) or read from
+    the encoder's segments (``z`` with ``source``: ``mean_target_cosine``)."""
+
+    hidden: Tensor  # (b r n d)
+    valid: Tensor  # (r o)
+    tokens_per_frame: int
+    checkpoint_blocks: bool = False
+    target: Tensor | None = None  # (b r ...)
+    z: Tensor | None = None  # (b K n e)
+    source: Tensor | None = None  # (r o)
+
+
 @dataclass(frozen=True)
 class GroupPlan:
     """How the segments of one step go through the predictor.

@@ -61,7 +61,8 @@ def segment_count(tokens: int, *, segment_frames: int, tokens_per_frame: int, pr
     if frames <= 0:
         raise MiraiError(
             f"prefix_frames={prefix_frames} leaves no frame to segment: the encoder saw {tokens // tokens_per_frame} "
-            f"frames of tokens_per_frame={tokens_per_frame} tokens; prefix_frames counts only the leading context frames"
+            f"frames of tokens_per_frame={tokens_per_frame} tokens; "
+            "prefix_frames counts only the leading context frames"
         )
     if frames % segment_frames:
         raise MiraiError(
@@ -190,7 +191,9 @@ def fuse_targets(
     return materialise_targets(layout, fusion=fusion, segment_frames=segment_frames, tokens_per_frame=tokens_per_frame)
 
 
-def materialise_targets(layout: SegmentLayout, *, fusion: str, segment_frames: int, tokens_per_frame: int) -> SegmentTargets:
+def materialise_targets(
+    layout: SegmentLayout, *, fusion: str, segment_frames: int, tokens_per_frame: int
+) -> SegmentTargets:
     """The targets of a ``segment_layout`` as tensors (see ``fuse_targets``)."""
     z, source, valid = layout.z, layout.source, layout.valid
     if fusion == "mean":

@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from tiny_models import make_inputs, make_pair, rollout
 from torch import nn
 
 from mirai_plugin import ForesightConfig, ForesightHead, FrozenEncoder, MiraiError, capture_hidden
 from mirai_plugin.distributed import shard_head
-from tiny_models import make_inputs, make_pair, rollout
 
 SEGMENT_FRAMES, FRAMES, GLOBAL_BATCH = 3, 9, 2
 CONFIG = ForesightConfig(
@@ -262,14 +262,15 @@ def encoder_gathers_once(rank: int, world_size: int) -> None:
     as after any FSDP1 forward (gathered on the first call, kept unsharded)."""
     import functools
 
+    from tiny_models import Block
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp._flat_param import FlatParamHandle
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from tiny_models import Block
-
     _, encoder, _ = _models()
-    encoder = FullyShardedDataParallel(encoder, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"))
+    encoder = FullyShardedDataParallel(
+        encoder, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu")
+    )
     units = [m for m in encoder.modules() if isinstance(m, FullyShardedDataParallel) and m is not encoder]
     root_handle = encoder._handle
     gathered = []

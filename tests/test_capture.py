@@ -20,7 +20,7 @@ def run(generator, seed=0, **kwargs):
 def test_one_record_per_segment_equal_to_explicit_hidden():
     generator, _ = make_pair()
     with capture_hidden(generator, LAYER) as captured:
-        video, explicit = run(generator, hidden_layer=LAYER)
+        _video, explicit = run(generator, hidden_layer=LAYER)
     assert len(captured) == len(explicit) == 3
     for k, (record, expected) in enumerate(zip(captured, explicit)):
         assert torch.equal(record.hidden, expected)
@@ -141,9 +141,9 @@ def test_capture_under_ddp(process_group):
 
 
 def test_capture_under_fsdp1_sees_full_activations(process_group):
+    from tiny_models import Block
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    from tiny_models import Block
 
     generator, _ = make_pair()
     reference, _ = make_pair()

@@ -6,7 +6,7 @@ import pytest
 
 from mirai_plugin import ForesightConfig, MiraiError
 
-OFFICIAL_RECIPE = dict(  # the keys METHOD.md lists for the official Stage-3 recipe
+OFFICIAL_RECIPE = dict(  # the official Stage-3 recipe, as docs/self-forcing.md lists its keys
     foresight_weight=0.2,
     foresight_student_layer=15,
     foresight_teacher_layer=20,
@@ -66,7 +66,9 @@ def test_absent_weight_means_disabled():
 
 
 def test_unsupported_official_options_raise():
-    with pytest.raises(MiraiError, match="foresight_spatial_offset=True is not implemented.*set foresight_spatial_offset: False"):
+    with pytest.raises(
+        MiraiError, match="foresight_spatial_offset=True is not implemented.*set foresight_spatial_offset: False"
+    ):
         ForesightConfig.from_upstream({**OFFICIAL_RECIPE, "foresight_spatial_offset": True})
     with pytest.raises(MiraiError, match=r"foresight_projector_type must be one of .*'dit'.*got 'transformer'"):
         ForesightConfig.from_upstream({**OFFICIAL_RECIPE, "foresight_projector_type": "transformer"})

@@ -10,22 +10,22 @@ import pytest
 import torch
 
 from mirai_plugin import MiraiError
-from mirai_plugin.cli import main
-from mirai_plugin.demo import pretrained
-from mirai_plugin.demo.dmd import critic_loss, dmd_loss
-from mirai_plugin.demo.evaluation import (
+from mirai_plugin.tooling.cli import main
+from mirai_plugin.tooling.demo import pretrained
+from mirai_plugin.tooling.demo.dmd import critic_loss, dmd_loss
+from mirai_plugin.tooling.demo.evaluation import (
     consistency,
     encoder_gate,
     hidden_pairs,
     reappearance_colour_error,
     reappearance_frames,
 )
-from mirai_plugin.demo.experiment import PREREGISTRATION, load_config, quick, train_arm
-from mirai_plugin.demo.models import Student, Teacher
-from mirai_plugin.demo.report import paired_bootstrap
-from mirai_plugin.demo.run import make_config, run_demo
-from mirai_plugin.demo.world import OccludedWorld
-from mirai_plugin.probe import probe
+from mirai_plugin.tooling.demo.experiment import PREREGISTRATION, load_config, quick, train_arm
+from mirai_plugin.tooling.demo.models import Student, Teacher
+from mirai_plugin.tooling.demo.report import paired_bootstrap
+from mirai_plugin.tooling.demo.run import make_config, run_demo
+from mirai_plugin.tooling.demo.world import OccludedWorld
+from mirai_plugin.tooling.probe import probe
 
 ROOT = Path(__file__).parent.parent
 
@@ -226,7 +226,9 @@ def test_models_come_from_the_cache_under_their_key(tmp_path, monkeypatch):
     first = pretrained.obtain_models(settings, pretrained.Progress(enabled=False), workers=1)
     again = pretrained.obtain_models(settings, pretrained.Progress(enabled=False), workers=1)
     assert first.source.startswith("trained now") and again.source.startswith("local cache")
-    assert all(torch.equal(a, b) for a, b in zip(first.student.state_dict().values(), again.student.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(first.student.state_dict().values(), again.student.state_dict().values())
+    )
     assert pretrained.models_key(replace(settings, teacher_steps=3)) != pretrained.models_key(settings)
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from mirai_plugin import MiraiError
-from mirai_plugin.cli import main
-from mirai_plugin.demo.image import ARMS, ImageDemoConfig, make_image_config, new_model, train_arm
-from mirai_plugin.demo.image_models import MaskedTokenEncoder
-from mirai_plugin.demo.image_report import summarise
-from mirai_plugin.demo.image_world import FAMILIES, VOCAB, ImageWorld, nll_per_token, satisfies
-from mirai_plugin.demo.progress import Progress
+from mirai_plugin.tooling.cli import main
+from mirai_plugin.tooling.demo.image import ARMS, ImageDemoConfig, make_image_config, new_model, train_arm
+from mirai_plugin.tooling.demo.image_models import MaskedTokenEncoder
+from mirai_plugin.tooling.demo.image_report import summarise
+from mirai_plugin.tooling.demo.image_world import FAMILIES, VOCAB, ImageWorld, nll_per_token, satisfies
+from mirai_plugin.tooling.demo.progress import Progress
 
 MIRROR, RECTANGLE, RECURRENCE = (FAMILIES.index(name) for name in ("mirror", "rectangle", "recurrence"))
 
@@ -188,6 +188,7 @@ def test_image_demo_options_are_validated(capsys):
 # --------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_quick_image_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--image", "--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -195,7 +196,9 @@ def test_quick_image_demo_runs_end_to_end(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["per_seed"]) == set(ARMS) and all(len(runs) == 2 for runs in results["per_seed"].values())
     assert set(results["verdict"]) == {"mirai-e", "mirai-i"}
-    assert all(v.split(" (")[0] in ("helped", "hurt", "mixed", "no clear difference") for v in results["verdict"].values())
+    assert all(
+        v.split(" (")[0] in ("helped", "hurt", "mixed", "no clear difference") for v in results["verdict"].values()
+    )
     baseline, ema, encoder = (results["per_seed"][arm][0] for arm in ARMS)
     assert baseline["final_foresight_term"] is None
     assert ema["final_foresight_term"] < 0 and encoder["final_foresight_term"] < 0  # a negative cosine, weighted

@@ -106,7 +106,7 @@ def test_frozen_encoder_passes_timestep_and_extra_keywords():
     [
         (lambda x: x[:, :, 0], r"expects a latent video \(b c f h w\)"),  # one frame, 4-d
         (lambda x: x.transpose(1, 2), r"transpose\(1, 2\)"),  # Self-Forcing's (b f c h w) layout
-        (lambda x: x[..., :3], "not divisible by the encoder patch size"),
+        (lambda x: x[..., :3], "not divisible by the model.s patch size"),
     ],
     ids=["4d", "frames-first", "odd-width"],
 )
@@ -132,7 +132,7 @@ def test_tokens_per_frame_matches_the_transformer(frames, height, width):
 
 def test_tokens_per_frame_errors():
     latents = torch.randn(1, CHANNELS, 4, 6, 6)
-    with pytest.raises(MiraiError, match="not divisible by the transformer's patch size"):
+    with pytest.raises(MiraiError, match="not divisible by the model's patch size"):
         wan_tokens_per_frame(tiny_wan(0, patch=(1, 4, 4)), latents)
     with pytest.raises(MiraiError, match="pass tokens_per_frame=9 yourself"):
         wan_tokens_per_frame(tiny_wan(0, patch=(2, 2, 2)), latents)

@@ -1,11 +1,10 @@
 """The head, capture, encoder and replay under torchrun-style data parallelism:
 2 ranks, gloo, CPU. The cases live in distributed_cases.py (run in subprocesses)."""
 
+import distributed_cases as cases
 import pytest
 
-import distributed_cases as cases
-
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # two processes each: 7-25 s, 90 s in all
 
 
 @pytest.mark.parametrize(

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import synthetic_results
 from test_config import OFFICIAL_RECIPE
 from test_glue import ARGS, TinyDMD
 from torch import nn
 
 from mirai_plugin import ForesightConfig, ForesightHead, FrozenEncoder, MiraiError, capture_hidden, fuse_targets
-from mirai_plugin.cli import main
-from mirai_plugin.eval.synthetic import synthetic_results
 from mirai_plugin.image import FrozenImageEncoder, ImageForesightConfig, TokenForesightHead
 from mirai_plugin.keys import CONFIG_KEYS, GLUE_KEYS, NOT_IMPLEMENTED
-from mirai_plugin.patching import PATCHES, parse_patch
+from mirai_plugin.tooling.cli import main
+from mirai_plugin.tooling.patching import PATCHES, parse_patch
 
 omegaconf = pytest.importorskip("omegaconf")
 OmegaConf = omegaconf.OmegaConf
@@ -124,7 +124,9 @@ def test_foresight_layer_with_one_of_the_pair_is_ambiguous():
 
 def test_conflicting_keys_are_refused():
     with pytest.raises(MiraiError, match="foresight_fusion='mean' disagrees with foresight_delta_mean_pool=False"):
-        ForesightConfig.from_upstream({**OFFICIAL_RECIPE, "foresight_fusion": "mean", "foresight_delta_mean_pool": False})
+        ForesightConfig.from_upstream(
+            {**OFFICIAL_RECIPE, "foresight_fusion": "mean", "foresight_delta_mean_pool": False}
+        )
     with pytest.raises(MiraiError, match="foresight_offsets and foresight_delta"):
         ForesightConfig.from_upstream({**OFFICIAL_RECIPE, "foresight_offsets": [0, 2]})
     with pytest.raises(MiraiError, match="'multi_mlp' .* set foresight_delta_mean_pool: false"):
@@ -145,8 +147,8 @@ def test_the_patches_configs_are_read_as_written(name, text):
     config = OmegaConf.create(text)
     stage = "ode" if name.endswith("-ode") else "dmd"
     if name == "longlive":  # LongLive 2.0: sections flattened as its normalize_config does; its generator lr
-        from mirai_plugin.flops import flatten_longlive
         from mirai_plugin.integrations.longlive import longlive_config
+        from mirai_plugin.tooling.flops import flatten_longlive
 
         cfg, lr = longlive_config(flatten_longlive(config)), 1e-5
         assert cfg.segment_frames == 8 and cfg.encoder_layer == 15
@@ -190,9 +192,9 @@ def test_a_config_written_as_upstream_keys_reads_back_the_same():
 
 
 def test_foresight_keys_with_the_weight_off_are_reported_once_on_rank_0(caplog, monkeypatch):
-    from mirai_plugin import distributed
+    from mirai_plugin import collectives
 
-    monkeypatch.setattr(distributed, "_SAID", set())
+    monkeypatch.setattr(collectives, "_SAID", set())
     off = {**OFFICIAL_RECIPE, "foresight_weight": 0}
     with caplog.at_level(logging.WARNING, logger="mirai_plugin"):
         assert not ForesightConfig.from_upstream(off).enabled
@@ -330,10 +332,12 @@ def test_compare_refuses_a_per_video_value_out_of_range(tmp_path, capsys):
 
 
 def test_vbench_yes_no_per_video_results_count_as_rates(tmp_path):
-    from mirai_plugin.eval import load_results
+    from mirai_plugin.tooling.eval import load_results
 
     data = synthetic_results(0, prompts=2, seeds=2)
-    entries = [{"video_path": f"/v/p{p}-{s}.mp4", "video_results": (p + s) % 2 == 0} for p in range(2) for s in range(2)]
+    entries = [
+        {"video_path": f"/v/p{p}-{s}.mp4", "video_results": (p + s) % 2 == 0} for p in range(2) for s in range(2)
+    ]
     data["dynamic_degree"] = [0.5, entries]
     assert load_results([write(tmp_path, "yes_no", data)])["dynamic_degree"].score == pytest.approx(0.5)
 
@@ -390,13 +394,18 @@ def test_load_of_a_foreign_file_names_the_file(tmp_path):
 
 
 def test_load_of_a_file_whose_tensors_do_not_fit_its_metadata(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     head, path = saved_head(tmp_path)
+    with safe_open(str(path), "pt") as file:
+        metadata = file.metadata()
     tensors = {k: v.clone() for k, v in head.state_dict().items()}
     tensors["project.weight"] = torch.zeros(5, 16)
-    save_file(tensors, str(path), metadata=head._metadata())
-    with pytest.raises(MiraiError, match=r"does not fit the head its metadata describes: wrong shapes \['project.weight"):
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(
+        MiraiError, match=r"does not fit the head its metadata describes: wrong shapes \['project.weight"
+    ):
         ForesightHead.load(path)
 
 
@@ -412,15 +421,18 @@ def test_load_official_of_junk_bytes_never_suggests_unsafe_loading(tmp_path):
 def test_load_official_of_a_checkpoint_with_objects_names_the_type_not_unsafe_loading(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"mirai_projector": {}, "args": Namespace(lr=1.0)}, path)
-    with pytest.raises(MiraiError, match="argparse.Namespace, and mirai_plugin reads checkpoints with weights_only=True") \
-            as caught:
+    with pytest.raises(
+        MiraiError, match="argparse.Namespace, and mirai_plugin reads checkpoints with weights_only=True"
+    ) as caught:
         ForesightHead.load_official(path)
     assert "weights_only=False" not in str(caught.value)
 
 
 def test_load_official_with_values_that_are_not_tensors(tmp_path):
     projector = {"blocks.0.q.weight": [[0.0] * 4] * 4, "blocks.0.q.bias": torch.zeros(4)}
-    with pytest.raises(MiraiError, match=r"must map names to tensors; these entries are not tensors: \['blocks.0.q.weight \(list\)'\]"):
+    with pytest.raises(
+        MiraiError, match=r"must map names to tensors; these entries are not tensors: \['blocks.0.q.weight \(list\)'\]"
+    ):
         ForesightHead.load_official({"mirai_projector": projector})
     path = tmp_path / "model.pt"
     torch.save({"mirai_projector": {"blocks.0.q.weight": 3}}, path)
@@ -432,7 +444,9 @@ def test_load_training_state_from_another_predictor_changes_nothing():
     dit = ForesightHead(head_config(), student_dim=16, encoder_dim=24)
     mlp = ForesightHead(head_config(predictor="mlp"), student_dim=16, encoder_dim=24)
     before = {k: v.clone() for k, v in mlp.state_dict().items()}
-    with pytest.raises(MiraiError, match=r"different head: predictor='dit' \(this head: 'mlp'\).*ForesightConfig\(\*\*state"):
+    with pytest.raises(
+        MiraiError, match=r"different head: predictor='dit' \(this head: 'mlp'\).*ForesightConfig\(\*\*state"
+    ):
         mlp.load_training_state(dit.training_state())
     assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items()) and mlp.steps_taken == 0
     with pytest.raises(MiraiError, match="not a head training state .*got str"):
@@ -453,14 +467,16 @@ def test_image_load_training_state_that_does_not_fit_changes_nothing():
 
 def test_image_k_beyond_the_grid_is_refused_when_the_head_is_built():
     cfg = ImageForesightConfig(neighbours=5, border="drop", projector_dim=8)  # (0, 2) is off a 2-wide grid
-    with pytest.raises(MiraiError, match=r"offsets \[\(0, 2\)\] have no target on the 2x2 token grid.*fewer neighbours"):
+    with pytest.raises(
+        MiraiError, match=r"offsets \[\(0, 2\)\] have no target on the 2x2 token grid.*fewer neighbours"
+    ):
         TokenForesightHead(cfg, 8, 8, (2, 2))
 
 
 def test_image_heads_without_a_pair_are_left_out_of_the_average_and_reported(caplog, monkeypatch):
-    from mirai_plugin import distributed
+    from mirai_plugin import collectives
 
-    monkeypatch.setattr(distributed, "_SAID", set())
+    monkeypatch.setattr(collectives, "_SAID", set())
     # (1, 1) pairs token 0 with token 3 on the full 2x2 grid, but not with the 3 positions an EMA target has
     cfg = ImageForesightConfig(offsets=((0, 0), (1, 1)), projector_dim=8, prefix_tokens=1, align_prefix=False)
     head = TokenForesightHead(cfg, 8, 8, (2, 2))
@@ -553,7 +569,7 @@ def test_meta_device_inputs_are_refused_by_name():
 def toy_with_config(tmp_path, monkeypatch):
     from dataclasses import dataclass
 
-    from mirai_plugin.patching import UpstreamPatch
+    from mirai_plugin.tooling.patching import UpstreamPatch
 
     @dataclass(frozen=True)
     class Toy(UpstreamPatch):
@@ -665,7 +681,7 @@ def test_config_check_merges_the_default_config_like_the_trainer(tmp_path, capsy
 
 
 def test_cli_errors_exit_2_without_traceback_unless_debug(tmp_path):
-    command = [sys.executable, "-m", "mirai_plugin.cli", "config", "check", str(tmp_path / "missing.yaml")]
+    command = [sys.executable, "-m", "mirai_plugin.tooling.cli", "config", "check", str(tmp_path / "missing.yaml")]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "MIRAI_DEBUG": ""}, check=False)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: no such config file")
     assert "Traceback" not in result.stderr
@@ -683,9 +699,9 @@ def test_an_os_error_in_a_command_is_one_line(tmp_path, capsys):
 
 
 def test_the_glue_logs_the_resolved_config_once_at_start_up(caplog, monkeypatch):
-    from mirai_plugin import distributed
+    from mirai_plugin import collectives
 
-    monkeypatch.setattr(distributed, "_SAID", set())
+    monkeypatch.setattr(collectives, "_SAID", set())
     with caplog.at_level(logging.INFO, logger="mirai_plugin"):
         TinyDMD(ARGS)
         TinyDMD(ARGS)

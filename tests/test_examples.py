@@ -12,7 +12,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def run(*args, nproc=None):
     launcher = [sys.executable] if nproc is None else [sys.executable, "-m", "torch.distributed.run",
                                                        "--nproc_per_node", str(nproc)]  # fmt: skip
-    result = subprocess.run(launcher + [str(a) for a in args], capture_output=True, text=True, cwd=EXAMPLES, timeout=600)
+    result = subprocess.run(
+        launcher + [str(a) for a in args], capture_output=True, text=True, cwd=EXAMPLES, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return [line for line in result.stdout.splitlines() if line.startswith("step")]
 
@@ -22,6 +24,7 @@ def test_plain_loop_trains():
     assert len(lines) == 5 and "foresight" in lines[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_torchrun_loop_same_numbers_under_fsdp_and_fsdp2_and_after_a_restart(tmp_path):
     script = EXAMPLES / "torchrun_loop.py"

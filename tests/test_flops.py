@@ -7,8 +7,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mirai_plugin import ForesightConfig, ForesightHead
-from mirai_plugin.cli import main
-from mirai_plugin.flops import CycleShape, TransformerShape, block_flops, dmd_cycle, forward_flops
+from mirai_plugin.tooling.cli import main
+from mirai_plugin.tooling.flops import CycleShape, TransformerShape, block_flops, dmd_cycle, forward_flops
 
 
 class WanShapedBlock(nn.Module):
@@ -22,7 +22,7 @@ class WanShapedBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
 
     def attend(self, q, k, v):
-        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
         return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
 
     def forward(self, x, cache_k, cache_v, text):
@@ -43,7 +43,12 @@ def counted(fn):
 def test_block_formula_matches_flop_counter():
     dim, ffn, queries, cached, text = 32, 80, 12, 24, 7
     block = WanShapedBlock(dim, ffn)
-    x, ck, cv, t = torch.randn(1, queries, dim), torch.randn(1, cached, dim), torch.randn(1, cached, dim), torch.randn(1, text, dim)
+    x, ck, cv, t = (
+        torch.randn(1, queries, dim),
+        torch.randn(1, cached, dim),
+        torch.randn(1, cached, dim),
+        torch.randn(1, text, dim),
+    )
     shape = TransformerShape(dim=dim, depth=1, ffn_dim=ffn, text_tokens=text)
     assert counted(lambda: block(x, ck, cv, t)) == block_flops(shape, queries, queries + cached)
 

@@ -85,7 +85,7 @@ def test_checkpoint_round_trip_resumes_head_and_optimizer():
     resumed.foresight.load_checkpoint_state(saved)
     for a, b in zip(dmd.foresight.head.parameters(), resumed.foresight.head.parameters()):
         assert torch.equal(a, b)
-    exp_avg = lambda f: [s["exp_avg"] for s in f.head.optimizer.state_dict()["state"].values()]  # noqa: E731
+    exp_avg = lambda f: [s["exp_avg"] for s in f.head.optimizer.state_dict()["state"].values()]
     assert all(torch.equal(a, b) for a, b in zip(exp_avg(dmd.foresight), exp_avg(resumed.foresight)))
     resumed.generator.load_state_dict(saved["generator"], strict=True)  # the generator entry is untouched
 
@@ -101,7 +101,9 @@ def test_hooks_gone_after_a_failing_rollout_and_foresight_of_other_models():
 
 
 def test_schedule_keys_turn_the_term_on_late_and_step_it_down():
-    dmd = TinyDMD({**ARGS, "foresight_weight": 0.4, "foresight_weight_start": 1, "foresight_weight_changes": [[2, 0.1]]})
+    dmd = TinyDMD(
+        {**ARGS, "foresight_weight": 0.4, "foresight_weight_start": 1, "foresight_weight_changes": [[2, 0.1]]}
+    )
     seen = []
     for _ in range(3):
         loss, log = dmd.generator_loss()

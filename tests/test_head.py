@@ -34,9 +34,9 @@ def training_step(head, generator, encoder, seed=0):
 
 
 def reference_loss(head, hidden, z, offsets):
-    """METHOD.md steps 3-5 as a loop: mean of valid offsets, -mean cos per segment, mean, times weight."""
+    """docs/design.md's data flow as a loop: mean of valid offsets, -mean cos per segment, mean, times weight."""
     K = z.shape[1] // (N * S)
-    seg = lambda k: z[:, k * N * S : (k + 1) * N * S]  # noqa: E731
+    seg = lambda k: z[:, k * N * S : (k + 1) * N * S]
     losses = []
     for k, h in enumerate(hidden):
         parts = [seg(k + d) for d in offsets if k + d < K]

@@ -115,15 +115,15 @@ def test_borders_wrap_in_raster_mode_and_drop_off_grid_neighbours():
 @pytest.mark.parametrize("border", ["raster", "drop"])
 def test_term_matches_the_method_written_as_loops(source, border):
     cfg = ImageForesightConfig(source=source, neighbours=3, border=border, projector_dim=24, weight=1.5)
-    head = TokenForesightHead(cfg, student_dim=WIDTH, target_dim=12, grid=GRID)
+    head = TokenForesightHead(cfg, student_dim=WIDTH, encoder_dim=12, grid=GRID)
     hidden = torch.randn(2, N, WIDTH)  # class token + 15 image tokens
-    target = torch.randn(2, N if source == "ema" else N, 12)  # EMA: same layout; encoder: 16 patches
+    target = torch.randn(2, N, 12)  # EMA: same layout; encoder: 16 patches
     torch.testing.assert_close(head(hidden, target), reference_term(cfg, head, hidden, target), rtol=1e-5, atol=1e-6)
 
 
 def test_encoder_source_aligns_each_token_with_its_own_patch():
     cfg = ImageForesightConfig(source="encoder", projector_dim=WIDTH, weight=1.0)
-    head = TokenForesightHead(cfg, student_dim=WIDTH, target_dim=WIDTH, grid=GRID)
+    head = TokenForesightHead(cfg, student_dim=WIDTH, encoder_dim=WIDTH, grid=GRID)
     with torch.no_grad():  # an identity head, so the loss reads the alignment itself
         head.projectors[0] = nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(3)))
         for layer in head.projectors[0]:

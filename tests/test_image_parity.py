@@ -43,7 +43,7 @@ def test_losses_and_gradients_equal_the_official_code(file, source, case):
         head_weights=tuple(spec["proj_coeffs"]),
         weight=spec["coeff_multiplier"],
     )
-    head = TokenForesightHead(cfg, student_dim=32, target_dim=target.shape[-1], grid=(GRID, GRID))
+    head = TokenForesightHead(cfg, student_dim=32, encoder_dim=target.shape[-1], grid=(GRID, GRID))
     prefix = f"{case}.projectors."
     head.projectors.load_state_dict({k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}, strict=True)
 
@@ -63,9 +63,9 @@ def test_losses_and_gradients_equal_the_official_code(file, source, case):
 def test_an_off_by_one_pairing_breaks_parity():
     """The check can fail: aligning each token with the next patch (offset (0, 1) for
     Mirai-I's K=1) moves the loss far beyond the tolerance."""
-    cases, t = load("official_image_encoder.safetensors")
+    _cases, t = load("official_image_encoder.safetensors")
     cfg = ImageForesightConfig(source="encoder", offsets=((0, 1),), projector_dim=24, head_weights=(0.5,))
-    head = TokenForesightHead(cfg, student_dim=32, target_dim=48, grid=(GRID, GRID))
+    head = TokenForesightHead(cfg, student_dim=32, encoder_dim=48, grid=(GRID, GRID))
     prefix = "k1.projectors."
     head.projectors.load_state_dict({k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)})
     shifted = head(t["k1.student_hidden"], t["k1.encoder_hidden"])

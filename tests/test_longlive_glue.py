@@ -8,8 +8,8 @@ import torch
 from test_config import OFFICIAL_RECIPE
 
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.flops import WAN_2_2_5B, cycle_from_upstream, dmd_cycle, flatten_longlive
 from mirai_plugin.integrations.longlive import LongLiveForesight, _segment_prompt, longlive_config
+from mirai_plugin.tooling.flops import WAN_2_2_5B, cycle_from_upstream, dmd_cycle, flatten_longlive
 
 LONGLIVE = {  # the sections of configs/train_dmd.yaml that the glue and the FLOP model read
     "infra": {"sharding_strategy": "hybrid_full", "mixed_precision": True, "gradient_checkpointing": True},
@@ -100,4 +100,5 @@ def test_flops_read_the_longlive_recipe():
     unsliced = dmd_cycle(cycle.__class__(**{**cycle.__dict__, "frames": 48, "window_frames": None}), foresight)
     block = 2 * 30 * (8 * 3072**2 * 880 * 8 + 4 * 3072 * 14336 * 880 * 8)  # the two blocks the window leaves out,
     assert unsliced["terms"]["generator backward"] - longer["terms"]["generator backward"] > block  # attention aside
-    assert longer["terms"]["real score forwards (cond + uncond)"] == lora["terms"]["real score forwards (cond + uncond)"]
+    real = "real score forwards (cond + uncond)"
+    assert longer["terms"][real] == lora["terms"][real]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mirai_plugin import ForesightConfig, ForesightHead, MiraiError
-from mirai_plugin.cli import main
-from mirai_plugin.flops import CycleShape
-from mirai_plugin.memory import foresight_memory, memory_for_cycle
+from mirai_plugin.tooling.cli import main
+from mirai_plugin.tooling.flops import CycleShape
+from mirai_plugin.tooling.memory import foresight_memory, memory_for_cycle
 
 D, E, TOKENS_PER_FRAME, FRAMES, BATCH = 16, 24, 4, 4, 2  # 4 segments of 1 frame
 
@@ -88,8 +88,8 @@ def test_replay_cache_equals_what_the_head_keeps(fusion, offsets):
         head(hidden, z).backward()
 
     memory = tiny_memory(config, compute_dtype=torch.bfloat16, accumulation_steps=2)
-    kept = nbytes(t for batch in head._replay for t in (batch.hidden, batch.target, batch.valid))
-    assert len(head._replay) == 2
+    kept = nbytes(t for batch in head.replay_cache.batches for t in (batch.hidden, batch.target, batch.valid))
+    assert len(head.replay_cache.batches) == 2
     assert memory.replay_cache == kept
     assert memory.replay_device_bytes == kept and memory.persistent == memory.parameters + memory.optimizer_state
 

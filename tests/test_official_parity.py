@@ -3,57 +3,29 @@
 Every comparison is float32 with max abs error <= 1e-5 (ATOL).
 """
 
-import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from mirai_plugin import ForesightConfig, ForesightHead, HiddenRecord, MiraiError, fuse_targets
-from mirai_plugin.official import official_to_head_state
+from mirai_plugin import ForesightHead, HiddenRecord, MiraiError, fuse_targets
+from mirai_plugin.official.projector import official_to_head_state
 
-DATA = Path(__file__).parent / "data"
-CASES = ["official_mean", "official_none", "official_adaln", "official_next"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from official_reference import (  # (the reader of tests/data, shared with tools/parity_report.py)
+    CASES,
+    SEGMENT_FRAMES,
+    TOKENS_PER_FRAME,
+    config_for,
+    group,
+    load,
+    max_err,
+    official_head,
+    student_records,
+)
+
 ATOL = 1e-5
-SEGMENT_FRAMES, TOKENS_PER_FRAME = 3, 16
-
-
-def load(case):
-    with safe_open(DATA / f"{case}.safetensors", framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata()
-    return tensors, {k: json.loads(v) for k, v in meta.items() if k != "commit"} | {"commit": meta["commit"]}
-
-
-def group(tensors, prefix):
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def config_for(meta, **changes):
-    """The config the official run used, read from its own keys."""
-    official = meta["config"]
-    cfg = ForesightConfig.from_upstream(official).replace(
-        offset_conditioning=official["delta_cond"], replay_device=None
-    )
-    assert cfg.offsets == tuple(meta["offsets"])
-    return cfg.replace(**changes)
-
-
-def official_head(tensors, meta, **changes):
-    checkpoint = {"mirai_projector": group(tensors, "projector."), "foresight_dim_proj": group(tensors, "dim_proj.")}
-    return ForesightHead.load_official(checkpoint, config=config_for(meta, **changes))
-
-
-def student_records(tensors, meta):
-    """Leaf copies of the official captured hidden states, positioned like capture_hidden records."""
-    hidden = {k: tensors[f"student_hidden.{k}"].clone().requires_grad_(True) for k in meta["segments"]}
-    records = [HiddenRecord(h, k * SEGMENT_FRAMES * TOKENS_PER_FRAME, i, h._version) for i, (k, h) in enumerate(hidden.items())]
-    return hidden, records
-
-
-def max_err(a, b):
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -88,12 +60,15 @@ def test_targets_match(case):
 def test_projector_outputs_match(case):
     tensors, meta = load(case)
     head = official_head(tensors, meta)
+    compared = set()
     with torch.no_grad():
         for k in meta["segments"]:
             for d in meta["offsets"]:
                 name = f"projector_out.{k}" if meta["config"]["foresight_delta_mean_pool"] else f"projector_out.{k}.{d}"
                 if name in tensors:
                     assert max_err(head.predict(tensors[f"student_hidden.{k}"], d), tensors[name]) <= ATOL
+                    compared.add(name)
+    assert compared and compared == {name for name in tensors if name.startswith("projector_out.")}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -153,8 +128,11 @@ def test_an_off_by_one_breaks_parity(case, wrong):
 def test_a_segment_shift_breaks_parity():
     tensors, meta = load("official_mean")
     head = official_head(tensors, meta)
-    hidden, records = student_records(tensors, meta)
-    shifted = [HiddenRecord(r.hidden, r.position + SEGMENT_FRAMES * TOKENS_PER_FRAME, i, r.version) for i, r in enumerate(records[:-1])]
+    _hidden, records = student_records(tensors, meta)
+    shifted = [
+        HiddenRecord(r.hidden, r.position + SEGMENT_FRAMES * TOKENS_PER_FRAME, i, r.version)
+        for i, r in enumerate(records[:-1])
+    ]
     loss = head(shifted, tensors["encoder_hidden"])
     assert max_err(loss, tensors["loss"]) > 100 * ATOL
 
@@ -173,7 +151,9 @@ def test_load_official_names_missing_unexpected_and_misshaped_keys():
         ForesightHead.load_official({"mirai_projector": extra, "foresight_dim_proj": dim_proj}, config=cfg)
 
     misshaped = {**projector, "blocks.0.q.bias": torch.zeros(17)}
-    with pytest.raises(MiraiError, match=r"wrong shapes \['predictor.blocks.0.to_q.bias: checkpoint \(17,\) vs head \(16,\)'\]"):
+    with pytest.raises(
+        MiraiError, match=r"wrong shapes \['predictor.blocks.0.to_q.bias: checkpoint \(17,\) vs head \(16,\)'\]"
+    ):
         ForesightHead.load_official({"mirai_projector": misshaped, "foresight_dim_proj": dim_proj}, config=cfg)
 
     with pytest.raises(MiraiError, match="config disagrees with the official projector: predictor_depth=2"):

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import pytest
 
 from mirai_plugin import MiraiError
-from mirai_plugin.cli import main
-from mirai_plugin.patching import PATCHES, UpstreamPatch, parse_patch, patch_problems
+from mirai_plugin.tooling.cli import main
+from mirai_plugin.tooling.patching import PATCHES, UpstreamPatch, parse_patch, patch_problems
 
 
 @pytest.mark.parametrize("name", sorted(PATCHES))
@@ -23,10 +23,20 @@ def test_shipped_patches_follow_the_rules(name):
     assert code_lines and all(line.rstrip().endswith("# mirai-plugin") for line in code_lines)
 
 
-@pytest.mark.parametrize("name", sorted(PATCHES))
+# The video patches ship these recipe configs; the LlamaGen patch ships a launch script, no YAML.
+RECIPE_CONFIGS = {
+    "self-forcing": ["configs/video_mirai_dmd_chunkwise.yaml"],
+    "causal-forcing": ["configs/video_mirai_dmd_chunkwise.yaml", "configs/video_mirai_dmd_framewise.yaml"],
+    "causal-forcing-ode": ["configs/video_mirai_ode_chunkwise.yaml"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_CONFIGS))
 def test_recipe_configs_carry_the_official_keys(name):
     changes = parse_patch(PATCHES[name].text())
-    for config in (c for c in changes if c.new_file and c.path.endswith(".yaml")):
+    configs = [c for c in changes if c.new_file and c.path.endswith(".yaml")]
+    assert [c.path for c in configs] == RECIPE_CONFIGS[name]
+    for config in configs:
         keys = dict(line.split(":", 1) for line in config.added if ":" in line and not line.startswith(("#", " ", "-")))
         assert keys["foresight_weight"].strip() == "0.2"
         assert keys["foresight_student_layer"].strip() == "15"
@@ -52,7 +62,8 @@ BASE = "diff --git a/model.py b/model.py\n--- a/model.py\n+++ b/model.py\n"
             "inference code must not be patched",
         ),
         (
-            "diff --git a/new.yaml b/new.yaml\nnew file mode 100644\n--- /dev/null\n+++ b/new.yaml\n@@ -0,0 +1 @@\n+a: 1\n",
+            "diff --git a/new.yaml b/new.yaml\nnew file mode 100644\n"
+            "--- /dev/null\n+++ b/new.yaml\n@@ -0,0 +1 @@\n+a: 1\n",
             "must start with a 'mirai-plugin' comment",
         ),
     ],

@@ -331,5 +331,9 @@ def test_fuse_targets_succeeds_with_the_right_shapes_or_names_the_argument(name,
     k, o = result.valid.shape
     assert k == result.segments.numel() and o == len(arguments["offsets"])
     assert result.segments.tolist() == sorted(result.segments.tolist())
-    expected = {"mean": (1, k, n, 3), "none": (1, k, o, n, 3), "frame_mean": (1, k, o, arguments["tokens_per_frame"], 3)}
+    expected = {
+        "mean": (1, k, n, 3),
+        "none": (1, k, o, n, 3),
+        "frame_mean": (1, k, o, arguments["tokens_per_frame"], 3),
+    }
     assert tuple(result.target.shape) == expected[arguments["fusion"]]

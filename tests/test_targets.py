@@ -1,4 +1,5 @@
-"""fuse_targets against a per-segment loop written from METHOD.md."""
+"""fuse_targets against a per-segment loop written from docs/design.md's data flow
+(y_k = the mean over valid offsets d of the encoder tokens of segment k+d)."""
 
 import pytest
 import torch

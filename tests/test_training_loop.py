@@ -76,7 +76,8 @@ def test_schedule_keys_from_an_upstream_config_and_bad_values():
         }
     )  # fmt: skip
     assert (cfg.weight_start, cfg.weight_ramp, cfg.weight_changes, cfg.weight_stop) == (10, 5, ((3000, 1.0),), 6000)
-    assert cfg.replay_max_pairs == 4 and ForesightConfig.from_upstream({"foresight_weight": 0.2}).replay_max_pairs is None
+    assert cfg.replay_max_pairs == 4
+    assert ForesightConfig.from_upstream({"foresight_weight": 0.2}).replay_max_pairs is None
     assert ForesightConfig.from_json(cfg.to_json()) == cfg
     for bad in (
         dict(weight_changes=((5, 1.0), (5, 0.5))),
@@ -102,7 +103,9 @@ def test_accumulated_micro_steps_equal_one_step_on_the_whole_batch():
 
     generator_step(generator, encoder, whole, noise, cond)
     for b in range(2):  # two micro-steps of one video each, the loss scaled by 1/2
-        generator_step(generator, encoder, micro, noise[b : b + 1], {"prompt_embeds": cond["prompt_embeds"][b : b + 1]}, scale=0.5)
+        generator_step(
+            generator, encoder, micro, noise[b : b + 1], {"prompt_embeds": cond["prompt_embeds"][b : b + 1]}, scale=0.5
+        )
     assert micro.replay_pairs == 2 * whole.replay_pairs  # both micro-steps cached
     for a, b in zip(whole.parameters(), micro.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
@@ -235,7 +238,7 @@ def test_a_crash_inside_the_rollout_leaves_no_hook_and_no_stale_capture():
 
 
 def test_a_crash_inside_the_encoder_leaves_no_hook_and_restores_its_mode():
-    generator, encoder = make_pair(0)
+    _generator, encoder = make_pair(0)
     encoder.train()
 
     def fail(module, args, output):

@@ -90,7 +90,7 @@ class TinyWan(nn.Module):
         write_cache: bool = False,
         return_hidden_at_layer: int | None = None,
     ):
-        b, f = video.shape[:2]
+        _b, f = video.shape[:2]
         x = rearrange(video, "b f c (h p) (w q) -> b (f h w) (c p q)", p=PATCH, q=PATCH)
         x = self.patch(x)  # (b n d)
         freqs = torch.exp(-math.log(1000.0) * torch.arange(8) / 8)
@@ -175,7 +175,9 @@ def rollout(
                 if hidden_layer is None:
                     _, x0 = generator(x, conditional_dict, timestep, **call)
                 else:
-                    _, x0, hidden = generator(x, conditional_dict, timestep, return_hidden_at_layer=hidden_layer, **call)
+                    _, x0, hidden = generator(
+                        x, conditional_dict, timestep, return_hidden_at_layer=hidden_layer, **call
+                    )
                     hidden_states.append(hidden)
                 break
             with torch.no_grad():

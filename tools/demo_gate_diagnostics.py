@@ -19,11 +19,16 @@ import math
 import torch
 
 from mirai_plugin import ForesightHead, FrozenEncoder, capture_hidden, fuse_targets
-from mirai_plugin.demo.dmd import dmd_loss, rollout
-from mirai_plugin.demo.evaluation import hidden_pairs, reappearance_colour_error, reappearance_frames, segment_pixels
-from mirai_plugin.demo.experiment import gradient_ratio, load_config, warm_up_fake
-from mirai_plugin.demo.pretrained import SHIPPED, load_models
-from mirai_plugin.probe import fit_readout
+from mirai_plugin.tooling.demo.dmd import dmd_loss, rollout
+from mirai_plugin.tooling.demo.evaluation import (
+    hidden_pairs,
+    reappearance_colour_error,
+    reappearance_frames,
+    segment_pixels,
+)
+from mirai_plugin.tooling.demo.experiment import gradient_ratio, load_config, warm_up_fake
+from mirai_plugin.tooling.demo.pretrained import SHIPPED, load_models
+from mirai_plugin.tooling.probe import fit_readout
 
 
 def psnr(mse: float) -> float:
@@ -67,7 +72,8 @@ def main() -> None:
         "pixels of k+1 (the readout's ceiling)": pixels[v, k + 1],
     }
     for name, features in inputs.items():
-        print(f"{name:44s} {g.probe_steps:5d} " + " ".join(f"{x:10.2f}      " for x in readout(features, g.probe_steps)))
+        print(f"{name:44s} {g.probe_steps:5d} "
+              + " ".join(f"{x:10.2f}      " for x in readout(features, g.probe_steps)))
     for name in ("fused target mean(z_k, z_k+1) (the gate)", "pixels of k (the gate's reference)"):
         steps = 4 * g.probe_steps
         print(f"{name:44s} {steps:5d} " + " ".join(f"{x:10.2f}      " for x in readout(inputs[name], steps)))

@@ -188,7 +188,7 @@ def randomize(module: torch.nn.Module, seed: int, prefix: str = "") -> None:
     init = SETUP["init"]
     gen = torch.Generator().manual_seed(seed)
     done = set()
-    for name, sub in module.named_modules(prefix=prefix):
+    for _name, sub in module.named_modules(prefix=prefix):
         if isinstance(sub, torch.nn.Linear):
             sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) / sub.in_features ** 0.5)
             if sub.bias is not None:

@@ -2,7 +2,8 @@
 
     python tools/parity_report.py
 
-Uses the same loaders as tests/test_official_parity.py (which asserts <= 1e-5).
+Reads the reference files as tests/test_official_parity.py does (tools/official_reference.py;
+the tests assert <= 1e-5).
 """
 
 import sys
@@ -10,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import test_official_parity as parity  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import official_reference as parity
 
-from mirai_plugin import fuse_targets  # noqa: E402
-from mirai_plugin.official import official_to_head_state  # noqa: E402
+from mirai_plugin import fuse_targets
+from mirai_plugin.official.projector import official_to_head_state
 
 
 def report(case: str) -> dict[str, float]:
@@ -36,7 +37,9 @@ def report(case: str) -> dict[str, float]:
             errors["target"] = max(errors["target"], parity.max_err(ours, tensors[f"target.{suffix}"][0]))
             with torch.no_grad():
                 out = head.predict(tensors[f"student_hidden.{k}"], d)
-            errors["projector_out"] = max(errors["projector_out"], parity.max_err(out, tensors[f"projector_out.{suffix}"]))
+            errors["projector_out"] = max(
+                errors["projector_out"], parity.max_err(out, tensors[f"projector_out.{suffix}"])
+            )
 
     hidden, records = parity.student_records(tensors, meta)
     loss = head(records, tensors["encoder_hidden"])

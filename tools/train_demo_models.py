@@ -1,6 +1,6 @@
 """Train the video demo's teacher, base and student with the pre-registered settings and ship them.
 
-    python tools/train_demo_models.py [--workers 2] [--out mirai_plugin/demo/weights]
+    python tools/train_demo_models.py [--workers 2] [--out mirai_plugin/tooling/demo/weights]
 
 Writes ``teacher.safetensors``, ``base.safetensors`` and ``student.safetensors`` (each recording
 the key of the settings and the code that produced them, ``models_key``), then prints the encoder
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from mirai_plugin.demo.evaluation import encoder_gate
-from mirai_plugin.demo.experiment import load_config
-from mirai_plugin.demo.pretrained import SHIPPED, models_key, save_models, train_models
-from mirai_plugin.demo.progress import Progress
-from mirai_plugin.demo.run import gate_line
+from mirai_plugin.tooling.demo.evaluation import encoder_gate
+from mirai_plugin.tooling.demo.experiment import load_config
+from mirai_plugin.tooling.demo.pretrained import SHIPPED, models_key, save_models, train_models
+from mirai_plugin.tooling.demo.progress import Progress
+from mirai_plugin.tooling.demo.run import gate_line
 
 
 def main() -> None:

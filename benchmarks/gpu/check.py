@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from head_memory import Meter  # noqa: E402
 
 from mirai_plugin import ForesightConfig, ForesightHead, FrozenEncoder, capture_hidden  # noqa: E402
-from mirai_plugin.fused import fused_mean_cosine  # noqa: E402
+from mirai_plugin.mean_target_cosine import mean_target_cosine  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -173,8 +173,8 @@ def fused_rows(sizes: Sizes, device: torch.device) -> list[tuple[str, str, float
         pred = torch.randn(1, k, sizes.n, e, device=device, dtype=dtype, requires_grad=True)
         z = torch.randn(1, k, sizes.n, e, device=device, dtype=dtype)
 
-        def loss_step() -> None:
-            fused_mean_cosine(pred, z, source, valid).mean().backward()
+        def loss_step(pred=pred, z=z) -> None:
+            mean_target_cosine(pred, z, source, valid).mean().backward()
             pred.grad = None
 
         seconds = timed(device, loss_step)

@@ -1,1 +1,11 @@
-"""The toy-world demo: ``mirai-plugin demo`` (see docs/demo.md)."""
+"""Deprecated: moved to ``mirai_plugin.tooling.demo`` in 0.2.0 (its modules too);
+this path warns and is removed in 0.3.0."""
+
+from typing import TYPE_CHECKING
+
+from mirai_plugin._moved import alias
+
+if TYPE_CHECKING:
+    from mirai_plugin.tooling.demo import *
+
+alias(__name__, "mirai_plugin.tooling.demo")

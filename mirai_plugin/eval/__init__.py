@@ -1,32 +1,11 @@
-"""Evaluation the way the paper does it: VBench scores, consistency formulas, paired bootstrap.
+"""Deprecated: moved to ``mirai_plugin.tooling.eval`` in 0.2.0 (its modules too);
+this path warns and is removed in 0.3.0."""
 
-Nothing here imports ``vbench``; only ``runner.run_vbench`` needs it, in its own environment.
-"""
+from typing import TYPE_CHECKING
 
-from mirai_plugin.eval.bootstrap import Row, compare
-from mirai_plugin.eval.consistency import (
-    background_consistency,
-    feature_consistency,
-    subject_consistency,
-    temporal_flickering,
-)
-from mirai_plugin.eval.results import DimensionResult, load_aggregates, load_results, prompt_of
-from mirai_plugin.eval.vbench_score import DIMENSIONS, QUALITY, SEMANTIC, final_scores, scores_from_percent
+from mirai_plugin._moved import alias
 
-__all__ = [
-    "DIMENSIONS",
-    "QUALITY",
-    "SEMANTIC",
-    "DimensionResult",
-    "Row",
-    "background_consistency",
-    "compare",
-    "feature_consistency",
-    "final_scores",
-    "load_aggregates",
-    "load_results",
-    "prompt_of",
-    "scores_from_percent",
-    "subject_consistency",
-    "temporal_flickering",
-]
+if TYPE_CHECKING:
+    from mirai_plugin.tooling.eval import *
+
+alias(__name__, "mirai_plugin.tooling.eval")

@@ -15,4 +15,11 @@ from mirai_plugin.image.grid import grid_offsets, grid_pairs
 from mirai_plugin.image.head import TokenForesightHead
 from mirai_plugin.image.sources import EMASource, FrozenImageEncoder
 
-__all__ = ["EMASource", "FrozenImageEncoder", "ImageForesightConfig", "TokenForesightHead", "grid_offsets", "grid_pairs"]
+__all__ = [
+    "EMASource",
+    "FrozenImageEncoder",
+    "ImageForesightConfig",
+    "TokenForesightHead",
+    "grid_offsets",
+    "grid_pairs",
+]

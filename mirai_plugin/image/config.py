@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mirai_plugin.checks import Rule, check, fail, is_int, is_number
-from mirai_plugin.config import (
-    check_field_names,
-    check_schedule,
-    fields_from_json,
-    normalise_betas,
-    normalise_changes,
-    scheduled_weight,
-)
+from mirai_plugin.checks import Rule, check, fail, is_int, is_number, normalise_betas
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.image.grid import BORDERS, ORDERS, grid_offsets
+from mirai_plugin.schedule import WeightSchedule
 
 SOURCES = ("ema", "encoder")
 _RULES = {
@@ -42,7 +33,7 @@ _RULES = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class ImageForesightConfig:
+class ImageForesightConfig(WeightSchedule):
     """Mirai on a raster-order token AR model (LlamaGen). Every field is keyword-only.
 
     Args:
@@ -85,15 +76,16 @@ class ImageForesightConfig:
 
     source: str = "ema"
     student_layer: int = 7
-    neighbours: int | None = None
-    offsets: tuple[tuple[int, int], ...] | None = None
+    # None on input means "derive it"; __post_init__ always sets these four, hence their types.
+    neighbours: int = None  # type: ignore[assignment]
+    offsets: tuple[tuple[int, int], ...] = None  # type: ignore[assignment]
     order: str = "grid"
     border: str = "raster"
     prefix_tokens: int = 1
-    align_prefix: bool | None = None
+    align_prefix: bool = None  # type: ignore[assignment]
     projector_dim: int = 2048
     weight: float = 2.0
-    head_weights: tuple[float, ...] | None = None
+    head_weights: tuple[float, ...] = None  # type: ignore[assignment]
     weight_start: int = 0
     weight_ramp: int = 0
     weight_changes: tuple[tuple[int, float], ...] = ()
@@ -140,8 +132,7 @@ class ImageForesightConfig:
                 fail("head_weights", expected, self.head_weights, "None gives 1/K each; weight=0 turns the term off")
             set_("head_weights", tuple(float(w) for w in weights))
         set_("betas", normalise_betas(self.betas))
-        set_("weight_changes", normalise_changes(self.weight_changes))
-        check_schedule(self)
+        super().__post_init__()  # the schedule
 
     @classmethod
     def mirai(cls, source: str, total_steps: int, **changes: Any) -> ImageForesightConfig:
@@ -152,25 +143,6 @@ class ImageForesightConfig:
         """
         total_steps = check("total_steps", total_steps, Rule("int", minimum=2, what="an int >= 2 (optimizer steps)"))
         return cls(source=source, weight=2.0, weight_changes=((total_steps // 2, 1.0),), **changes)
-
-    @property
-    def enabled(self) -> bool:
-        return self.weight > 0 or any(w > 0 for _, w in self.weight_changes)
-
-    def weight_at(self, step: int) -> float:
-        """lambda at optimizer step ``step``."""
-        return scheduled_weight(self, step)
-
-    def replace(self, **changes: Any) -> ImageForesightConfig:
-        check_field_names(type(self), changes, "replace")
-        return dataclasses.replace(self, **changes)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ImageForesightConfig:
-        return cls(**fields_from_json(cls, text))
 
 
 def _grid_offsets(offsets: Any) -> tuple[tuple[int, int], ...]:

@@ -15,6 +15,7 @@ The heads own their parameters and their AdamW; nothing is added to the model.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,14 +23,18 @@ import torch
 from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, HiddenRecord
+from mirai_plugin.checkpoint import gather_state, restore_state
 from mirai_plugin.checks import Rule, check, check_tensor
-from mirai_plugin.distributed import average_gradients, log_once
+from mirai_plugin.collectives import log_once
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import state_problems
 from mirai_plugin.image.config import ImageForesightConfig
 from mirai_plugin.image.grid import grid_pairs
 from mirai_plugin.image.sources import grid_shape
 from mirai_plugin.loss import foresight_loss
+from mirai_plugin.optimizer import HeadOptimizer
+
+TRAINING_STATE_FORMAT = "mirai_plugin.TokenForesightHead.training_state"
 
 
 def projector(width: int, hidden: int, out: int) -> nn.Sequential:
@@ -46,26 +51,34 @@ class TokenForesightHead(nn.Module):
     Args:
         config: an ``ImageForesightConfig``.
         student_dim: width of the captured hidden states (GPT-B: 768).
-        target_dim: width of the targets (the model's own width for Mirai-E, the
+        encoder_dim: width of the targets (the model's own width for Mirai-E, the
             encoder's for Mirai-I: DINOv2-B 768).
         grid: the token grid ``(H, W)``.
 
     Example:
         >>> import torch
         >>> cfg = ImageForesightConfig(source="ema", projector_dim=16)
-        >>> head = TokenForesightHead(cfg, student_dim=8, target_dim=8, grid=(4, 4))
+        >>> head = TokenForesightHead(cfg, student_dim=8, encoder_dim=8, grid=(4, 4))
         >>> hidden = torch.randn(2, 16, 8, requires_grad=True)  # class token + 15 image tokens
         >>> target = torch.randn(2, 16, 8)                      # the EMA copy's view of the same sequence
         >>> term = head(hidden, target)
-        >>> term.shape, bool(-2.0 <= term <= 2.0)
-        (torch.Size([]), True)
+        >>> term.backward()                     # the gradient reaches the captured states
+        >>> term.shape, hidden.grad.shape
+        (torch.Size([]), torch.Size([2, 16, 8]))
     """
 
-    def __init__(self, config: ImageForesightConfig, student_dim: int, target_dim: int, grid: tuple[int, int]) -> None:
+    def __init__(self, config: ImageForesightConfig, student_dim: int, encoder_dim: int | None = None,
+                 grid: tuple[int, int] | None = None, *, target_dim: int | None = None) -> None:
         super().__init__()
+        if target_dim is not None:  # the name before 0.2.0
+            warnings.warn("TokenForesightHead(target_dim=...) is deprecated: pass encoder_dim", DeprecationWarning,
+                          stacklevel=2)
+            encoder_dim = target_dim if encoder_dim is None else encoder_dim
+        if encoder_dim is None or grid is None:
+            raise MiraiError("TokenForesightHead needs (config, student_dim, encoder_dim, grid)")
         if not isinstance(config, ImageForesightConfig):
             raise MiraiError(f"config must be an ImageForesightConfig, got {type(config).__name__}")
-        for name, value in (("student_dim", student_dim), ("target_dim", target_dim)):
+        for name, value in (("student_dim", student_dim), ("encoder_dim", encoder_dim)):
             check(name, value, Rule("int", minimum=1, what="a positive int (a feature width)"))
         grid = grid_shape("grid", grid)
         never = [offset for offset in config.offsets if not _can_pair(offset, grid, config.border)]
@@ -75,15 +88,15 @@ class TokenForesightHead(nn.Module):
                 f"their heads would never get a pair; use fewer neighbours (K={config.neighbours}) or a larger grid"
             )
         self.config = config
-        self.student_dim, self.target_dim, self.grid = int(student_dim), int(target_dim), grid
+        self.student_dim, self.encoder_dim, self.grid = int(student_dim), int(encoder_dim), grid
         self.projectors = nn.ModuleList(
-            projector(student_dim, config.projector_dim, target_dim) for _ in config.offsets
+            projector(student_dim, config.projector_dim, encoder_dim) for _ in config.offsets
         )
         for module in self.projectors.modules():
             if isinstance(module, nn.Linear):  # LlamaGen's initialisation of its linear layers
                 nn.init.normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
-        self._optimizer: torch.optim.Optimizer | None = None
+        self.optimization = HeadOptimizer(self, self._make_optimizer, config.max_grad_norm)
         self.steps_taken = 0
 
     @property
@@ -114,14 +127,15 @@ class TokenForesightHead(nn.Module):
         """
         hidden = _hidden_of(captured)
         if not self.active:
-            device = self.projectors[0][0].weight.device
+            device = next(self.parameters()).device
             zero = torch.zeros((), device=device)
             return (zero, {"head_losses": [], "offsets": []}) if return_breakdown else zero
         cfg = self.config
         check_tensor("captured hidden", hidden, layout="(batch, positions, width)")
-        check_tensor("target", target, layout=f"(batch, positions, {self.target_dim})")
-        if target.dim() != 3 or target.shape[-1] != self.target_dim:
-            raise MiraiError(f"target must be (batch, positions, {self.target_dim}), got {tuple(target.shape)}")
+        check_tensor("target", target, layout=f"(batch, positions, {self.encoder_dim})")
+        assert target is not None  # check_tensor refuses None
+        if target.dim() != 3 or target.shape[-1] != self.encoder_dim:
+            raise MiraiError(f"target must be (batch, positions, {self.encoder_dim}), got {tuple(target.shape)}")
         if hidden.dim() != 3 or hidden.shape[-1] != self.student_dim:
             raise MiraiError(
                 f"captured hidden has shape {tuple(hidden.shape)}; expected (batch, positions, {self.student_dim}) "
@@ -135,7 +149,7 @@ class TokenForesightHead(nn.Module):
         target_tokens = target.shape[1] - target_prefix
         self._check_positions(student_tokens, target_tokens, tuple(hidden.shape), tuple(target.shape))
 
-        dtype = self.projectors[0][0].weight.dtype
+        dtype = next(self.parameters()).dtype
         losses, paired = [], []
         for k, offset in enumerate(cfg.offsets):
             t, q = grid_pairs(
@@ -204,47 +218,48 @@ class TokenForesightHead(nn.Module):
 
     # ------------------------------------------------------------ optimizer
 
+    def _make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        # Matrices decay, biases do not (as LlamaGen's optimizer).
+        cfg = self.config
+        params = [p for p in params if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """The heads' AdamW; matrices decay, biases do not (as LlamaGen's optimizer)."""
-        if self._optimizer is None:
-            cfg = self.config
-            params = [p for p in self.parameters() if p.requires_grad]
-            groups = [
-                {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-            ]
-            self._optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-        return self._optimizer
+        return self.optimization.optimizer
 
     def step(self) -> Tensor | None:
         """After the model's backward: average over ranks, clip, step, zero; advance the schedule."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        average_gradients(params)
-        norm = None
-        if self.config.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = self.optimization.clip_and_step()
         self.steps_taken += 1
         return norm
+
+    def skip_step(self) -> None:
+        """A step the trainer skipped (an fp16 overflow, say): drop the gradients, advance the schedule."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_taken += 1
 
     # ------------------------------------------------------ training state
 
     def training_state(self) -> dict[str, Any]:
         """Weights, optimizer state and schedule position, to resume exactly."""
-        stepped = self._optimizer is not None and bool(self._optimizer.state)
+        weights, optimizer_state = gather_state(self.optimization)
         return {
-            "format": "mirai_plugin.TokenForesightHead.training_state",
-            "head": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
-            "optimizer": self._optimizer.state_dict() if stepped else None,
+            "format": TRAINING_STATE_FORMAT,
+            "head": weights,
+            "optimizer": optimizer_state,
             "steps_taken": self.steps_taken,
             "config": self.config.to_json(),
         }
 
-    def load_training_state(self, state: dict[str, Any]) -> None:
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
         """Resume from ``training_state()``; a state that does not fit changes nothing."""
-        if not isinstance(state, Mapping) or state.get("format") != "mirai_plugin.TokenForesightHead.training_state":
+        if not isinstance(state, Mapping) or state.get("format") != TRAINING_STATE_FORMAT:
             got = type(state).__name__ if not isinstance(state, Mapping) else f"a dict with keys {sorted(state)[:6]}"
             raise MiraiError(
                 f"not an image head training state (got {got}): pass what TokenForesightHead.training_state() "
@@ -259,14 +274,25 @@ class TokenForesightHead(nn.Module):
                 + (f"; it was saved with {saved}" if isinstance(saved, str) else "")
             )
         check("training state steps_taken", state.get("steps_taken"), Rule("int", minimum=0))
-        self.load_state_dict(state["head"], strict=True)
-        if state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+        restore_state(self.optimization, state["head"], state.get("optimizer"))
         self.steps_taken = int(state["steps_taken"])
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save_training_state(self, path: str | os.PathLike) -> None:
         """The training state as a ``torch.save`` file."""
         torch.save(self.training_state(), os.fspath(path))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Deprecated since 0.2.0 (goes in 0.3.0): ``save_training_state`` (``save`` of the video head
+        writes weights only)."""
+        warnings.warn("TokenForesightHead.save is deprecated: use save_training_state", DeprecationWarning,
+                      stacklevel=2)
+        self.save_training_state(path)
+
+    @property
+    def target_dim(self) -> int:
+        """Deprecated since 0.2.0 (goes in 0.3.0): ``encoder_dim``, as in ``ForesightHead``."""
+        warnings.warn("TokenForesightHead.target_dim is deprecated: use encoder_dim", DeprecationWarning, stacklevel=2)
+        return self.encoder_dim
 
     def extra_repr(self) -> str:
         cfg = self.config

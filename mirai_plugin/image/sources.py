@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from mirai_plugin.blocks import find_blocks
 from mirai_plugin.checks import Rule, check, check_tensor, fail, is_int
-from mirai_plugin.encoder import FrozenEncoder, _innermost
+from mirai_plugin.encoder import FrozenEncoder
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import state_problems
+from mirai_plugin.wrappers import unwrap
 
 
 class EMASource:
@@ -64,7 +65,7 @@ class EMASource:
         decay = check("decay", decay, Rule("number", minimum=0, below=1, fix="the official recipe uses 0.9999"))
         if not isinstance(model, nn.Module):
             raise MiraiError(f"EMASource copies an nn.Module (the AR model), got {type(model).__name__}")
-        inner = _innermost(model)
+        inner = unwrap(model)
         if any(hasattr(m, "_fsdp_wrapped_module") or hasattr(m, "_get_fsdp_state") for m in (model, inner)):
             raise MiraiError("build EMASource from the unsharded model, before wrapping it with FSDP")
         block_list, location = find_blocks(inner, blocks)
@@ -90,8 +91,10 @@ class EMASource:
         """``ema = decay * ema + (1 - decay) * model`` for every parameter the copy keeps."""
         decay = self.decay if decay is None else check("decay", decay, Rule("number", minimum=0, below=1))
         if not isinstance(model, nn.Module):
-            raise MiraiError(f"update needs the model this source was built from (an nn.Module), got {type(model).__name__}")
-        current = dict(_innermost(model).named_parameters())
+            raise MiraiError(
+                f"update needs the model this source was built from (an nn.Module), got {type(model).__name__}"
+            )
+        current = dict(unwrap(model).named_parameters())
         pairs = []
         for name, param in self.model.named_parameters():  # every pair checked before any is updated
             source = current.get(name)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mirai_plugin.encoder import _patch_size
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.wrappers import patch_size, tokens_per_frame
 
 __all__ = ["wan_tokens_per_frame"]
 
@@ -46,16 +46,11 @@ def wan_tokens_per_frame(transformer: nn.Module, latents: Tensor) -> int:
     if not isinstance(latents, Tensor) or latents.dim() != 5:
         shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
         raise MiraiError(f"wan_tokens_per_frame needs the 5-d latents (b c f h w) the transformer takes, got {shape}")
-    p_t, p_h, p_w = _patch_size(transformer)
+    p_t, p_h, p_w = patch_size(transformer)
     h, w = latents.shape[-2:]
     if p_t != 1:
         raise MiraiError(
             f"the transformer patches {p_t} latent frames into one token frame; count segment_frames in "
             f"token frames and pass tokens_per_frame={(h // p_h) * (w // p_w)} yourself"
         )
-    if h % p_h or w % p_w:
-        raise MiraiError(
-            f"latent size {h}x{w} is not divisible by the transformer's patch size {(p_h, p_w)}; "
-            f"crop or pad the latents to a multiple of it"
-        )
-    return (h // p_h) * (w // p_w)
+    return tokens_per_frame(transformer, h, w)

@@ -1,42 +1,51 @@
 """Glue for LlamaGen's ``autoregressive/train/train_c2i.py``: what the patch lines call.
 
-The patch adds marked one-line calls only. Everything else — the heads, their
-optimizer, the EMA source, the capture, logging and the checkpoint entry — lives
-in this object, which the GPT does not own: the model's ``state_dict``, its
-optimizer and the checkpoint's ``model`` / ``ema`` entries are unchanged, and with
+``LlamaGenMirai`` implements the glue contract (``mirai_plugin.integrations.glue``).
+The patch adds marked lines only. Everything else — the heads, their
+optimizer, the EMA source, the capture and the checkpoint entry — lives in this
+object, which the GPT does not own: the model's ``state_dict``, its optimizer and
+the checkpoint's ``model`` / ``ema`` entries are unchanged, and with
 ``--mirai none`` (the default) every call is a no-op.
 
 Patched call sites::
 
     add_mirai_arguments(parser)                                     # before parse_args
-    mirai = LlamaGenMirai(model, args, steps_per_epoch, device)     # after the data, before DDP
+    mirai = LlamaGenMirai(model, args, steps_per_epoch, device)     # after the data, before compile and DDP;
+                                                                    # its config: upstream_config(args, model, ...)
     mirai.load_checkpoint_state(checkpoint)                         # when resuming from --gpt-ckpt
-    mirai.begin(model)                                              # before the training forward
-    loss = mirai.add_term(loss, c_indices, z_indices)               # right after it
-    mirai.after_step(model, scaler)                                 # after scaler.step(optimizer)
-    mirai.log(logger)                                               # next to the loss log
-    checkpoint.update(mirai.checkpoint_state())                     # when saving
+    mirai.scaler = scaler                                           # after the GradScaler is made (fp16)
+    mirai.begin_capture()                                           # before the training forward
+    loss = mirai.add_term(loss, c_indices, z_indices)               # right after it: ends the capture
+    mirai.after_generator_step()                                    # after scaler.step(optimizer)
+    if mirai.enabled:                                               # next to the loss log
+        logger.info(... mirai.log_values() ...)
+    checkpoint.update(mirai.checkpoint_state())                     # when saving: {"foresight": ...}
 
-Mirai-E (``--mirai E``) only needs the model's own inputs. Mirai-I (``--mirai I``)
-needs the images of the batch: they are decoded from the codes with the VQ
-tokenizer (``--mirai-vq-ckpt``), so the code dataset stays as it is.
+The forward is not wrapped in ``with mirai.capturing():`` because a patch adds
+lines and never re-indents upstream ones: ``begin_capture()`` enters the same
+capture and ``add_term`` leaves it (the next ``begin_capture`` does if the
+forward failed). Mirai-E (``--mirai E``) only needs the model's own inputs.
+Mirai-I (``--mirai I``) needs the images of the batch: they are decoded from the
+codes with the VQ tokenizer (``--mirai-vq-ckpt``), so the code dataset stays as
+it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mirai_plugin.capture import capture_hidden
-from mirai_plugin.distributed import broadcast_module
+from mirai_plugin.capture import CapturedHidden, capture_hidden
+from mirai_plugin.collectives import broadcast_module
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.image import EMASource, FrozenImageEncoder, ImageForesightConfig, TokenForesightHead
-
-CHECKPOINT_KEY = "mirai"
+from mirai_plugin.integrations.glue import CHECKPOINT_KEY, checkpoint_entry
 
 
 def add_mirai_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +59,8 @@ def add_mirai_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mirai-border", choices=["raster", "drop"], default="raster")
     group.add_argument("--mirai-weight", type=float, default=2.0, help="lambda before the step-down")
     group.add_argument("--mirai-weight-after", type=float, default=1.0, help="lambda after the step-down")
-    group.add_argument("--mirai-step-down", type=float, default=0.5, help="fraction of training at which lambda steps down")
+    group.add_argument("--mirai-step-down", type=float, default=0.5,
+                       help="fraction of training at which lambda steps down")
     group.add_argument("--mirai-warmup-steps", type=int, default=0, help="steps before the term starts")
     group.add_argument("--mirai-ema-decay", type=float, default=0.9999)
     group.add_argument("--mirai-projector-dim", type=int, default=2048)
@@ -62,42 +72,33 @@ def add_mirai_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class LlamaGenMirai:
-    """The Mirai term inside LlamaGen's c2i trainer (no-op with ``--mirai none``)."""
+    """The Mirai term inside LlamaGen's c2i trainer (no-op with ``--mirai none``).
 
-    def __init__(self, model: nn.Module, args: Any, steps_per_epoch: int, device: torch.device | int) -> None:
+    Implements ``TrainerGlue``. ``model`` is the GPT before ``torch.compile`` and DDP
+    (they share its parameters); ``scaler``, the trainer's ``GradScaler``, is set by
+    the patch once the trainer has made it: with fp16 the heads' gradients are
+    unscaled with its scale, and a step with overflowing gradients is skipped.
+    """
+
+    def __init__(self, model: Any, args: Any, steps_per_epoch: int, device: torch.device | int) -> None:
         self.enabled = getattr(args, "mirai", "none") != "none"
         self.head: TokenForesightHead | None = None
-        self._capture: contextlib.ExitStack | None = None
-        self._captured = None
+        self.source: Any = None  # EMASource (E) or the decoded-image encoder (I)
+        self.scaler: Any = None
+        self._model = model
+        self._open: contextlib.ExitStack | None = None  # a capture begin_capture() entered
+        self._captured: CapturedHidden | None = None
         self._logged: list[float] = []
         if not self.enabled:
             return
         if isinstance(device, int):  # LlamaGen passes the local GPU index
             device = torch.device("cuda", device) if torch.cuda.is_available() else torch.device("cpu")
         device = torch.device(device)
-        source = "ema" if args.mirai == "E" else "encoder"
-        total_steps = args.epochs * max(1, steps_per_epoch)
-        grid = int(round(model.block_size ** 0.5))
-        self.config = ImageForesightConfig(
-            source=source,
-            student_layer=args.mirai_layer,
-            neighbours=args.mirai_neighbours,
-            order=args.mirai_order,
-            border=args.mirai_border,
-            prefix_tokens=model.cls_token_num,
-            projector_dim=args.mirai_projector_dim,
-            weight=args.mirai_weight,
-            weight_changes=((int(total_steps * args.mirai_step_down), args.mirai_weight_after),),
-            weight_start=args.mirai_warmup_steps,
-            ema_decay=args.mirai_ema_decay,
-            lr=args.lr,
-            betas=(args.beta1, args.beta2),
-            weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm or None,
-        )
+        self.config = cfg = upstream_config(args, model, steps_per_epoch)
+        grid = round(model.block_size ** 0.5)
         width = model.config.dim
-        if source == "ema":
-            self.source = EMASource(model, args.mirai_layer, decay=args.mirai_ema_decay, blocks="layers")
+        if cfg.source == "ema":
+            self.source = EMASource(model, cfg.student_layer, decay=cfg.ema_decay, blocks="layers")
             target_dim = width
         else:
             self.source = _image_source(args, grid, device)
@@ -105,22 +106,47 @@ class LlamaGenMirai:
         self.head = TokenForesightHead(self.config, width, target_dim, (grid, grid)).to(device)
         broadcast_module(self.head)  # ranks seed differently; the heads start identical
 
+    @property
+    def active(self) -> bool:
+        """Enabled and on at this step of the weight schedule (off during ``--mirai-warmup-steps``)."""
+        return self.head is not None and self.head.active
+
     # -------------------------------------------------------------- the term
 
-    def begin(self, model: nn.Module) -> None:
-        """Start capturing ``layers[mirai_layer]`` for the next training forward."""
-        self._end()
-        if not self.enabled or not self.head.active:
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[CapturedHidden | None]:
+        """Capture ``layers[mirai_layer]`` during the training forward (no hook when not active)."""
+        if not self.active:
+            yield None
             return
-        self._capture = contextlib.ExitStack()
-        self._captured = self._capture.enter_context(capture_hidden(model, self.config.student_layer, blocks="layers"))
+        with capture_hidden(self._model, self.config.student_layer, blocks="layers") as captured:
+            self._captured = captured
+            try:
+                yield captured
+            finally:
+                self._captured = None
+
+    def begin_capture(self) -> None:
+        """Enter ``capturing()`` for the next training forward; ``add_term`` leaves it.
+
+        For a trainer whose forward a patch cannot wrap in a ``with`` block.
+        """
+        self._end_capture()  # a forward that failed before add_term left it open
+        self._open = contextlib.ExitStack()
+        self._open.enter_context(self.capturing())
 
     def add_term(self, loss: Tensor, c_indices: Tensor, z_indices: Tensor) -> Tensor:
-        """``loss`` plus the term for this batch (unchanged when off); ends the capture."""
-        captured, self._captured = self._captured, None
-        self._end()
-        if captured is None:
+        """``loss`` plus the term for this batch (``loss`` itself when not active); ends a
+        capture ``begin_capture`` entered."""
+        captured, self._captured = self._captured, None  # read once: a second call adds nothing
+        self._end_capture()
+        if not self.active:
             return loss
+        if captured is None:
+            raise MiraiError(
+                "add_term was called outside the Mirai capture: call mirai.begin_capture() before the training "
+                "forward (the patch does this), or run the forward inside `with mirai.capturing():`"
+            )
         if self.config.source == "ema":
             # The copy runs in eval mode (no dropout, no label drop); LlamaGen's eval forward
             # reads the rotary table at input_pos, so give it every position.
@@ -128,62 +154,130 @@ class LlamaGenMirai:
             target = self.source(cond_idx=c_indices, idx=z_indices[:, :-1], input_pos=positions)
         else:
             target = self.source(z_indices)
+        assert self.head is not None  # add_term returned early when off
         term = self.head(captured, target)
         self._logged.append(term.detach().item())
         return loss + term
 
-    def _end(self) -> None:
-        if self._capture is not None:
-            self._capture.close()  # removes the hook, also after a failed forward
-            self._capture = None
+    def _end_capture(self) -> None:
+        if self._open is not None:
+            self._open.close()  # removes the hook, also after a failed forward
+            self._open = None
 
     # --------------------------------------------------------- trainer hooks
 
-    def after_step(self, model: nn.Module, scaler: Any = None) -> None:
+    def after_generator_step(self) -> None:
         """After the model's optimizer step: the heads' step (unscaled for fp16) and the EMA update."""
-        if not self.enabled:
+        self._step(self._model, self.scaler)
+
+    def _step(self, model: nn.Module, scaler: Any) -> None:
+        head = self.head
+        if head is None:
             return
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
-        grads = [p.grad for p in self.head.parameters() if p.grad is not None]
+        grads = [p.grad for p in head.parameters() if p.grad is not None]
         if scale != 1.0:
             for g in grads:
                 g.div_(scale)
         if grads and not all(bool(torch.isfinite(g).all()) for g in grads):  # fp16 overflow: skip, as the scaler does
-            self.head.optimizer.zero_grad(set_to_none=True)
-            self.head.steps_taken += 1
+            head.skip_step()
         else:
-            self.head.step()
+            head.step()
         if self.config.source == "ema":
             self.source.update(model)
 
-    def log(self, logger: Any) -> None:
-        """Log the mean term since the last call (nothing when off)."""
+    def after_critic_step(self, train_generator: bool) -> None:
+        """No critic in LlamaGen's trainer: nothing to do."""
+
+    def log_values(self) -> dict[str, float]:
+        """``foresight_loss`` (the mean term since the last call, when it ran) and
+        ``foresight_weight`` (lambda now); empty when off."""
         values, self._logged = self._logged, []
-        if self.enabled:
-            mean = sum(values) / len(values) if values else 0.0
-            logger.info(f"mirai ({self.config.source}): term {mean:.4f}, lambda {self.head.weight:g}")
+        if self.head is None:
+            return {}
+        logged = {"foresight_loss": sum(values) / len(values)} if values else {}
+        return {**logged, "foresight_weight": self.head.weight}
 
     def checkpoint_state(self) -> dict[str, Any]:
-        if not self.enabled:
+        """``{"foresight": {"head": ..., "source": ...}}`` (the EMA copy for Mirai-E); empty when off."""
+        if self.head is None:
             return {}
         state = {"head": self.head.training_state()}
         if self.config.source == "ema":
             state["source"] = self.source.state_dict()
         return {CHECKPOINT_KEY: state}
 
-    def load_checkpoint_state(self, checkpoint: dict) -> None:
-        if not self.enabled or CHECKPOINT_KEY not in checkpoint:
+    def load_checkpoint_state(self, checkpoint: Mapping[str, Any], *, strict: bool = False) -> None:
+        """Resume the heads, their optimizer, the schedule and the EMA source from ``checkpoint_state()``
+        (also from the ``"mirai"`` entry versions before 0.2.0 wrote). Without an entry nothing
+        happens unless ``strict``."""
+        head = self.head
+        if head is None:
             return
-        entry = checkpoint[CHECKPOINT_KEY]
-        self.head.load_training_state(entry["head"])
+        entry = checkpoint_entry(checkpoint)
+        if entry is None:
+            if strict:
+                keys = sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+                raise MiraiError(f"checkpoint has no {CHECKPOINT_KEY!r} entry to resume Mirai from; keys: {keys}")
+            return
+        head.load_training_state(entry["head"])
         if self.config.source == "ema" and "source" in entry:
             self.source.load_state_dict(entry["source"])
+
+    # ------------------------------------------- deprecated names (until 0.3)
+
+    def begin(self, model: nn.Module) -> None:
+        """Deprecated since 0.2.0: use ``begin_capture()`` (or ``with capturing():``)."""
+        _deprecated("begin(model)", "begin_capture()")
+        self.begin_capture()
+
+    def after_step(self, model: nn.Module, scaler: Any = None) -> None:
+        """Deprecated since 0.2.0: set ``mirai.scaler = scaler`` once, then call ``after_generator_step()``."""
+        _deprecated("after_step(model, scaler)", "after_generator_step() (with mirai.scaler = scaler set once)")
+        self._step(model, scaler)
+
+    def log(self, logger: Any) -> None:
+        """Deprecated since 0.2.0: log ``log_values()`` yourself."""
+        _deprecated("log(logger)", "log_values()")
+        values = self.log_values()
+        if values:
+            logger.info(f"mirai ({self.config.source}): term {values.get('foresight_loss', 0.0):.4f}, "
+                        f"lambda {values['foresight_weight']:g}")
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"LlamaGenMirai.{old} is deprecated since 0.2.0 and goes in 0.3.0: use {new}",
+                  DeprecationWarning, stacklevel=3)
+
+
+def upstream_config(args: Any, model: Any, steps_per_epoch: int) -> ImageForesightConfig:
+    """The ``ImageForesightConfig`` the glue trains with, from the ``--mirai*`` options (``--mirai E`` or
+    ``I``), LlamaGen's optimizer options and the GPT (its class-token prefix); lambda steps down after
+    ``--mirai-step-down`` of ``--epochs`` x ``steps_per_epoch`` steps."""
+    total_steps = args.epochs * max(1, steps_per_epoch)
+    return ImageForesightConfig(
+        source="ema" if args.mirai == "E" else "encoder",
+        student_layer=args.mirai_layer,
+        neighbours=args.mirai_neighbours,
+        order=args.mirai_order,
+        border=args.mirai_border,
+        prefix_tokens=model.cls_token_num,
+        projector_dim=args.mirai_projector_dim,
+        weight=args.mirai_weight,
+        weight_changes=((int(total_steps * args.mirai_step_down), args.mirai_weight_after),),
+        weight_start=args.mirai_warmup_steps,
+        ema_decay=args.mirai_ema_decay,
+        lr=args.lr,
+        betas=(args.beta1, args.beta2),
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None,
+    )
 
 
 class _DecodedImageEncoder:
     """Mirai-I on a code dataset: codes -> VQ decode -> encoder patch features on the token grid."""
 
-    def __init__(self, vq: nn.Module, encoder: FrozenImageEncoder, grid: int, width: int) -> None:
+    def __init__(self, vq: Any, encoder: FrozenImageEncoder, grid: int, width: int) -> None:
         self.vq, self.encoder, self.grid, self.width = vq, encoder, grid, width
 
     @torch.no_grad()
@@ -213,7 +307,7 @@ def _image_source(args: Any, grid: int, device: torch.device) -> _DecodedImageEn
     vq = vq.to(device).eval().requires_grad_(False)
     if args.mirai_encoder.startswith("dinov2"):
         encoder = torch.hub.load("facebookresearch/dinov2", args.mirai_encoder)
-        features = lambda m, x: m.forward_features(x)["x_norm_patchtokens"]  # noqa: E731
+        features = lambda m, x: m.forward_features(x)["x_norm_patchtokens"]
     else:
         encoder = torch.load(args.mirai_encoder, map_location="cpu", weights_only=False)
         features = None

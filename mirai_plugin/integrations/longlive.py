@@ -48,12 +48,15 @@ from torch import Tensor, nn
 
 from mirai_plugin import ForesightConfig, FrozenEncoder, HiddenRecord
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.files import load_checkpoint
 from mirai_plugin.integrations.self_forcing import (
-    _UpstreamForesight,
+    UpstreamForesight,
     foresight_of,
+    wan_transformer,
     with_foresight_capture,
 )
 from mirai_plugin.keys import GLUE_RULES, glue_value
+from mirai_plugin.wrappers import strip_wrapper_prefixes, tokens_per_frame
 
 __all__ = ["ENCODERS", "LongLiveForesight", "foresight_of", "longlive_config", "with_foresight_capture"]
 
@@ -79,7 +82,7 @@ def longlive_config(args: Any) -> ForesightConfig:
     return config
 
 
-class LongLiveForesight(_UpstreamForesight):
+class LongLiveForesight(UpstreamForesight):
     """LongLive DMD (T2V and I2V, LoRA or full): the term on the DMD window of each rollout.
 
     Args:
@@ -111,7 +114,8 @@ class LongLiveForesight(_UpstreamForesight):
     def add_term(self, loss: Tensor, log_dict: dict, video: Tensor, conditional_dict: dict) -> Tensor:
         """``loss`` plus the foresight term of the DMD window ``video`` (b f c h w)
         (unchanged when disabled or off by the schedule)."""
-        if not self.active:
+        head = self.head
+        if head is None or not self.active:
             return loss
         if self._captured is None:
             raise MiraiError("add_term was called outside the foresight capture: decorate generator_loss with "
@@ -122,11 +126,13 @@ class LongLiveForesight(_UpstreamForesight):
             raise MiraiError("no grad-enabled generator call was captured during the rollout: LongLive's "
                              "pipeline runs the window's blocks with gradients; check slice_last_frames")
         block = self.config.segment_frames
-        s = _tokens_per_frame(self._model.generator, video)
+        s = _frame_tokens(self._model.generator, video)
         window = video.shape[1]
-        if any(r.position is None for r in records):
+        positions = [r.position for r in records]
+        if any(p is None for p in positions):
             raise MiraiError("captured calls carry no current_start: the LongLive rollout passes one per block")
-        ends = [r.position // s + r.hidden.shape[1] // s for r in records]
+        at = {id(r): int(p) for r, p in zip(records, positions) if p is not None}  # rollout token offset of a call
+        ends = [at[id(r)] // s + r.hidden.shape[1] // s for r in records]
         rollout = max(ends)  # rollout frames R (the last block always runs with gradients)
         start = rollout - window  # rollout frame of the window's first latent
         if start < 0:
@@ -134,10 +140,10 @@ class LongLiveForesight(_UpstreamForesight):
         prefix = (-start) % block  # window frames before the first block boundary
         segments = {}  # window segment -> its record, position relative to the segment grid
         for r in records:
-            frame = r.position // s - start - prefix
+            frame = at[id(r)] // s - start - prefix
             if frame < 0 or frame % block or r.hidden.shape[1] != block * s:
                 raise MiraiError(
-                    f"a grad-enabled generator call at rollout frame {r.position // s} with "
+                    f"a grad-enabled generator call at rollout frame {at[id(r)] // s} with "
                     f"{r.hidden.shape[1] // s} frames does not fit the DMD window [{start}, {rollout}) in blocks "
                     f"of {block}: LongLive's independent_first_frame layout without I2V is not supported")
             segments[frame // block] = r
@@ -153,7 +159,7 @@ class LongLiveForesight(_UpstreamForesight):
             ((members, (first, _)),), (target,) = shots, targets
             records = [HiddenRecord(segments[k].hidden, (k - first) * block * s, i, segments[k].version)
                        for i, k in enumerate(members)]
-            total = self.head(records, target, tokens_per_frame=s)
+            total = head(records, target, tokens_per_frame=s)
         else:
             # Multi-shot: one head call per supervised segment, its target window cut at the shot's end. The
             # number of calls is then the same on every rank whatever the cuts (an FSDP / DDP head needs that).
@@ -163,7 +169,7 @@ class LongLiveForesight(_UpstreamForesight):
                 for k in members:
                     lo, hi = (k - first) * block * s, min(k - first + reach, last - first) * block * s
                     record = HiddenRecord(segments[k].hidden, 0, 0, segments[k].version)
-                    total = total + self.head([record], target[:, lo:hi], tokens_per_frame=s) / n
+                    total = total + head([record], target[:, lo:hi], tokens_per_frame=s) / n
         log_dict["foresight_loss"] = total.detach()
         log_dict["foresight_segments"] = n  # supervised segments of this rollout's window
         log_dict["foresight_shots"] = len(shots)
@@ -181,7 +187,7 @@ class LongLiveForesight(_UpstreamForesight):
 
     def after_critic_step(self, train_generator: bool) -> None:
         """On critic-only iterations: projector replay (``projector_every_step``)."""
-        if self.enabled and self.config.replay and not train_generator:
+        if self.head is not None and self.config.replay and not train_generator:
             replayed = self.head.replay()
             if replayed is not None:
                 self._logged["replay_foresight_loss"] = replayed
@@ -236,12 +242,12 @@ class LongLiveForesight(_UpstreamForesight):
                 conditional_dict["prompt_embeds"], video.shape[0], shots[0][1][0], count)})  # result unused
         return out
 
-    def _encoder(self) -> nn.Module:
+    def _encoder(self) -> Any:
         # Looked up on every call: the trainer replaces `real_score` by its FSDP wrapper.
         return self._model.real_score if self.encoder_choice == "causal_real_score" else self._frozen
 
     def _encoder_dim(self) -> int:
-        return _transformer(self._encoder()).dim
+        return wan_transformer(self._encoder()).dim
 
 
 # ----------------------------------------------------------------- helpers
@@ -304,25 +310,6 @@ def _segment_prompt(prompt_embeds: Tensor, batch: int, first: int, count: int) -
     return prompt_embeds.unflatten(0, (batch, n))[:, index]  # (b l c)
 
 
-def _tokens_per_frame(generator: nn.Module, video: Tensor) -> int:
-    patch = getattr(_transformer(generator), "patch_size", (1, 2, 2))
-    return (video.shape[-2] // patch[1]) * (video.shape[-1] // patch[2])
-
-
-def _transformer(wrapper: nn.Module) -> nn.Module:
-    """The Wan transformer (``.blocks`` and ``.dim``) inside FSDP / peft / LongLive's wrapper (a local
-    helper: the package's unwrap utility is private)."""
-    module, seen = wrapper, 0
-    while module is not None and seen < 10:
-        if hasattr(module, "blocks") and hasattr(module, "dim"):
-            return module
-        children = module._modules
-        module = next((children[n] for n in ("_fsdp_wrapped_module", "module", "_orig_mod", "base_model", "model")
-                       if isinstance(children.get(n), nn.Module)), None)
-        seen += 1
-    raise MiraiError(f"no Wan transformer (with .blocks and .dim) found inside {type(wrapper).__name__}")
-
-
 def _bidirectional_encoder(dmd: nn.Module, args: Any) -> nn.Module:
     """Choice (a): a frozen bidirectional Wan2.2-TI2V-5B from ``foresight_encoder_ckpt``, wrapped like the
     real score (``foresight_encoder_sharding: fsdp``, the default) or replicated on every rank."""
@@ -336,10 +323,7 @@ def _bidirectional_encoder(dmd: nn.Module, args: Any) -> nn.Module:
             "foresight_encoder_ckpt: PATH; or foresight_encoder: causal_real_score to use LongLive's causal real "
             "score (no extra memory; the paper's weaker causal-encoder ablation, offset 0 then sees no future); "
             "or foresight_weight: 0 to turn the term off. See docs/longlive.md")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise MiraiError(f"foresight_encoder_ckpt {path!r} does not exist") from None
+    state = load_checkpoint(path, what="foresight_encoder_ckpt")
     for key in CHECKPOINT_KEYS:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -349,7 +333,7 @@ def _bidirectional_encoder(dmd: nn.Module, args: Any) -> nn.Module:
     encoder = wrapper_cls(model_name=model_kwargs.get("model_name", "Wan2.2-TI2V-5B"),
                           timestep_shift=model_kwargs.get("timestep_shift", 5.0), is_causal=False)
     try:
-        encoder.load_state_dict({_strip(k): v for k, v in state.items()}, strict=True)
+        encoder.load_state_dict({strip_wrapper_prefixes(k): v for k, v in state.items()}, strict=True)
     except RuntimeError as error:
         raise MiraiError(f"foresight_encoder_ckpt {path!r} is not a bidirectional {model_kwargs.get('model_name')} "
                          f"WanDiffusionWrapper state dict: {str(error)[:400]}") from None
@@ -363,14 +347,12 @@ def _bidirectional_encoder(dmd: nn.Module, args: Any) -> nn.Module:
     return encoder.to(device=_device(dmd), dtype=getattr(dmd, "dtype", torch.float32))
 
 
-def _device(model: nn.Module) -> torch.device:
+def _device(model: Any) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, int):
         return torch.device("cuda", device)
     return torch.device(device) if device is not None else next(model.generator.parameters()).device
 
 
-def _strip(name: str) -> str:
-    for prefix in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
-        name = name.replace(prefix, "")
-    return name
+def _frame_tokens(generator: nn.Module, video: Tensor) -> int:
+    return tokens_per_frame(generator, *video.shape[-2:])

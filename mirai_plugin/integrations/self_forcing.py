@@ -1,27 +1,41 @@
 """Glue for Self-Forcing and Causal-Forcing (same layout): what the patch lines call.
 
-The patches add, to the upstream trainer, only marked one-line calls into this
-module. Everything else — the head, its optimizer, the capture, the encoder
-call, replay, logging values and the checkpoint entry — lives here, in objects
-the upstream models do not own as submodules: the generator's parameters,
-``state_dict`` and checkpoint format are unchanged, and with
-``foresight_weight: 0`` (or the key absent) every call is a no-op, so the
-patched trainer computes exactly what the unpatched one does.
+``DMDForesight`` and ``ODEForesight`` implement the glue contract
+(``mirai_plugin.integrations.glue``). The patches add, to the upstream trainer,
+only marked one-line calls into this module. Everything else — the head, its
+optimizer, the capture, the encoder call, replay, logging values and the
+checkpoint entry — lives here, in objects the upstream models do not own as
+submodules: the generator's parameters, ``state_dict`` and checkpoint format
+are unchanged, and with ``foresight_weight: 0`` (or the key absent) every call
+is a no-op, so the patched trainer computes exactly what the unpatched one does.
 
-Patched call sites (Stage 3, ``model/dmd.py`` and ``trainer/distillation.py``)::
+Patched call sites, Stage 3 (DMD; ``model/dmd.py``, then ``trainer/distillation.py``)::
 
-    self.foresight = DMDForesight(self, args)                        # end of DMD.__init__
-    @with_foresight_capture                                          # on DMD.generator_loss
-    dmd_loss = self.foresight.add_term(dmd_loss, dmd_log_dict,       # before generator_loss returns
-                                       pred_image, conditional_dict)
-    self.model.foresight.after_generator_step()                      # after generator_optimizer.step()
-    self.model.foresight.after_critic_step(TRAIN_GENERATOR)          # after critic_optimizer.step(): replay
-    wandb_loss_dict.update(self.model.foresight.log_values())        # next to the DMD losses
-    state_dict.update(self.model.foresight.checkpoint_state())       # Trainer.save
-    self.model.foresight.load_checkpoint_state(state_dict)           # after torch.load(generator_ckpt)
+    self.foresight = DMDForesight(self, args)                      # end of DMD.__init__
+    @with_foresight_capture                                        # on DMD.generator_loss: runs it in capturing()
+    dmd_loss = self.foresight.add_term(dmd_loss, dmd_log_dict, pred_image, conditional_dict)  # before it returns
 
-Stage 2 (Causal-Forcing ODE regression) uses ``ODEForesight`` the same way,
-with the ground-truth clean latent as the encoder input.
+    foresight_of(self.model).load_checkpoint_state(state_dict)     # after torch.load(config.generator_ckpt)
+    state_dict.update(foresight_of(self.model).checkpoint_state())  # Trainer.save, on every rank
+    foresight_of(self.model).after_generator_step()                # after generator_optimizer.step()
+    foresight_of(self.model).after_critic_step(TRAIN_GENERATOR)    # after critic_optimizer.step(): replay
+    wandb_loss_dict.update(foresight_of(self.model).log_values())  # next to the DMD losses
+
+Stage 2 (Causal-Forcing ODE regression; ``model/ode_regression.py``, then
+``trainer/ode.py``) calls ``ODEForesight`` the same way, with the ground-truth
+clean latent as the encoder input and no critic step::
+
+    self.foresight = ODEForesight(self, args)                      # end of ODERegression.__init__
+    @with_foresight_capture                                        # on ODERegression.generator_loss
+    loss = self.foresight.add_term(loss, log_dict, clean_latent, conditional_dict)  # before it returns
+
+    foresight_of(self.model).load_checkpoint_state(state_dict)     # after torch.load(config.generator_ckpt)
+    state_dict.update(foresight_of(self.model).checkpoint_state())  # Trainer.save
+    foresight_of(self.model).after_generator_step()                # after generator_optimizer.step()
+    wandb_loss_dict.update(foresight_of(self.model).log_values())  # next to the ODE loss
+
+The trainer files reach the glue through ``foresight_of(model)``, a no-op stand-in
+for the models without one that the same trainer builds (CausVid, SiD).
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ import contextlib
 import functools
 import importlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -38,15 +52,16 @@ from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, capture_hidden
 from mirai_plugin.checks import Rule, check
-from mirai_plugin.config import ForesightConfig, key_reader
-from mirai_plugin.distributed import broadcast_module, log_once, shard_head
+from mirai_plugin.collectives import broadcast_module, log_once
+from mirai_plugin.config import ForesightConfig
+from mirai_plugin.distributed import shard_head
 from mirai_plugin.encoder import FrozenEncoder
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import load_checkpoint
 from mirai_plugin.head import ForesightHead
-from mirai_plugin.keys import GLUE_RULES, glue_value
-
-CHECKPOINT_KEY = "foresight"
+from mirai_plugin.integrations.glue import CHECKPOINT_KEY, checkpoint_entry
+from mirai_plugin.keys import GLUE_RULES, glue_value, key_reader
+from mirai_plugin.wrappers import tokens_per_frame, wrapper_chain
 
 
 def with_foresight_capture(generator_loss: Callable) -> Callable:
@@ -68,10 +83,10 @@ def with_foresight_capture(generator_loss: Callable) -> Callable:
     return wrapper
 
 
-class _UpstreamForesight:
+class UpstreamForesight:
     """Shared state and trainer hooks; subclasses say where the encoder and inputs come from."""
 
-    def __init__(self, model: nn.Module, args: Any, config: ForesightConfig) -> None:
+    def __init__(self, model: Any, args: Any, config: ForesightConfig) -> None:
         self._model = model  # the upstream DMD / ODERegression object (holds the generator)
         self.config = config
         self.head: ForesightHead | None = None
@@ -79,7 +94,7 @@ class _UpstreamForesight:
         self._logged: dict[str, Tensor] = {}
         if not config.enabled:
             return
-        student = _core(model.generator)
+        student = wan_transformer(model.generator)
         self.config = config = config.replace(num_heads=config.num_heads or getattr(student, "num_heads", None))
         sharding = glue_value(args, "foresight_head_sharding", "replicate")
         init = glue_value(args, "foresight_head_init")
@@ -108,7 +123,7 @@ class _UpstreamForesight:
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[CapturedHidden | None]:
-        if not self.head.active:  # off at this step by the weight schedule: no hook, no encoder
+        if not self.active:  # off, or off at this step by the weight schedule: no hook, no encoder
             yield None
             return
         with capture_hidden(self._model.generator, self.config.student_layer, select=self._select) as captured:
@@ -128,6 +143,7 @@ class _UpstreamForesight:
             )
         encoder = FrozenEncoder(self._encoder(), self.config.encoder_layer)
         encoder_hidden = encoder(video.detach(), conditional_dict)  # (b t e), stop-gradient target
+        assert self.head is not None  # add_term checked that the term is on
         term = self.head(self._captured, encoder_hidden, **head_kwargs)
         log_dict["foresight_loss"] = term.detach()
         self._logged["foresight_loss"] = term.detach()
@@ -137,7 +153,7 @@ class _UpstreamForesight:
 
     def after_generator_step(self) -> None:
         """After the generator optimizer step: clip, step and zero the head's own optimizer."""
-        if self.enabled:
+        if self.head is not None:
             self.head.step()
 
     def after_critic_step(self, train_generator: bool) -> None:
@@ -151,23 +167,25 @@ class _UpstreamForesight:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """``{"foresight": {...}}`` for the trainer's checkpoint (empty when disabled)."""
-        if not self.enabled:
+        if self.head is None:
             return {}
         return {CHECKPOINT_KEY: self.head.training_state()}  # a collective: the trainer calls it on every rank
 
-    def load_checkpoint_state(self, checkpoint: dict, *, strict: bool = False) -> None:
+    def load_checkpoint_state(self, checkpoint: Mapping[str, Any], *, strict: bool = False) -> None:
         """Resume the head (and its optimizer) from a checkpoint written by ``checkpoint_state``,
         or take its weights from an official Video-Mirai checkpoint (``mirai_projector``).
 
         Without either entry nothing happens unless ``strict``.
         """
-        if not self.enabled or not isinstance(checkpoint, dict):
+        head = self.head
+        if head is None or not isinstance(checkpoint, Mapping):
             return
-        if CHECKPOINT_KEY in checkpoint:
-            self.head.load_training_state(checkpoint[CHECKPOINT_KEY])
+        entry = checkpoint_entry(checkpoint)
+        if entry is not None:
+            head.load_training_state(entry)
         elif "mirai_projector" in checkpoint:
             official = ForesightHead.load_official(checkpoint, config=self.config)
-            self.head.load_state_dict(official.state_dict(), strict=True)
+            head.load_state_dict(official.state_dict(), strict=True)
         elif strict:
             raise MiraiError(
                 f"checkpoint has neither a {CHECKPOINT_KEY!r} entry nor an official 'mirai_projector'; "
@@ -176,14 +194,14 @@ class _UpstreamForesight:
 
     # ------------------------------------------------------- for subclasses
 
-    def _encoder(self) -> nn.Module:
+    def _encoder(self) -> Any:
         raise NotImplementedError
 
     def _encoder_dim(self) -> int:
-        return _core(self._encoder()).dim
+        return wan_transformer(self._encoder()).dim
 
 
-class DMDForesight(_UpstreamForesight):
+class DMDForesight(UpstreamForesight):
     """Stage 3 (DMD): the encoder is the frozen real score; targets come from the rollout.
 
     Args:
@@ -193,10 +211,10 @@ class DMDForesight(_UpstreamForesight):
             ``num_frame_per_block`` and the clip norm from ``max_grad_norm_generator``.
     """
 
-    def __init__(self, dmd: nn.Module, args: Any) -> None:
+    def __init__(self, dmd: Any, args: Any) -> None:
         super().__init__(dmd, args, upstream_config(args, "dmd"))
 
-    def _encoder(self) -> nn.Module:
+    def _encoder(self) -> Any:
         # Looked up on every call: the trainer replaces `real_score` by its FSDP wrapper.
         return self._model.real_score
 
@@ -208,13 +226,13 @@ class DMDForesight(_UpstreamForesight):
 
     def after_critic_step(self, train_generator: bool) -> None:
         """On critic steps that are not generator steps: projector replay (``projector_every_step``)."""
-        if self.enabled and self.config.replay and not train_generator:
+        if self.head is not None and self.config.replay and not train_generator:
             replayed = self.head.replay()
             if replayed is not None:
                 self._logged["replay_foresight_loss"] = replayed
 
 
-class ODEForesight(_UpstreamForesight):
+class ODEForesight(UpstreamForesight):
     """Stage 2 (Causal-Forcing ODE regression, teacher-forced): the target is a frozen
     bidirectional Wan's view of the ground-truth clean video.
 
@@ -225,7 +243,7 @@ class ODEForesight(_UpstreamForesight):
     (every step is a generator step).
     """
 
-    def __init__(self, model: nn.Module, args: Any) -> None:
+    def __init__(self, model: Any, args: Any) -> None:
         config = upstream_config(args, "ode")
         self._frozen: nn.Module | None = None
         if config.enabled:
@@ -238,16 +256,15 @@ class ODEForesight(_UpstreamForesight):
         # generator's prediction (and so the student state) is the noisy half.
         return hidden[:, hidden.shape[1] // 2 :]
 
-    def _encoder(self) -> nn.Module:
+    def _encoder(self) -> Any:
         return self._frozen
 
     def add_term(self, loss: Tensor, log_dict: dict, clean_video: Tensor, conditional_dict: dict) -> Tensor:
         """``loss`` plus the foresight term with the ground-truth ``clean_video`` as the encoder input."""
         if not self.active:
             return loss
-        patch = getattr(_core(self._model.generator), "patch_size", (1, 2, 2))
-        tokens_per_frame = (clean_video.shape[-2] // patch[1]) * (clean_video.shape[-1] // patch[2])
-        return loss + self._term(clean_video, conditional_dict, log_dict, tokens_per_frame=tokens_per_frame)
+        s = tokens_per_frame(self._model.generator, *clean_video.shape[-2:])
+        return loss + self._term(clean_video, conditional_dict, log_dict, tokens_per_frame=s)
 
 
 # ----------------------------------------------------------------- helpers
@@ -280,21 +297,15 @@ def upstream_config(args: Any, stage: str) -> ForesightConfig:
 
 
 
-def _core(wrapper: nn.Module) -> nn.Module:
-    """The transformer inside a (possibly FSDP-wrapped) WanDiffusionWrapper."""
-    module = wrapper
-    for _ in range(6):
+def wan_transformer(wrapper: nn.Module) -> Any:
+    """The Wan transformer (``.blocks`` and ``.dim``) inside a WanDiffusionWrapper, through any wrapper."""
+    for module, _ in wrapper_chain(wrapper, containers=True):
         if hasattr(module, "blocks") and hasattr(module, "dim"):
             return module
-        module = getattr(module, "_fsdp_wrapped_module", None) or getattr(module, "module", None) or getattr(
-            module, "model", None
-        )
-        if module is None:
-            break
     raise MiraiError(f"no Wan transformer (with .blocks and .dim) found inside {type(wrapper).__name__}")
 
 
-def _device(model: nn.Module) -> torch.device:
+def _device(model: Any) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, int):
         return torch.device("cuda", device)
@@ -325,7 +336,8 @@ def _head_wrap_kwargs(sharding: str, args: Any, head: nn.Module) -> dict[str, An
         "hybrid_zero2": ShardingStrategy._HYBRID_SHARD_ZERO2,
         "no_shard": ShardingStrategy.NO_SHARD,
     }
-    name = check("sharding_strategy", _get(args, "sharding_strategy", "full"), Rule("choice", choices=tuple(strategies)))
+    name = check("sharding_strategy", _get(args, "sharding_strategy", "full"),
+                 Rule("choice", choices=tuple(strategies)))
     mixed = check("mixed_precision", _get(args, "mixed_precision", False), Rule("bool"), coerce=True)
     return dict(
         sharding_strategy=strategies[name],
@@ -343,10 +355,10 @@ def _build_frozen_wan(model_name: str, model: nn.Module) -> nn.Module:
     return encoder.to(device=_device(model), dtype=dtype).eval()
 
 
-_DISABLED = _UpstreamForesight(None, {}, ForesightConfig(weight=0.0))
+_DISABLED = UpstreamForesight(None, {}, ForesightConfig(weight=0.0))
 
 
-def foresight_of(model: nn.Module) -> _UpstreamForesight:
+def foresight_of(model: nn.Module) -> UpstreamForesight:
     """The model's foresight glue, or a no-op stand-in (e.g. for CausVid/SiD models the
     same trainer file also builds)."""
     foresight = getattr(model, "foresight", None)

@@ -1,0 +1,1 @@
+"""The toy-world demo: ``mirai-plugin demo`` (see docs/demo.md)."""

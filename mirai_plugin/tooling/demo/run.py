@@ -1,0 +1,181 @@
+"""``mirai-plugin demo``: the encoder gate, then DMD with and without foresight, a positive control, a verdict.
+
+Stages: the models (shipped, cached or trained), the gate (printed before any student is
+trained; a full run stops there when it fails), the fake score's warm-up, then every
+(seed, arm) task, two or more at a time in worker processes, then the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from mirai_plugin.errors import MiraiError
+from mirai_plugin.tooling.demo.evaluation import encoder_gate
+from mirai_plugin.tooling.demo.experiment import (
+    ARMS,
+    DemoConfig,
+    Start,
+    _state,
+    load_config,
+    quick,
+    run_task,
+    warm_up_fake,
+)
+from mirai_plugin.tooling.demo.pretrained import models_key, obtain_models
+from mirai_plugin.tooling.demo.progress import Progress
+from mirai_plugin.tooling.demo.report import figure, summarise, table, verdict
+
+
+def make_config(*, quick_run: bool = False, steps: int | None = None, seeds: int | None = None,
+                offsets: tuple[int, ...] | None = None, layer: int | None = None) -> DemoConfig:
+    """The pre-registered settings, the ``--quick`` preset, then explicit options (each recorded as a deviation)."""
+    cfg = load_config()
+    if quick_run:
+        cfg = quick(cfg)
+    deviations = list(cfg.deviations)
+    if steps is not None:
+        if steps < 1:
+            raise MiraiError(f"--steps must be >= 1 (generator steps), got {steps}")
+        cfg = replace(cfg, dmd=replace(cfg.dmd, generator_steps=steps))
+        deviations.append(f"generator_steps={steps}")
+    if seeds is not None:
+        if seeds < 1:
+            raise MiraiError(f"--seeds must be >= 1, got {seeds}")
+        cfg = replace(cfg, seeds=tuple(range(seeds)))
+        deviations.append(f"seeds={seeds}")
+    foresight = dict(cfg.foresight)
+    if offsets is not None:
+        foresight["offsets"] = tuple(offsets)
+        deviations.append(f"offsets={tuple(offsets)}")
+    if layer is not None:
+        depth = cfg.models.student_depth
+        if not 0 <= layer < depth:
+            raise MiraiError(f"layer {layer} out of range: the demo student has {depth} blocks (0..{depth - 1})")
+        foresight["student_layer"] = foresight["encoder_layer"] = layer  # same relative depth: equal depths
+        deviations.append(f"layer={layer}")
+    cfg = replace(cfg, foresight=foresight, deviations=tuple(deviations))
+    cfg.foresight_config()  # validates offsets and the rest of the foresight settings
+    return cfg
+
+
+def run_demo(cfg: DemoConfig, out: Path, *, workers: int | None = None, progress: Progress | None = None) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every stage single-threaded: the numbers do not depend on the machine's core count
+    try:
+        return _run(cfg, out, workers, progress or Progress())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DemoConfig, out: Path, workers: int | None, progress: Progress) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    began, cpu_began = time.perf_counter(), time.process_time()
+    timings: dict[str, float] = {}
+
+    stage = time.perf_counter()
+    models = obtain_models(cfg.models, progress, workers=workers)
+    timings["models"] = time.perf_counter() - stage
+    print(f"models: {models.source}")
+
+    stage = time.perf_counter()
+    g = cfg.gate
+    gate_scene = cfg.world.render(g.videos, cfg.models.train_frames, seed=80_000_000 + g.seed)
+    fcfg = cfg.foresight_config()
+    gate = encoder_gate(models.teacher, gate_scene, layer=fcfg.encoder_layer, offsets=fcfg.offsets,
+                        segment_frames=cfg.segment_frames, test_videos=g.test_videos, hidden=g.probe_hidden,
+                        steps=g.probe_steps, lr=g.probe_lr, batch=g.probe_batch, seed=g.seed)
+    gate["passed"] = gate["hidden"]["margin"] >= g.margin_db
+    timings["gate"] = time.perf_counter() - stage
+    quick_run = any(d.startswith("--quick") for d in cfg.deviations)
+    print(gate_line(gate, g.margin_db, encoder_layer=fcfg.encoder_layer, offsets=fcfg.offsets)
+          + (" [--quick goes on regardless]" if quick_run and not gate["passed"] else ""))
+
+    results = {"config": cfg.to_dict(), "models_key": models_key(cfg.models), "models_source": models.source,
+               "gate": gate, "deviations": list(cfg.deviations)}
+    if not gate["passed"] and not quick_run:
+        results["status"] = "blocked: the teacher did not pass the encoder gate within its training cap"
+        results["wall_seconds"] = time.perf_counter() - began
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"\nstopped: {results['status']}; no student was trained. Wrote {out / 'results.json'}")
+        return results
+
+    stage = time.perf_counter()
+    start = Start(_state(models.teacher), warm_up_fake(cfg, models.base, models.student), _state(models.student))
+    timings["fake warm-up"] = time.perf_counter() - stage
+
+    stage = time.perf_counter()
+    # the longest tasks first (the foresight arms, then the baseline, then the starting students' evaluations)
+    order = {arm: i for i, arm in enumerate(("foresight", "control", "baseline"))}
+    tasks = sorted(((seed, arm) for seed in cfg.seeds for arm in cfg.arms), key=lambda task: order.get(task[1], 0))
+    tasks += [(seed, "start") for seed in cfg.seeds]
+    workers = workers or min(len(tasks), os.cpu_count() or 1)
+    outputs = _run_tasks(cfg, start, tasks, workers, progress)
+    timings["students"] = time.perf_counter() - stage
+
+    e = cfg.evaluation
+    summary = summarise(outputs, replicates=e.bootstrap_replicates, seed=e.bootstrap_seed, level=e.bootstrap_level)
+    ratios = {arm: summary["per_seed"][arm]["gradient_ratio"] for arm in ("foresight", "control") if arm in cfg.arms}
+    print("step-0 |grad of the weighted term| / |grad of DMD| on the student: "
+          + "; ".join(f"{arm} {' '.join(f'{v:.3f}' for v in values)}" for arm, values in ratios.items()))
+    # On a machine of its own the run takes about its own CPU time plus the tasks' CPU time over the workers.
+    serial_cpu = time.process_time() - cpu_began
+    task_cpu = sum(r["cpu_seconds"] for r in outputs)
+    said = verdict(summary)
+    if quick_run:
+        said = "[--quick: tiny models, a few generator steps: these numbers test the plumbing, not the method]\n" + said
+    results.update(status="complete", per_run=outputs, summary=summary, verdict=said, timings=timings,
+                   workers=workers, wall_seconds=time.perf_counter() - began,
+                   cpu_seconds={"main_process": serial_cpu, "tasks": task_cpu})
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    figure(summary, gate, out / "figure.png", train_segments=cfg.train_segments)
+    print("\n" + table(summary))
+    print("\nverdict:\n" + results["verdict"])
+    if cfg.deviations:
+        print("deviations from the pre-registration: " + "; ".join(cfg.deviations))
+    print(f"wrote {out / 'results.json'} and {out / 'figure.png'} in {results['wall_seconds']:.0f}s "
+          f"(CPU: {serial_cpu:.0f}s in this process, {task_cpu:.0f}s in {len(outputs)} tasks on {workers} workers)")
+    return results
+
+
+def gate_line(gate: dict, margin: float, *, encoder_layer: int, offsets: tuple[int, ...]) -> str:
+    hidden, every = gate["hidden"], gate["all"]
+    status = "PASSED" if gate["passed"] else "NOT PASSED"
+    return (
+        f"encoder gate ({status}, needs >= {margin:.1f} dB): readout of the reappearance segment from a wholly hidden "
+        f"segment's FrozenEncoder(teacher, {encoder_layer}) features fused over offsets {tuple(offsets)}: "
+        f"{hidden['features']:.2f} dB, from its pixels: {hidden['pixels']:.2f} dB (margin {hidden['margin']:+.2f} dB, "
+        f"{hidden['test_pairs']} held-out pairs); every k -> k+1: {every['features']:.2f} vs {every['pixels']:.2f} dB"
+    )
+
+
+def _run_tasks(cfg: DemoConfig, start: Start, tasks: list[tuple[int, str]], workers: int,
+               progress: Progress) -> list[dict]:
+    began, outputs = time.perf_counter(), []
+
+    def report(result: dict) -> None:
+        outputs.append(result)
+        progress.note(f"  [{len(outputs)}/{len(tasks)}] seed {result['seed']} {result['arm']:<9s} "
+                      f"{result['seconds']:5.0f}s  (elapsed {time.perf_counter() - began:.0f}s)")
+
+    progress.note(f"students: {len(tasks)} tasks ({len(cfg.seeds)} seeds x {', '.join(cfg.arms)}, and each seed's "
+                  f"starting student), {workers} at a time")
+    if workers == 1:
+        for seed, arm in tasks:
+            report(run_task(cfg, start, seed, arm))
+        return outputs
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_task, cfg, start, seed, arm) for seed, arm in tasks]
+        for future in as_completed(futures):
+            report(future.result())
+    return outputs
+
+
+__all__ = ["ARMS", "make_config", "run_demo"]

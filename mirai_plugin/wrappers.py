@@ -1,0 +1,200 @@
+"""Looking through the wrappers trainers put around a model: one registry, used everywhere.
+
+A *wrapper* holds one module and calls it the same way: DDP and DeepSpeed ``.module``,
+FSDP1 ``_fsdp_wrapped_module``, activation checkpointing ``_checkpoint_wrapped_module``,
+``torch.compile`` ``_orig_mod``, PEFT ``base_model`` then its tuner's ``.model``. A
+*container* holds the transformer but has its own call convention: Self-Forcing's
+``WanDiffusionWrapper`` ``.model``, a diffusers pipeline's ``.transformer``. Containers are
+followed to find blocks or the patch size, never to decide how to call a model. FSDP2
+(``fully_shard``) wraps in place and needs no entry.
+
+Capture, the frozen encoder, the trainer glue and official-checkpoint loading all read this
+registry, so a new wrapper type is one ``register_wrapper`` call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from mirai_plugin.errors import MiraiError
+
+__all__ = [
+    "CONTAINER_ATTRIBUTES",
+    "Wrapper",
+    "patch_size",
+    "register_wrapper",
+    "strip_wrapper_prefixes",
+    "token_count",
+    "tokens_per_frame",
+    "unregister_wrapper",
+    "unwrap",
+    "wrapper_attributes",
+    "wrapper_chain",
+]
+
+CONTAINER_ATTRIBUTES = ("model", "transformer")
+_MAX_DEPTH = 8
+_WAN_PATCH = (1, 2, 2)  # Wan 2.1 / 2.2: one latent frame, 2x2 latent pixels per token
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """A wrapper type: the child attribute holding the wrapped module.
+
+    ``applies`` narrows it to some classes (PEFT's ``.model`` is a tuner's, not any
+    module's); ``in_state_dict`` says whether the attribute shows as a key prefix in the
+    wrapper's state dict, to be stripped when reading checkpoints written through it.
+    """
+
+    attribute: str
+    applies: Callable[[nn.Module], bool] | None = None
+    in_state_dict: bool = True
+
+    def inner(self, module: nn.Module) -> nn.Module | None:
+        child = module._modules.get(self.attribute)
+        if not isinstance(child, nn.Module) or (self.applies is not None and not self.applies(module)):
+            return None
+        return child
+
+
+def _from_peft(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "peft"
+
+
+_WRAPPERS: list[Wrapper] = [
+    Wrapper("module"),
+    Wrapper("_fsdp_wrapped_module"),
+    Wrapper("_checkpoint_wrapped_module"),
+    Wrapper("_orig_mod"),
+    Wrapper("base_model", applies=_from_peft, in_state_dict=False),
+    Wrapper("model", applies=_from_peft, in_state_dict=False),
+]
+
+
+def register_wrapper(attribute: str, *, applies: Callable[[nn.Module], bool] | None = None,
+                     in_state_dict: bool = True) -> Wrapper:
+    """Teach the package a wrapper type that holds its model at ``attribute``.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> class Engine(nn.Module):
+        ...     def __init__(self, inner):
+        ...         super().__init__()
+        ...         self.wrapped_engine = inner
+        >>> wrapper = register_wrapper("wrapped_engine")
+        >>> inner = nn.Linear(2, 2)
+        >>> unwrap(Engine(inner)) is inner
+        True
+        >>> unregister_wrapper("wrapped_engine")
+    """
+    if not isinstance(attribute, str) or not attribute.isidentifier():
+        raise MiraiError(f"attribute must be a child-module name such as 'module', got {attribute!r}")
+    if any(w.attribute == attribute and w.applies is applies for w in _WRAPPERS):
+        raise MiraiError(f"a wrapper at {attribute!r} is already registered")
+    wrapper = Wrapper(attribute, applies, in_state_dict)
+    _WRAPPERS.append(wrapper)
+    return wrapper
+
+
+def unregister_wrapper(attribute: str) -> None:
+    """Forget the wrapper types registered at ``attribute`` by ``register_wrapper``."""
+    kept = [w for w in _WRAPPERS if w.attribute != attribute]
+    if len(kept) == len(_WRAPPERS):
+        raise MiraiError(f"no wrapper is registered at {attribute!r}")
+    _WRAPPERS[:] = kept
+
+
+def wrapper_attributes(*, containers: bool = False) -> tuple[str, ...]:
+    """Every attribute that leads from a wrapper (and, with ``containers``, a container) inward."""
+    names = dict.fromkeys(w.attribute for w in _WRAPPERS)
+    if containers:
+        names.update(dict.fromkeys(CONTAINER_ATTRIBUTES))
+    return tuple(names)
+
+
+def _inner(module: nn.Module, containers: bool) -> tuple[nn.Module, str] | None:
+    for wrapper in _WRAPPERS:
+        child = wrapper.inner(module)
+        if child is not None:
+            return child, wrapper.attribute
+    if containers:
+        for attribute in CONTAINER_ATTRIBUTES:
+            child = module._modules.get(attribute)
+            if isinstance(child, nn.Module):
+                return child, attribute
+    return None
+
+
+def wrapper_chain(model: nn.Module, *, containers: bool = False) -> list[tuple[nn.Module, str]]:
+    """``[(module, path), ...]``: the model and what its wrappers wrap, outermost first.
+
+    >>> import torch.nn as nn
+    >>> ddp_like = nn.Module()
+    >>> ddp_like.module = nn.Linear(2, 2)
+    >>> [path for _, path in wrapper_chain(ddp_like)]
+    ['Module', 'Module.module']
+    """
+    chain, module, path = [], model, type(model).__name__
+    for _ in range(_MAX_DEPTH):
+        chain.append((module, path))
+        step = _inner(module, containers)
+        if step is None:
+            break
+        module, path = step[0], f"{path}.{step[1]}"
+    return chain
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside every wrapper: the one whose ``forward`` defines the call."""
+    return wrapper_chain(model)[-1][0]
+
+
+def strip_wrapper_prefixes(key: str) -> str:
+    """A state-dict key without the prefixes wrappers add (``module.``, ``_orig_mod.``, ...).
+
+    >>> strip_wrapper_prefixes("module._fsdp_wrapped_module.blocks.0.q.weight")
+    'blocks.0.q.weight'
+    """
+    names = [re.escape(w.attribute) for w in _WRAPPERS if w.in_state_dict]
+    pattern = re.compile(rf"(^|\.)(?:{'|'.join(names)})\.")
+    while True:
+        stripped = pattern.sub(r"\1", key)
+        if stripped == key:
+            return key
+        key = stripped
+
+
+def patch_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(p_t, p_h, p_w)`` of a Wan-style model, through wrappers and containers.
+
+    diffusers keeps it in ``config.patch_size`` (the attribute there is deprecated), Wan's
+    ``WanModel`` as an attribute; Wan's ``(1, 2, 2)`` when none is found.
+    """
+    for module, _ in wrapper_chain(model, containers=True):
+        patch = getattr(getattr(module, "config", None), "patch_size", None)
+        if patch is None:
+            patch = getattr(module, "patch_size", None)
+        if patch is not None:
+            return tuple(int(p) for p in patch)  # type: ignore[return-value]
+    return _WAN_PATCH
+
+
+def token_count(model: nn.Module, frames: int, height: int, width: int) -> int:
+    """Tokens the model makes of ``frames`` latent frames of ``height x width``."""
+    p_t, p_h, p_w = patch_size(model)
+    if frames % p_t or height % p_h or width % p_w:
+        raise MiraiError(
+            f"latent size {frames}x{height}x{width} (frames x height x width) is not divisible by the model's patch "
+            f"size {(p_t, p_h, p_w)}; crop or pad the latents to a multiple of it"
+        )
+    return (frames // p_t) * (height // p_h) * (width // p_w)
+
+
+def tokens_per_frame(model: nn.Module, height: int, width: int) -> int:
+    """``s``: tokens per latent frame of ``height x width`` (the patch's time stride aside)."""
+    p_t, _, _ = patch_size(model)
+    return token_count(model, p_t, height, width)
