@@ -57,7 +57,7 @@ UPSTREAMS = {
                  "281e47e46a0bb442437227fd8d664e8cb120d043"),
         Upstream("mirai-code", "MIRAI_MIRAI_CODE_DIR", "y0urOy/Mirai-Code",
                  "4e8611e54159c67fe31c29e6f922ba47c031c9df"),
-        Upstream("longlive", "MIRAI_LONGLIVE_DIR", "NVlabs/LongLive", "7860ad9685686bc3edfd407eb4d12579ca47d689"),
+        _patched("longlive", "MIRAI_LONGLIVE_DIR"),
     )
 }
 

@@ -76,6 +76,14 @@ GLUE_KEYS = {
     "foresight_head_sharding": "replicate, ddp or fsdp",
     "foresight_head_init": "a checkpoint to start the head from (ours or an official model.pt)",
     "foresight_encoder_name": "Stage 2 (ODE): the frozen bidirectional Wan that gives the targets",
+    "foresight_encoder": (
+        "LongLive: bidirectional (a frozen Wan2.2-TI2V-5B from foresight_encoder_ckpt) or causal_real_score"),
+    "foresight_encoder_ckpt": (
+        "LongLive: the bidirectional encoder's weights (needed by foresight_encoder: bidirectional)"),
+    "foresight_encoder_sharding": "LongLive: fsdp (wrapped like the real score) or replicate",
+    "foresight_scene_cut": "LongLive: mask (no target across a scene cut) or keep",
+    "foresight_window_first_block": "LongLive: as_dmd, supervise or mask the DMD window's first block",
+    "foresight_i2v_first_block": "LongLive: supervise or mask the block holding I2V's conditioning latent",
 }
 # key: (the value that turns it off, how to get the behaviour here if there is a way)
 NOT_IMPLEMENTED = {
@@ -102,6 +110,12 @@ GLUE_RULES = {
     "foresight_head_sharding": Rule("choice", choices=("replicate", "ddp", "fsdp")),
     "foresight_head_init": Rule("str", none=True, what="a checkpoint path"),
     "foresight_encoder_name": Rule("str", none=True, what="a Wan model name such as 'Wan2.1-T2V-1.3B'"),
+    "foresight_encoder": Rule("choice", choices=("bidirectional", "causal_real_score")),
+    "foresight_encoder_ckpt": Rule("str", none=True, what="a checkpoint path"),
+    "foresight_encoder_sharding": Rule("choice", choices=("fsdp", "replicate")),
+    "foresight_scene_cut": Rule("choice", choices=("mask", "keep")),
+    "foresight_window_first_block": Rule("choice", choices=("as_dmd", "supervise", "mask")),
+    "foresight_i2v_first_block": Rule("choice", choices=("supervise", "mask")),
 }
 
 

@@ -83,7 +83,7 @@ def with_foresight_capture(generator_loss: Callable) -> Callable:
     return wrapper
 
 
-class _UpstreamForesight:
+class UpstreamForesight:
     """Shared state and trainer hooks; subclasses say where the encoder and inputs come from."""
 
     def __init__(self, model: Any, args: Any, config: ForesightConfig) -> None:
@@ -201,7 +201,7 @@ class _UpstreamForesight:
         return wan_transformer(self._encoder()).dim
 
 
-class DMDForesight(_UpstreamForesight):
+class DMDForesight(UpstreamForesight):
     """Stage 3 (DMD): the encoder is the frozen real score; targets come from the rollout.
 
     Args:
@@ -232,7 +232,7 @@ class DMDForesight(_UpstreamForesight):
                 self._logged["replay_foresight_loss"] = replayed
 
 
-class ODEForesight(_UpstreamForesight):
+class ODEForesight(UpstreamForesight):
     """Stage 2 (Causal-Forcing ODE regression, teacher-forced): the target is a frozen
     bidirectional Wan's view of the ground-truth clean video.
 
@@ -355,10 +355,10 @@ def _build_frozen_wan(model_name: str, model: nn.Module) -> nn.Module:
     return encoder.to(device=_device(model), dtype=dtype).eval()
 
 
-_DISABLED = _UpstreamForesight(None, {}, ForesightConfig(weight=0.0))
+_DISABLED = UpstreamForesight(None, {}, ForesightConfig(weight=0.0))
 
 
-def foresight_of(model: nn.Module) -> _UpstreamForesight:
+def foresight_of(model: nn.Module) -> UpstreamForesight:
     """The model's foresight glue, or a no-op stand-in (e.g. for CausVid/SiD models the
     same trainer file also builds)."""
     foresight = getattr(model, "foresight", None)

@@ -290,12 +290,12 @@ def _memory_command(args: argparse.Namespace) -> int:
 
     from mirai_plugin import ForesightConfig
     from mirai_plugin.checks import Rule, check
-    from mirai_plugin.tooling.flops import CycleShape, cycle_from_upstream
+    from mirai_plugin.tooling.flops import CycleShape, cycle_from_upstream, flatten_longlive
     from mirai_plugin.tooling.memory import memory_for_cycle
 
     mixed_precision = True
     if args.config:
-        upstream = _load_config(args.config)
+        upstream = flatten_longlive(_load_config(args.config))  # LongLive: its sections' keys at the top
         cycle, foresight = cycle_from_upstream(upstream)
         if not foresight.enabled:
             foresight = foresight.replace(weight=ForesightConfig().weight)  # estimate the recipe's term anyway
@@ -341,8 +341,9 @@ def _config_command(args: argparse.Namespace) -> int:
 
     from mirai_plugin.integrations.self_forcing import ODE_ENCODER, upstream_config
     from mirai_plugin.keys import GLUE_KEYS, glue_value
+    from mirai_plugin.tooling.flops import flatten_longlive
 
-    config = _load_config(args.config)
+    config = flatten_longlive(_load_config(args.config))  # LongLive: its sections' keys at the top
     stage = args.stage or ("ode" if "foresight_encoder_name" in config else "dmd")
     base = Path(args.config).with_name("default_config.yaml")
     merged_over = None

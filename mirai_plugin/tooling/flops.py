@@ -41,6 +41,7 @@ class TransformerShape:
 
 WAN_1_3B = TransformerShape(dim=1536, depth=30, ffn_dim=8960)
 WAN_14B = TransformerShape(dim=5120, depth=40, ffn_dim=13824)
+WAN_2_2_5B = TransformerShape(dim=3072, depth=30, ffn_dim=14336)  # Wan2.2-TI2V-5B (LongLive 2.0)
 WAN_BY_NAME = {"Wan2.1-T2V-1.3B": WAN_1_3B, "Wan2.1-T2V-14B": WAN_14B}
 
 
@@ -70,17 +71,30 @@ class CycleShape:
     denoising_steps: int = 4
     critic_ratio: int = 5
     checkpointing: bool = True
+    # LongLive: the DMD window (the last `slice_last_frames` of the rollout; None: the whole rollout),
+    # the local attention window in frames (None: every earlier frame), LoRA on generator and critic
+    # (base weights frozen: no weight gradients).
+    window_frames: int | None = None
+    attention_frames: int | None = None
+    lora: bool = False
 
 
 def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> dict[str, Any]:
     """FLOPs of every term of one DMD cycle (and of the foresight extras when ``foresight`` is given)."""
     n = cycle.segment_frames * cycle.tokens_per_frame
     segments = cycle.frames // cycle.segment_frames
-    video = cycle.frames * cycle.tokens_per_frame
+    window = cycle.frames if cycle.window_frames is None else min(cycle.window_frames, cycle.frames)
+    video = window * cycle.tokens_per_frame  # what the scores (and the encoder) see
+    limit = None if cycle.attention_frames is None else cycle.attention_frames * cycle.tokens_per_frame
+
+    def keys(k: int) -> int:
+        return (k + 1) * n if limit is None else min((k + 1) * n, max(limit, n))
+
     calls_per_segment = (cycle.denoising_steps + 1) / 2 + 1  # exit step uniform over the steps, plus the context pass
-    rollout = sum(calls_per_segment * forward_flops(cycle.generator, n, (k + 1) * n) for k in range(segments))
-    grad_calls = sum(forward_flops(cycle.generator, n, (k + 1) * n) for k in range(segments))
-    backward_factor = 3 if cycle.checkpointing else 2
+    rollout = sum(calls_per_segment * forward_flops(cycle.generator, n, keys(k)) for k in range(segments))
+    first_grad = segments - window // cycle.segment_frames  # only the window's blocks run with gradients
+    grad_calls = sum(forward_flops(cycle.generator, n, keys(k)) for k in range(first_grad, segments))
+    backward_factor = (3 if cycle.checkpointing else 2) - (1 if cycle.lora else 0)
     real = 2 * forward_flops(cycle.real_score, video, video)  # conditional and unconditional
     fake = forward_flops(cycle.critic, video, video)
 
@@ -95,7 +109,8 @@ def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> di
     baseline = sum(terms.values())
     extras: dict[str, float] = {}
     if foresight is not None and foresight.enabled:
-        supervised = sum(1 for k in range(segments) if any(k + d < segments for d in foresight.offsets))
+        window_segments = window // cycle.segment_frames
+        supervised = sum(1 for k in range(window_segments) if any(k + d < window_segments for d in foresight.offsets))
         rows = supervised * n
         d, e = cycle.generator.dim, cycle.real_score.dim
         predictor = 0
@@ -134,8 +149,50 @@ def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> di
     }
 
 
+LONGLIVE_SECTIONS = ("infra", "algorithm", "training", "data", "evaluation", "inference", "logging", "checkpoints",
+                     "model_kwargs")
+
+
+def flatten_longlive(args: Any) -> Any:
+    """A LongLive 2.0 config (sections, ``model_kwargs.model_name: Wan2.2-TI2V-5B``) as the flat keys its
+    ``normalize_config`` gives the trainer (sections' keys at the top, ``adapter`` kept); other configs
+    are returned unchanged."""
+    model_kwargs = args.get("model_kwargs") if hasattr(args, "get") else None
+    if not hasattr(model_kwargs, "get") or "Wan2.2" not in str(model_kwargs.get("model_name", "")):
+        return args
+    flat = {key: value for key, value in args.items() if key not in LONGLIVE_SECTIONS}
+    for section in LONGLIVE_SECTIONS:
+        values = args.get(section)
+        if hasattr(values, "items"):
+            flat.update({key: value for key, value in values.items() if key not in flat or section != "model_kwargs"})
+    flat["model_kwargs"] = model_kwargs
+    flat["longlive"] = True
+    return flat
+
+
+def _longlive_cycle(args: dict, get: Any) -> CycleShape:
+    """LongLive 2.0: Wan2.2-TI2V-5B for the generator, real and fake scores (and the bidirectional
+    encoder), the rollout (`num_training_frames`), the DMD window (`slice_last_frames`), local attention
+    (`local_attn_size`), `sampling_steps` denoising steps, LoRA without base weight gradients."""
+    _, frames, _, height, width = args.get("image_or_video_shape", (1, 32, 48, 44, 80))
+    rollout = get("num_training_frames", Rule("int", minimum=1), frames)
+    window = get("slice_last_frames", Rule("int", minimum=-1), rollout)
+    local = get("local_attn_size", Rule("int", minimum=-1), -1)
+    return CycleShape(
+        generator=WAN_2_2_5B, real_score=WAN_2_2_5B, critic=WAN_2_2_5B, frames=rollout,
+        tokens_per_frame=(int(height) // 2) * (int(width) // 2),
+        segment_frames=get("num_frame_per_block", Rule("int", minimum=1), 8),
+        denoising_steps=get("sampling_steps", Rule("int", minimum=1), 4),
+        critic_ratio=get("dfake_gen_update_ratio", Rule("int", minimum=1), 5),
+        checkpointing=get("gradient_checkpointing", Rule("bool"), True),
+        window_frames=None if window == -1 else window, attention_frames=None if local == -1 else local,
+        lora=args.get("adapter") is not None,
+    )
+
+
 def cycle_from_upstream(args: Any) -> tuple[CycleShape, ForesightConfig]:
-    """Shapes and foresight settings from an upstream (Self-Forcing / Causal-Forcing) config."""
+    """Shapes and foresight settings from an upstream (Self-Forcing / Causal-Forcing / LongLive 2.0) config."""
+    args = flatten_longlive(args)
     foresight = ForesightConfig.from_upstream(args)  # refuses what is not a config first
     read = key_reader(args)
 
@@ -143,6 +200,8 @@ def cycle_from_upstream(args: Any) -> tuple[CycleShape, ForesightConfig]:
         value = read(key, None)
         return default if value is None else check(key, value, rule, coerce=True)
 
+    if isinstance(args, dict) and args.get("longlive"):
+        return _longlive_cycle(args, get), foresight
     cycle = CycleShape()
     shape = read("image_or_video_shape", None)
     if shape is not None:

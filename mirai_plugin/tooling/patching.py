@@ -17,7 +17,10 @@ from mirai_plugin.errors import MiraiError
 
 MARKER = "mirai-plugin"
 # Inference code the patches must never touch (files, or folders ending in "/").
-PROTECTED = ("inference.py", "pipeline/causal_inference.py", "wan/modules/")
+PROTECTED = ("inference.py", "pipeline/causal_inference.py", "wan/modules/",
+             # LongLive 2.0
+             "inference_sp.py", "pipeline/causal_diffusion_inference.py", "pipeline/causal_diffusion_inference_sp.py",
+             "wan_5b/modules/")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,14 @@ PATCHES = {
             "ce98ec41803a74a90ce68c40ababa9eaeffeb4ec",
             "llamagen-ce98ec41803a-c2i.patch",
             "class-conditional GPT training (train_c2i.py): Mirai-E / Mirai-I with --mirai E|I",
+        ),
+        UpstreamPatch(
+            "longlive",
+            "NVlabs/LongLive",
+            "7860ad9685686bc3edfd407eb4d12579ca47d689",
+            "longlive-7860ad968568-dmd.patch",
+            "LongLive 2.0 DMD (Wan2.2-TI2V-5B, T2V and I2V, LoRA or full); configs "
+            "configs/video_mirai_longlive_{dmd,i2v_dmd}.yaml",
         ),
     )
 }

@@ -1,0 +1,291 @@
+"""The LongLive 2.0 patch on LongLive's real DMD ``Trainer``: copy the checkout, apply the patch with the
+``mirai-plugin`` command, train tiny random-weight models on a CPU (``longlive_harness.py``) from the
+shipped configs with only sizes overridden (``all_causal: true`` as shipped; LoRA as shipped unless a
+test removes it).
+
+Needs ``MIRAI_LONGLIVE_DIR`` (skipped otherwise, see ``checkouts.py``). Every run is its own process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkouts import checkout
+
+HERE = Path(__file__).resolve().parent
+HARNESS = HERE / "longlive_harness.py"
+CONFIG = "configs/video_mirai_longlive_dmd.yaml"
+I2V_CONFIG = "configs/video_mirai_longlive_i2v_dmd.yaml"
+LAYERS = {"foresight_student_layer": 1, "foresight_teacher_layer": 2}  # tiny models have 4 blocks
+CAUSAL = {**LAYERS, "foresight_encoder": "causal_real_score"}
+FULL = {"adapter": None}  # full fine-tuning: LongLive trains without LoRA when the section is absent
+
+
+def run(args: list[str], *, nproc: int = 1, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc_per_node", str(nproc)]
+    done = subprocess.run(launcher + [str(HARNESS), *args], capture_output=True, text=True, cwd=HERE.parent,
+                          timeout=900, check=False)
+    if expect_ok:
+        assert done.returncode == 0, f"harness failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def train(repo: Path, out: Path, *, config=CONFIG, steps=1, overrides=None, nproc=1, grad_probe=False,
+          scene_cut_at=None, expect_ok=True):
+    args = ["--checkout", str(repo), "--config", config, "--steps", str(steps), "--out", str(out),
+            "--overrides", json.dumps(overrides or {})]
+    if grad_probe:
+        args.append("--grad-probe")
+    if scene_cut_at is not None:
+        args += ["--scene-cut-at", str(scene_cut_at)]
+    done = run(args, nproc=nproc, expect_ok=expect_ok)
+    if not expect_ok:
+        return done
+    return torch.load(out / "result.pt", map_location="cpu", weights_only=False)
+
+
+def saved(out: Path) -> dict:
+    path = max((out / "logs").glob("checkpoint_model_*/model.pt"))
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def generator_record(result: dict) -> dict:
+    return next(r for r in result["losses"] if r["train_generator"])
+
+
+def logged(result: dict, key: str) -> list[float]:
+    return [entry[key] for entry in result["logs"] if key in entry]
+
+
+def block_index(name: str) -> int | None:
+    match = re.search(r"\bblocks\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+@pytest.fixture(scope="module")
+def patched_repo(tmp_path_factory):
+    return checkout("longlive", tmp_path_factory.mktemp("ll") / "patched", "longlive")
+
+
+@pytest.fixture(scope="module")
+def plain_repo(tmp_path_factory):
+    return checkout("longlive", tmp_path_factory.mktemp("ll") / "plain")
+
+
+@pytest.fixture(scope="module")
+def encoder_ckpt(patched_repo, tmp_path_factory):
+    path = tmp_path_factory.mktemp("enc") / "bidirectional_wan.pt"
+    run(["--mode", "encoder-ckpt", "--checkout", str(patched_repo), "--config", CONFIG, "--out", str(path)])
+    return str(path)
+
+
+# ------------------------------------------------------------------ T2V and I2V steps
+
+
+def test_longlive_t2v_generator_and_critic(patched_repo, encoder_ckpt, tmp_path):
+    """Default encoder (a bidirectional Wan from foresight_encoder_ckpt), LoRA as shipped: one generator and
+    one critic iteration; finite foresight and replay losses; the head moves on both."""
+    overrides = {**LAYERS, "foresight_encoder_ckpt": encoder_ckpt}
+    one = train(patched_repo, tmp_path / "one", steps=1, overrides=overrides)
+    two = train(patched_repo, tmp_path / "two", steps=2, overrides=overrides)
+    (foresight,) = logged(two, "foresight_loss")
+    (replay,) = logged(two, "replay_foresight_loss")
+    assert math.isfinite(foresight) and math.isfinite(replay) and foresight != 0
+    assert generator_record(two)["foresight_segments"] == 4  # 32 frames in blocks of 8, no gradient mask
+    heads = [two["initial"]["head"], one["head"], two["head"]]
+    for before, after in itertools.pairwise(heads):
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    checkpoint = saved(tmp_path / "two")
+    assert {"generator_lora", "critic_lora", "step", "foresight"} <= set(checkpoint)
+    assert checkpoint["foresight"]["steps_taken"] == 1
+
+
+def test_longlive_i2v_generator_and_critic(patched_repo, tmp_path):
+    """I2V (the clean image latent in frame 0 of block 0): finite foresight and replay losses."""
+    result = train(patched_repo, tmp_path / "i2v", config=I2V_CONFIG, steps=2, overrides=CAUSAL)
+    (foresight,) = logged(result, "foresight_loss")
+    (replay,) = logged(result, "replay_foresight_loss")
+    assert math.isfinite(foresight) and math.isfinite(replay) and foresight != 0
+    assert generator_record(result)["foresight_segments"] == 4  # block 0 supervised (the default)
+    masked = train(patched_repo, tmp_path / "i2v_mask", config=I2V_CONFIG, steps=1,
+                   overrides={**CAUSAL, "foresight_i2v_first_block": "mask"})
+    assert generator_record(masked)["foresight_segments"] == 3
+
+
+# --------------------------------------------------------------- weight 0, inference
+
+
+def test_longlive_weight_zero_is_unpatched(plain_repo, patched_repo, tmp_path):
+    baseline = train(plain_repo, tmp_path / "a", config="configs/train_dmd.yaml", steps=2)
+    runs = {
+        "b": train(patched_repo, tmp_path / "b", steps=2, overrides={"foresight_weight": 0}),
+        "c": train(patched_repo, tmp_path / "c", config="configs/train_dmd.yaml", steps=2),  # no foresight keys
+    }
+    for name, result in runs.items():
+        assert result["logs"] == baseline["logs"], name
+        assert result["losses"] == baseline["losses"], name
+        for part in ("generator", "critic"):
+            assert result[part].keys() == baseline[part].keys()
+            assert all(torch.equal(result[part][k], baseline[part][k]) for k in baseline[part]), (name, part)
+        assert set(saved(tmp_path / name)) == set(saved(tmp_path / "a"))
+
+
+def test_longlive_inference_untouched(plain_repo, patched_repo, tmp_path):
+    """Checkpoints of patched runs (LoRA and full) load strictly into unpatched LongLive's inference
+    pipeline; the latents are bit-identical in the unpatched and patched checkouts."""
+    train(patched_repo, tmp_path / "lora", steps=1, overrides=CAUSAL)
+    train(patched_repo, tmp_path / "full", steps=1, overrides={**CAUSAL, **FULL})
+    for kind in ("lora", "full"):
+        (ckpt,) = (tmp_path / kind / "logs").glob("checkpoint_model_*/model.pt")
+        assert "foresight" in torch.load(ckpt, map_location="cpu", weights_only=False)
+        videos = []
+        for repo, name in ((plain_repo, "plain"), (patched_repo, "patched")):
+            out = tmp_path / f"inf_{kind}_{name}"
+            run(["--mode", "inference", "--checkout", str(repo), "--config", "configs/train_dmd.yaml",
+                 "--checkpoint", str(ckpt), "--out", str(out)])
+            videos.append(torch.load(out / "inference.pt", weights_only=False)["video"])
+        assert torch.equal(videos[0], videos[1]), kind
+    for path in ("inference.py", "inference_sp.py", "pipeline/causal_diffusion_inference.py",
+                 "wan_5b/modules/causal_model.py", "wan_5b/modules/model.py", "utils/wan_5b_wrapper.py"):
+        assert (plain_repo / path).read_bytes() == (patched_repo / path).read_bytes(), path
+
+
+# ------------------------------------------------------------------ LoRA, encoders
+
+
+def test_longlive_lora_gradients(patched_repo, tmp_path):
+    """Same seeds with and without the term: its gradient reaches the LoRA parameters of blocks 0..l only;
+    base weights get no gradient (frozen under LoRA)."""
+    on = train(patched_repo, tmp_path / "on", steps=1, overrides=CAUSAL, grad_probe=True)
+    off = train(patched_repo, tmp_path / "off", steps=1, overrides={**CAUSAL, "foresight_weight": 0}, grad_probe=True)
+    assert on["grads"].keys() == off["grads"].keys()
+    lora = {name for name in on["grads"] if "lora_" in name}
+    assert lora and all(block_index(name) is not None for name in lora)
+    for name, grad in on["grads"].items():  # FSDP shows frozen parameters' gradients as zeros
+        if name not in lora:
+            assert grad.abs().max() == 0, name
+    layer = LAYERS["foresight_student_layer"]
+    reached: dict[int, float] = {}
+    for name in lora:
+        grad = on["grads"][name]
+        index = block_index(name)
+        reached[index] = reached.get(index, 0.0) + (grad - off["grads"][name]).abs().max().item()
+    assert all(reached[i] > 0 for i in range(layer + 1)), reached
+    assert all(reached[i] == 0.0 for i in reached if i > layer), reached
+
+
+def test_longlive_encoder_choices(patched_repo, encoder_ckpt, tmp_path):
+    """(a) refuses without a checkpoint, naming the options; (a) and (b) both train, on different targets."""
+    refused = train(patched_repo, tmp_path / "none", overrides=LAYERS, expect_ok=False)
+    assert refused.returncode != 0
+    for words in ("foresight_encoder_ckpt", "causal_real_score", "foresight_weight: 0"):
+        assert words in refused.stderr, refused.stderr[-2000:]
+    a = train(patched_repo, tmp_path / "a", overrides={**LAYERS, "foresight_encoder_ckpt": encoder_ckpt})
+    b = train(patched_repo, tmp_path / "b", overrides=CAUSAL)
+    fa, fb = generator_record(a)["foresight_loss"], generator_record(b)["foresight_loss"]
+    assert math.isfinite(fa) and math.isfinite(fb) and fa != fb
+    # the DMD loss itself is the same: only the target differs
+    assert generator_record(a)["dmdtrain_gradient_norm"] == generator_record(b)["dmdtrain_gradient_norm"]
+
+
+# ------------------------------------------------------------------ window, scene cuts
+
+
+def test_longlive_rollout_longer_than_window(patched_repo, tmp_path):
+    """A 48-latent rollout with a 32-latent DMD window (first window latent re-encoded by the VAE): the
+    generator's grad-enabled blocks are the window's, shifted into it; the first window block is supervised
+    unless LongLive's gradient mask drops it (as_dmd) or the key says mask."""
+    # Gradient checkpointing off: at this commit LongLive's own backward fails on rollouts longer than the
+    # window with it on (the recomputed attention sees the KV cache grown since the forward: CheckpointError,
+    # unpatched too; see docs/longlive.md).
+    long = {"training": {"min_num_training_frames": 48, "num_training_frames": 48, "slice_last_frames": 32},
+            "data": {"image_or_video_shape": [1, 48, 4, 4, 4]}, "infra": {"gradient_checkpointing": False},
+            **CAUSAL}
+    kept = train(patched_repo, tmp_path / "kept", overrides=long)
+    record = generator_record(kept)
+    assert math.isfinite(record["foresight_loss"]) and record["foresight_segments"] == 4
+    assert record["foresight_rollout_frames"] == 48
+    masked = train(patched_repo, tmp_path / "masked", overrides={**long, "foresight_window_first_block": "mask"})
+    assert generator_record(masked)["foresight_segments"] == 3
+    # rollout 48 != min 40: LongLive masks the window's first block from DMD, and so does the term (as_dmd)
+    variable = {**long, "training": {**long["training"], "min_num_training_frames": 40}}
+    dropped = train(patched_repo, tmp_path / "variable", overrides=variable, steps=1)
+    record = generator_record(dropped)
+    rollout = record["foresight_rollout_frames"]
+    assert rollout in (40, 48)
+    assert record["foresight_segments"] == (3 if rollout == 48 else 4)  # 40 == min: no gradient mask
+
+
+def test_longlive_scene_cut(patched_repo, tmp_path):
+    """A scene cut at rollout block 2 (multi_shot_rope_offset: 8 as shipped): `mask` gives no target across
+    the cut (two shots), `keep` one run; same rollout, different foresight losses."""
+    masked = train(patched_repo, tmp_path / "mask", overrides=CAUSAL, scene_cut_at=2)
+    kept = train(patched_repo, tmp_path / "keep", overrides={**CAUSAL, "foresight_scene_cut": "keep"}, scene_cut_at=2)
+    m, k = generator_record(masked), generator_record(kept)
+    assert (m["foresight_shots"], k["foresight_shots"]) == (2, 1)
+    assert m["foresight_segments"] == k["foresight_segments"] == 4
+    assert m["dmdtrain_gradient_norm"] == k["dmdtrain_gradient_norm"]  # same rollout
+    assert math.isfinite(m["foresight_loss"]) and m["foresight_loss"] != k["foresight_loss"]
+
+
+def test_longlive_gradient_accumulation(patched_repo, tmp_path):
+    """`gradient_accumulation_steps: 2` as LongLive does it (each micro-step's loss / 2, one optimizer step):
+    a term per micro-step, one head step per update, the logged value their mean, replay over both."""
+    result = train(patched_repo, tmp_path / "acc", steps=2, overrides={**CAUSAL, "training": {
+        "gradient_accumulation_steps": 2}})
+    records = [r for r in result["losses"] if r["train_generator"]]
+    assert len(records) == 2 and all(math.isfinite(r["foresight_loss"]) for r in records)
+    (logged_term,) = logged(result, "foresight_loss")
+    assert logged_term == pytest.approx(sum(r["foresight_loss"] for r in records) / 2, rel=1e-6)
+    assert result["head_steps"] == 1 and math.isfinite(logged(result, "replay_foresight_loss")[0])
+
+
+# ------------------------------------------------------------------ resume, ranks
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_longlive_resume(patched_repo, tmp_path, kind):
+    """LongLive's auto-resume from its own checkpoint (LoRA: generator_lora/critic_lora; full: generator,
+    critic, optimizers) restores the head and its optimizer step count too."""
+    overrides = {**CAUSAL, **(FULL if kind == "full" else {})}
+    first = train(patched_repo, tmp_path / "run", steps=1, overrides=overrides)
+    written = saved(tmp_path / "run")["foresight"]
+    # same logdir: auto-resume at step 1, then up to the next generator iteration (5; dfake_gen_update_ratio 5)
+    resumed = train(patched_repo, tmp_path / "run", steps=6, overrides=overrides)
+    assert resumed["initial"]["step"] == 1 and written["steps_taken"] == 1
+    assert resumed["initial"]["head_steps"] == 1
+    for name, value in first["head"].items():
+        assert torch.equal(resumed["initial"]["head"][name], value), name
+    (foresight,) = logged(resumed, "foresight_loss")
+    assert math.isfinite(foresight) and resumed["head_steps"] == 2
+
+
+def test_longlive_two_ranks(patched_repo, encoder_ckpt, tmp_path):
+    """torchrun, 2 ranks (gloo, FULL_SHARD), LoRA, the head and the bidirectional encoder sharded with FSDP as
+    the config ships them, and a scene cut on rank 0 only (two shots there, one on rank 1): both ranks train.
+    (On these tiny models the encoder is one FSDP unit that the early exit leaves gathered, so unequal
+    encoder call counts would not hang here; the glue pads them for the 5B model's per-block units.)"""
+    overrides = {**LAYERS, "foresight_encoder_ckpt": encoder_ckpt}
+    result = train(patched_repo, tmp_path / "two", steps=2, overrides=overrides, nproc=2, scene_cut_at="2,-1")
+    assert result["extra"]["world_size"] == 2
+    (foresight,) = logged(result, "foresight_loss")
+    (replay,) = logged(result, "replay_foresight_loss")
+    assert math.isfinite(foresight) and math.isfinite(replay)
+    assert generator_record(result)["foresight_shots"] == 2  # rank 0's record
+    assert saved(tmp_path / "two")["foresight"]["steps_taken"] == 1
+
+
+@pytest.fixture(autouse=True)
+def _keep_tmp_small(tmp_path):
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
