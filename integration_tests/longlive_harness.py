@@ -75,6 +75,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 from monkeypatch import patched  # noqa: E402  (after the sys.path insert above)
+from upstream import ensure_process_group  # noqa: E402
 
 __all__ = ["MODELS", "TINY", "load_result", "run_inference", "run_training", "write_encoder_checkpoint"]
 
@@ -399,13 +400,8 @@ def patched_item(mapping, key, value):
 
 
 def _ensure_process_group(*args, **kwargs) -> None:
-    if dist.is_initialized():
-        return
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group("gloo", init_method="env://")
-    else:
-        store = Path(tempfile.mkdtemp(prefix="mirai-pg-")) / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    """In place of LongLive's ``launch_distributed_job`` (nccl), whatever it is given: a gloo group."""
+    ensure_process_group()
 
 
 # ----------------------------------------------------------------------------- config
