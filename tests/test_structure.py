@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 import mirai_plugin
 
 PACKAGE = Path(mirai_plugin.__file__).parent
@@ -141,3 +143,12 @@ def test_the_private_check_finds_a_planted_reach(tmp_path, monkeypatch):
     (tmp_path / "planted.py").write_text("def f(head):\n    head.replay_cache._generator = None\n")
     monkeypatch.setitem(globals(), "MODULES", planted)
     assert private_reaches() == ["mirai_plugin.planted: head.replay_cache._generator (line 2)"]
+
+
+def test_every_package_ships():
+    """A non-editable install holds only the packages pyproject.toml lists: every folder with an
+    ``__init__.py`` must be among them."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {module for module, file in MODULES.items() if file.name == "__init__.py"}
+    assert packages - listed == set()
