@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 from mirai_plugin.checks import Rule, check, check_device_available, parse_device
 from mirai_plugin.collectives import world
-from mirai_plugin.config import ForesightConfig, check_field_names
+from mirai_plugin.config import ForesightConfig
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import read_safetensors, state_problems
 from mirai_plugin.optimizer import HeadOptimizer
+from mirai_plugin.schedule import check_field_names
 from mirai_plugin.version import __version__
 
 TRAINING_STATE_FORMAT = "mirai_plugin.ForesightHead.training_state"

@@ -57,15 +57,7 @@ def shard_head(head: nn.Module, strategy: str, **wrap_kwargs: Any) -> nn.Module:
     """
     if not isinstance(head, ForesightHead):
         raise MiraiError(f"shard_head takes the ForesightHead itself, got {type(head).__name__}")
-    if strategy not in STRATEGIES:
-        raise MiraiError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if head.optimization.strategy != "replicate" or head.optimization.wrapper is not None:
-        raise MiraiError(f"the head is already under {head.optimization.strategy!r}; call shard_head once")
-    if head.optimization.stepped:
-        raise MiraiError(
-            "the head's optimizer has already stepped: shard the head right after building it "
-            "(or after load, before the first step) so its optimizer is built over the sharded parameters"
-        )
+    head.optimization.check_attachable(strategy)
     if strategy != "replicate" and not (dist.is_available() and dist.is_initialized()):
         raise MiraiError(
             f"strategy {strategy!r} needs an initialised process group (torch.distributed.init_process_group)"

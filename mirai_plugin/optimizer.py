@@ -51,6 +51,13 @@ class HeadOptimizer:
 
         Refused after the optimizer has stepped: its state belongs to the unwrapped parameters.
         """
+        self.check_attachable(strategy)
+        self.strategy = strategy
+        self._wrapper = (wrapper,) if wrapper is not None else ()
+        self._optimizer = None
+
+    def check_attachable(self, strategy: str) -> None:
+        """Raise unless ``attach(strategy, ...)`` may be called (checked before anything is wrapped)."""
         if strategy not in STRATEGIES:
             raise MiraiError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if self.strategy != "replicate" or self.wrapper is not None:
@@ -60,9 +67,6 @@ class HeadOptimizer:
                 "the head's optimizer has already stepped: shard the head right after building it "
                 "(or after load, before the first step) so its optimizer is built over the sharded parameters"
             )
-        self.strategy = strategy
-        self._wrapper = (wrapper,) if wrapper is not None else ()
-        self._optimizer = None
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

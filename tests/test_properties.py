@@ -75,18 +75,25 @@ def expected_field(name, value):
     return value if isinstance(value, str) and value in CHOICE[name] else None
 
 
+def check_field(cls, name, value, expected, *, same_type):
+    """``cls(name=value)`` keeps ``expected`` (``("none",)``: None), or refuses naming the field (``expected`` None)."""
+    if expected is None:
+        raises_naming(name, lambda: cls(**{name: value}))
+        return
+    got = getattr(cls(**{name: value}), name)
+    if expected == ("none",):
+        assert got is None
+    else:
+        assert got == expected and (not same_type or type(got) is type(expected))
+
+
 FIELDS = sorted([*INT_AT_LEAST, *INT_OR_NONE, *NUMBER, "max_grad_norm", *BOOL, "offset_conditioning", *CHOICE])
 
 
 @BOUNDED
 @given(name=st.sampled_from(FIELDS), value=SCALARS)
 def test_foresight_config_fields_take_what_a_user_means_or_name_themselves(name, value):
-    expected = expected_field(name, value)
-    if expected is None:
-        raises_naming(name, lambda: ForesightConfig(**{name: value}))
-        return
-    got = getattr(ForesightConfig(**{name: value}), name)
-    assert (got is None) if expected == ("none",) else (got == expected and type(got) is type(expected))
+    check_field(ForesightConfig, name, value, expected_field(name, value), same_type=True)
 
 
 @BOUNDED
@@ -153,12 +160,7 @@ def expected_image_field(name, value):
 @BOUNDED
 @given(name=st.sampled_from(IMAGE_FIELDS), value=SCALARS)
 def test_image_config_fields_take_what_a_user_means_or_name_themselves(name, value):
-    expected = expected_image_field(name, value)
-    if expected is None:
-        raises_naming(name, lambda: ImageForesightConfig(**{name: value}))
-        return
-    got = getattr(ImageForesightConfig(**{name: value}), name)
-    assert (got is None) if expected == ("none",) else got == expected
+    check_field(ImageForesightConfig, name, value, expected_image_field(name, value), same_type=False)
 
 
 @BOUNDED

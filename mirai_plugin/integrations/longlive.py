@@ -47,15 +47,17 @@ import torch
 from torch import Tensor, nn
 
 from mirai_plugin import ForesightConfig, FrozenEncoder, HiddenRecord
+from mirai_plugin.collectives import gather_ints
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import load_checkpoint
 from mirai_plugin.integrations.self_forcing import (
     UpstreamForesight,
     foresight_of,
+    model_device,
     wan_transformer,
     with_foresight_capture,
 )
-from mirai_plugin.keys import GLUE_RULES, glue_value
+from mirai_plugin.keys import GLUE_RULES, glue_value, key_reader
 from mirai_plugin.wrappers import strip_wrapper_prefixes, tokens_per_frame
 
 __all__ = ["ENCODERS", "LongLiveForesight", "foresight_of", "longlive_config", "with_foresight_capture"]
@@ -126,7 +128,7 @@ class LongLiveForesight(UpstreamForesight):
             raise MiraiError("no grad-enabled generator call was captured during the rollout: LongLive's "
                              "pipeline runs the window's blocks with gradients; check slice_last_frames")
         block = self.config.segment_frames
-        s = _frame_tokens(self._model.generator, video)
+        s = tokens_per_frame(self._model.generator, *video.shape[-2:])
         window = video.shape[1]
         positions = [r.position for r in records]
         if any(p is None for p in positions):
@@ -237,7 +239,7 @@ class LongLiveForesight(UpstreamForesight):
                                                                         video.shape[0], first, count)})
                for (a, b), (_, (first, _)) in zip(spans, shots)]
         # An FSDP-wrapped encoder gathers its weights in every call: every rank makes as many calls.
-        for _ in range(_most_on_any_rank(len(spans), video.device) - len(spans)):
+        for _ in range(int(gather_ints([len(spans)], video.device).max()) - len(spans)):
             encoder(video[:, spans[0][0] : spans[0][1]], {"prompt_embeds": _segment_prompt(
                 conditional_dict["prompt_embeds"], video.shape[0], shots[0][1][0], count)})  # result unused
         return out
@@ -274,30 +276,11 @@ def _refuse_nested_keys(args: Any) -> None:
                              f"move them to the top level")
 
 
-def _most_on_any_rank(value: int, device: torch.device) -> int:
-    """The largest ``value`` over the ranks (``value`` itself without a process group)."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    if dist.get_backend() == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    most = torch.tensor([value], device=device)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    return int(most.item())
-
-
 def _dmd_masks_first_block(args: Any, rollout: int) -> bool:
     """LongLive's ``gradient_mask`` drops the window's first block (not only its first frame) when the
     rollout length differs from ``min_num_training_frames`` and the first frame is not independent."""
-    independent = bool(_arg(args, "independent_first_frame", False))
-    return not independent and rollout != int(_arg(args, "min_num_training_frames", 21))
-
-
-def _arg(args: Any, key: str, default: Any) -> Any:
-    if hasattr(args, "get"):
-        return args.get(key, default)
-    return getattr(args, key, default)
+    read = key_reader(args)
+    return not bool(read("independent_first_frame", False)) and rollout != int(read("min_num_training_frames", 21))
 
 
 def _segment_prompt(prompt_embeds: Tensor, batch: int, first: int, count: int) -> Tensor:
@@ -328,7 +311,7 @@ def _bidirectional_encoder(dmd: nn.Module, args: Any) -> nn.Module:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
-    model_kwargs = dict(_arg(args, "model_kwargs", {}) or {})
+    model_kwargs = dict(key_reader(args)("model_kwargs", {}) or {})
     wrapper_cls = importlib.import_module("utils.wan_5b_wrapper").WanDiffusionWrapper
     encoder = wrapper_cls(model_name=model_kwargs.get("model_name", "Wan2.2-TI2V-5B"),
                           timestep_shift=model_kwargs.get("timestep_shift", 5.0), is_causal=False)
@@ -341,18 +324,8 @@ def _bidirectional_encoder(dmd: nn.Module, args: Any) -> nn.Module:
     sharding = glue_value(args, "foresight_encoder_sharding", "fsdp")
     if sharding == "fsdp":
         fsdp_wrap = importlib.import_module("utils.distributed").fsdp_wrap
-        return fsdp_wrap(encoder, sharding_strategy=_arg(args, "sharding_strategy", "full"),
-                         mixed_precision=bool(_arg(args, "mixed_precision", False)),
-                         wrap_strategy=_arg(args, "real_score_fsdp_wrap_strategy", "size"))
-    return encoder.to(device=_device(dmd), dtype=getattr(dmd, "dtype", torch.float32))
-
-
-def _device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, int):
-        return torch.device("cuda", device)
-    return torch.device(device) if device is not None else next(model.generator.parameters()).device
-
-
-def _frame_tokens(generator: nn.Module, video: Tensor) -> int:
-    return tokens_per_frame(generator, *video.shape[-2:])
+        read = key_reader(args)
+        return fsdp_wrap(encoder, sharding_strategy=read("sharding_strategy", "full"),
+                         mixed_precision=bool(read("mixed_precision", False)),
+                         wrap_strategy=read("real_score_fsdp_wrap_strategy", "size"))
+    return encoder.to(device=model_device(dmd), dtype=getattr(dmd, "dtype", torch.float32))

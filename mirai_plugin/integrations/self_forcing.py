@@ -100,7 +100,7 @@ class UpstreamForesight:
         init = glue_value(args, "foresight_head_init")
         checkpoint = load_checkpoint(init, what="foresight_head_init") if init else None  # before any change
         log_once(f"mirai_plugin: foresight term on, {config}", logging.INFO)
-        self.head = ForesightHead(config, student.dim, self._encoder_dim()).to(device=_device(model))
+        self.head = ForesightHead(config, student.dim, self._encoder_dim()).to(device=model_device(model))
         if sharding == "replicate":
             broadcast_module(self.head)  # ranks seed differently; the head starts identical everywhere
         else:
@@ -291,7 +291,8 @@ def upstream_config(args: Any, stage: str) -> ForesightConfig:
                 "the real score the trainer already holds (real_name): remove the key"
             )
         return config
-    if _get(args, "foresight_fusion", None) is None and _get(args, "foresight_delta_mean_pool", None) is None:
+    read = key_reader(args)
+    if read("foresight_fusion", None) is None and read("foresight_delta_mean_pool", None) is None:
         config = config.replace(fusion="frame_mean")  # the paper's best Stage-2 target
     return config.replace(replay=False)
 
@@ -305,18 +306,14 @@ def wan_transformer(wrapper: nn.Module) -> Any:
     raise MiraiError(f"no Wan transformer (with .blocks and .dim) found inside {type(wrapper).__name__}")
 
 
-def _device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
+    """Where an upstream DMD / ODE object keeps its generator (its ``device``, or the generator's parameters)."""
     device = getattr(model, "device", None)
     if isinstance(device, int):
         return torch.device("cuda", device)
     if device is not None:
         return torch.device(device)
     return next(model.generator.parameters()).device
-
-
-def _get(args: Any, key: str, default: Any) -> Any:
-    value = key_reader(args)(key, None)
-    return default if value is None else value
 
 
 def _head_wrap_kwargs(sharding: str, args: Any, head: nn.Module) -> dict[str, Any]:
@@ -336,9 +333,10 @@ def _head_wrap_kwargs(sharding: str, args: Any, head: nn.Module) -> dict[str, An
         "hybrid_zero2": ShardingStrategy._HYBRID_SHARD_ZERO2,
         "no_shard": ShardingStrategy.NO_SHARD,
     }
-    name = check("sharding_strategy", _get(args, "sharding_strategy", "full"),
+    read = key_reader(args)
+    name = check("sharding_strategy", read("sharding_strategy", "full"),
                  Rule("choice", choices=tuple(strategies)))
-    mixed = check("mixed_precision", _get(args, "mixed_precision", False), Rule("bool"), coerce=True)
+    mixed = check("mixed_precision", read("mixed_precision", False), Rule("bool"), coerce=True)
     return dict(
         sharding_strategy=strategies[name],
         mixed_precision=MixedPrecision(torch.bfloat16, torch.float32, torch.float32) if mixed else None,
@@ -352,7 +350,7 @@ def _build_frozen_wan(model_name: str, model: nn.Module) -> nn.Module:
     encoder = wrapper_cls(model_name=model_name, is_causal=False)
     encoder.requires_grad_(False)
     dtype = getattr(model, "dtype", None)
-    return encoder.to(device=_device(model), dtype=dtype).eval()
+    return encoder.to(device=model_device(model), dtype=dtype).eval()
 
 
 _DISABLED = UpstreamForesight(None, {}, ForesightConfig(weight=0.0))
