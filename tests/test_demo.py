@@ -11,17 +11,14 @@ import torch
 
 from mirai_plugin import MiraiError
 from mirai_plugin.tooling.cli import main
-from mirai_plugin.tooling.demo import pretrained
+from mirai_plugin.tooling.demo import pretrained, store
 from mirai_plugin.tooling.demo.dmd import critic_loss, dmd_loss
-from mirai_plugin.tooling.demo.evaluation import (
-    consistency,
-    encoder_gate,
-    hidden_pairs,
-    reappearance_colour_error,
-    reappearance_frames,
-)
-from mirai_plugin.tooling.demo.experiment import PREREGISTRATION, load_config, quick, train_arm
+from mirai_plugin.tooling.demo.evaluation import consistency, encoder_gate
+from mirai_plugin.tooling.demo.experiment import train_arm
 from mirai_plugin.tooling.demo.models import Student, Teacher
+from mirai_plugin.tooling.demo.progress import Progress
+from mirai_plugin.tooling.demo.reappearance import hidden_pairs, reappearance_colour_error, reappearance_frames
+from mirai_plugin.tooling.demo.registration import load_config, quick, registration_path
 from mirai_plugin.tooling.demo.report import paired_bootstrap
 from mirai_plugin.tooling.demo.run import make_config, run_demo
 from mirai_plugin.tooling.demo.world import OccludedWorld
@@ -195,17 +192,37 @@ def test_paired_bootstrap_pairs_videos():
     assert ci["low"] < ci["difference"] < ci["high"] and ci["high"] - ci["low"] > 0.05
 
 
-def test_preregistration_is_the_recipe_and_is_recorded():
-    cfg = load_config()
+@pytest.mark.parametrize("registration", [1, 2])
+def test_registration_is_the_recipe_and_is_recorded(registration):
+    cfg = load_config(registration, addendum=False)
     fcfg = cfg.foresight_config()
     assert (fcfg.weight, fcfg.offsets, fcfg.fusion, fcfg.predictor, fcfg.predictor_depth, fcfg.loss) == (
         0.2, (0, 1), "mean", "dit", 3, "cosine")
     assert fcfg.student_layer == cfg.models.student_depth // 2 and fcfg.encoder_layer == cfg.models.teacher_depth // 2
     assert fcfg.replay and fcfg.lr == cfg.dmd.generator_lr and cfg.dmd.critic_per_generator == 5
-    assert set(cfg.arms) == {"baseline", "foresight", "control"} and len(cfg.seeds) >= 3
-    # the settings file is the one the pre-registration records (any change is a new, reported run)
-    recorded = re.search(r"sha256\s+`([0-9a-f]{64})`", (ROOT / "docs" / "demo-preregistration.md").read_text())
-    assert recorded and recorded.group(1) == hashlib.sha256(PREREGISTRATION.read_bytes()).hexdigest()
+    assert set(cfg.arms) == {"baseline", "foresight", "control"}
+    # the settings file is the one its registration document records (any change is a new, reported run)
+    recorded = re.search(r"sha256\s+`([0-9a-f]{64})`",
+                         (ROOT / "docs" / f"demo-registration-{registration}.md").read_text())
+    assert recorded and recorded.group(1) == hashlib.sha256(registration_path(registration).read_bytes()).hexdigest()
+
+
+def test_registration_2_keeps_what_it_says_it_keeps():
+    """Registration 2 changes how the models are trained and leaves the run's size to its pilot; the world, the
+    models' sizes, the gate, the DMD, the recipe, the arms, the metric and the decision rules are registration 1's."""
+    first, second = (json.loads(registration_path(n).read_text()) for n in (1, 2))
+    assert second["world"] == first["world"] and second["gate"] == first["gate"]
+    assert second["foresight"] == first["foresight"] and second["arms"] == first["arms"]
+    assert second["primary_metric"] == first["primary_metric"]
+    assert {k: v for k, v in second["dmd"].items() if k != "generator_steps"} == {
+        k: v for k, v in first["dmd"].items() if k != "generator_steps"}
+    assert {k: v for k, v in second["evaluation"].items() if k not in ("eval_videos", "block")} == {
+        k: v for k, v in first["evaluation"].items() if k != "eval_videos"}
+    sizes = ("train_frames", "teacher_dim", "teacher_depth", "student_dim", "student_depth", "heads", "batch", "seed")
+    assert {k: second["models"][k] for k in sizes} == {k: first["models"][k] for k in sizes}
+    assert second["dmd"]["generator_steps"] is None and second["seeds"] is None  # the pilot's to set
+    assert second["evaluation"]["eval_videos"] is None
+    assert not set(second["pilot"]["seeds"]) & set(range(max(second["pilot"]["seed_counts"])))  # never the run's
 
 
 def test_demo_options_are_validated():
@@ -221,10 +238,10 @@ def test_demo_options_are_validated():
 
 def test_models_come_from_the_cache_under_their_key(tmp_path, monkeypatch):
     monkeypatch.setenv("MIRAI_DEMO_CACHE", str(tmp_path))
-    monkeypatch.setattr(pretrained, "SHIPPED", tmp_path / "none")
+    monkeypatch.setattr(store, "SHIPPED", tmp_path / "none")
     settings = _tiny(load_config()).models
-    first = pretrained.obtain_models(settings, pretrained.Progress(enabled=False), workers=1)
-    again = pretrained.obtain_models(settings, pretrained.Progress(enabled=False), workers=1)
+    first = store.obtain_models(settings, Progress(enabled=False), workers=1)
+    again = store.obtain_models(settings, Progress(enabled=False), workers=1)
     assert first.source.startswith("trained now") and again.source.startswith("local cache")
     assert all(
         torch.equal(a, b) for a, b in zip(first.student.state_dict().values(), again.student.state_dict().values())
@@ -234,9 +251,9 @@ def test_models_come_from_the_cache_under_their_key(tmp_path, monkeypatch):
 
 def test_shipped_models_are_the_training_scripts_output_for_this_code():
     cfg = load_config()
-    assert pretrained.stored_key(pretrained.SHIPPED) == pretrained.models_key(cfg.models), (
+    assert store.stored_key(store.SHIPPED) == pretrained.models_key(cfg.models), (
         "the shipped models were trained by other code or settings: run tools/train_demo_models.py")
-    assert sum(p.stat().st_size for p in pretrained.SHIPPED.glob("*.safetensors")) < 4 * 2**20
+    assert sum(p.stat().st_size for p in store.SHIPPED.glob("*.safetensors")) < 4 * 2**20
 
 
 @pytest.mark.slow
@@ -244,7 +261,7 @@ def test_shipped_models_are_the_training_scripts_output_for_this_code():
                    "needed, docs/demo.md); strict, so a teacher that passes turns this into a failure to update")
 def test_shipped_teacher_passes_the_encoder_gate():
     cfg = load_config()
-    models = pretrained.load_models(pretrained.SHIPPED, cfg.models, "shipped")
+    models = store.load_models(store.SHIPPED, cfg.models, "shipped")
     g = cfg.gate
     scene = cfg.world.render(g.videos, cfg.models.train_frames, seed=80_000_000 + g.seed)
     fcfg = cfg.foresight_config()
@@ -263,7 +280,7 @@ def test_a_failed_gate_stops_a_full_run_before_any_student(tmp_path, monkeypatch
     monkeypatch.setenv("MIRAI_DEMO_CACHE", str(tmp_path / "cache"))
     cfg = _tiny(quick(load_config()))
     cfg = replace(cfg, gate=replace(cfg.gate, margin_db=1000.0), deviations=())  # binding, and out of reach
-    results = run_demo(cfg, tmp_path / "out", workers=1, progress=pretrained.Progress(enabled=False))
+    results = run_demo(cfg, tmp_path / "out", workers=1, progress=Progress(enabled=False))
     assert results["status"].startswith("blocked") and "per_run" not in results
     assert json.loads((tmp_path / "out" / "results.json").read_text())["gate"]["passed"] is False
     assert "NOT PASSED" in capsys.readouterr().out

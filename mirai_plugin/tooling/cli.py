@@ -1,6 +1,7 @@
 """The ``mirai-plugin`` command.
 
-    mirai-plugin demo [--quick] [--steps N] [--seeds N] [--offsets 0 1] [--layer L] [--workers N] [--out DIR]
+    mirai-plugin demo [--quick] [--registration N] [--train-models] [--steps N] [--seeds N] [--offsets 0 1]
+                      [--layer L] [--workers N] [--out DIR]
     mirai-plugin demo --image [--quick] [--steps N] [--seeds N] [--layer L] [--out DIR]
     mirai-plugin probe FEATURES.safetensors [--horizons 1 2 3] [--test-videos N] [--peak P] [--json]
     mirai-plugin score RESULTS.json [...] [--json]
@@ -64,6 +65,7 @@ def _check_demo_flags(args: argparse.Namespace) -> None:
     _at_least("--steps", args.steps, 1, "leave it out for the default")
     _at_least("--seeds", args.seeds, 1, "give at least one seed, or leave it out for the default of 3")
     _at_least("--layer", args.layer, 0, "a 0-based block index")
+    _at_least("--registration", args.registration, 1, "the registrations are numbered from 1")
     _at_least("--workers", args.workers, 1, "leave it out for one per CPU")
     for offset in args.offsets or ():
         _at_least("--offsets", offset, 0, "0 is the current segment, 1 the next")
@@ -89,9 +91,11 @@ def _demo_command(args: argparse.Namespace) -> int:
     _check_demo_flags(args)
     if args.image:
         return _image_demo_command(args)
+    from mirai_plugin.tooling.demo.registration import CURRENT
     from mirai_plugin.tooling.demo.run import make_config, run_demo
 
     cfg = make_config(
+        registration=args.registration if args.registration is not None else CURRENT,
         quick_run=args.quick,
         steps=args.steps,
         seeds=args.seeds,
@@ -99,7 +103,7 @@ def _demo_command(args: argparse.Namespace) -> int:
         layer=args.layer,
     )
     # Stopping at the encoder gate is a registered outcome, not an error; results.json records it.
-    run_demo(cfg, Path(args.out or "mirai-demo"), workers=args.workers)
+    run_demo(cfg, Path(args.out or "mirai-demo"), workers=args.workers, train_models=args.train_models)
     return 0
 
 
@@ -108,8 +112,9 @@ def _image_demo_command(args: argparse.Namespace) -> int:
 
     from mirai_plugin.tooling.demo.image import make_image_config, run_image_demo
 
-    video_only = [flag for flag, value in (("--offsets", args.offsets), ("--workers", args.workers))
-                  if value is not None]
+    video_only = [flag for flag, value in (("--offsets", args.offsets), ("--workers", args.workers),
+                                           ("--registration", args.registration),
+                                           ("--train-models", args.train_models or None)) if value is not None]
     if video_only:
         raise MiraiError(f"{' and '.join(video_only)} apply to the video demo only; drop them with --image")
     cfg = make_image_config(
@@ -393,7 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", action="store_true",
                       help="Mirai on a tiny raster-order token AR image model: baseline, Mirai-E, Mirai-I")
     demo.add_argument("--quick", action="store_true",
-                      help="every stage at a tiny size (about a minute; the CI smoke test)")
+                      help="every stage at a tiny size, its tiny models trained on the spot (about a minute; the CI "
+                           "smoke test)")
+    demo.add_argument("--registration", type=int,
+                      help="video: the registration whose settings and models run (default: the current, 2; "
+                           "1 reproduces the first registration's run, which stops at its encoder gate)")
+    demo.add_argument("--train-models", action="store_true",
+                      help="video: train the teacher, base and student when neither shipped nor cached models match "
+                           "(hours on a CPU); without it the demo says what it would train and stops")
     demo.add_argument("--steps", type=int, help="student training steps (video: DMD generator steps)")
     demo.add_argument("--seeds", type=int, help="number of seeds (default: the pre-registered 3)")
     demo.add_argument("--offsets", type=int, nargs="+", help="foresight offsets (default 0 1)")

@@ -1,4 +1,4 @@
-"""The demo's measurements: the encoder gate, the reappearance colour error, probes, PSNR, consistency.
+"""The demo's measurements beside the primary metric: the encoder gate, probes, PSNR, consistency.
 
 Legend: v videos, f frames, K segments, n = segment_frames, s tokens per frame,
 t = n*s tokens per segment, p = 48 pixel values per token, e encoder width, d student width.
@@ -15,24 +15,16 @@ from torch import Tensor
 from mirai_plugin import FrozenEncoder, capture_hidden, fuse_targets
 from mirai_plugin.tooling.demo.dmd import encode_context
 from mirai_plugin.tooling.demo.models import Student, Teacher, patchify
+from mirai_plugin.tooling.demo.progress import Progress
+from mirai_plugin.tooling.demo.reappearance import hidden_pairs
 from mirai_plugin.tooling.demo.world import Scene
 from mirai_plugin.tooling.probe import fit_readout
-
-HIDDEN_FRAMES = 3  # an event is a return after at least this many frames wholly off-screen (one segment)
-BACK = 0.5  # the object counts as back once this fraction of it is visible
 
 
 def segment_pixels(video: Tensor, segment_frames: int) -> Tensor:
     """``(v f c h w)`` -> token-aligned pixels of every segment ``(v K t p)``."""
     v, f = video.shape[:2]
     return patchify(video).view(v, f // segment_frames, -1, patchify(video[:1, :1]).shape[-1])
-
-
-def hidden_pairs(scene: Scene, segment_frames: int) -> Tensor:
-    """``(v K-1)`` bool: segment k shows nothing of the object and segment k+1 shows it again."""
-    v, f = scene.visible.shape
-    per_segment = scene.visible.view(v, f // segment_frames, segment_frames).amax(dim=2)  # (v K)
-    return (per_segment[:, :-1] == 0) & (per_segment[:, 1:] >= 0.25)
 
 
 def readout_psnr(features: Tensor, targets: Tensor, train: Tensor, *, hidden: int, steps: int, lr: float,
@@ -48,7 +40,8 @@ def readout_psnr(features: Tensor, targets: Tensor, train: Tensor, *, hidden: in
 
 
 def encoder_gate(teacher: Teacher, scene: Scene, *, layer: int, offsets: tuple[int, ...], segment_frames: int,
-                 test_videos: int, hidden: int, steps: int, lr: float, batch: int, seed: int) -> dict:
+                 test_videos: int, hidden: int, steps: int, lr: float, batch: int, seed: int,
+                 progress: Progress | None = None) -> dict:
     """The gate: what the head is given (``FrozenEncoder(teacher, layer)`` at t = 0, fused over ``offsets``)
     against the pixels of the same segment, as inputs of equal-capacity readouts of segment k+1.
 
@@ -67,7 +60,8 @@ def encoder_gate(teacher: Teacher, scene: Scene, *, layer: int, offsets: tuple[i
         "all": torch.ones(v, f // segment_frames - 1, dtype=torch.bool),
     }
     result = {}
-    for name, mask in pairs.items():
+    bar = (progress or Progress(enabled=False)).bar(2 * len(pairs), "encoder gate (readouts)")
+    for i, (name, mask) in enumerate(pairs.items()):
         rows = mask.nonzero()  # (m 2): video, segment k
         train = ~test[rows[:, 0]]
         target = pixels[rows[:, 0], rows[:, 1] + 1]  # (m t p): segment k+1
@@ -79,6 +73,8 @@ def encoder_gate(teacher: Teacher, scene: Scene, *, layer: int, offsets: tuple[i
             "test_pairs": int((~train).sum()),
         }
         result[name]["margin"] = result[name]["features"] - result[name]["pixels"]
+        bar.update(2 * (i + 1))
+    bar.close()
     return result
 
 
@@ -118,37 +114,6 @@ def student_probe(student: Student, scene: Scene, *, layer: int, test_videos: in
     train = rows[:, 0] < scene.video.shape[0] - test_videos
     return readout_psnr(features[rows[:, 0], rows[:, 1]], pixels[rows[:, 0], rows[:, 1] + 1], train,
                         hidden=hidden, steps=steps, lr=lr, batch=batch, seed=seed)
-
-
-def reappearance_frames(scene: Scene, first_frame: int, frames_per_event: int) -> Tensor:
-    """``(v f)`` bool: the first ``frames_per_event`` frames at which the object is back (at least
-    ``BACK`` of it visible) after at least ``HIDDEN_FRAMES`` frames wholly off-screen, from ``first_frame`` on."""
-    visible = scene.visible.tolist()
-    chosen = torch.zeros(scene.visible.shape, dtype=torch.bool)  # (v f)
-    for video, fractions in enumerate(visible):
-        hidden_run, remaining = 0, 0
-        for t, fraction in enumerate(fractions):
-            if fraction == 0:
-                hidden_run, remaining = hidden_run + 1, 0
-                continue
-            if hidden_run >= HIDDEN_FRAMES:
-                remaining = frames_per_event  # an event starts: the object is coming back
-            hidden_run = 0
-            if remaining and fraction >= BACK:
-                chosen[video, t] = t >= first_frame
-                remaining -= 1
-    return chosen
-
-
-def reappearance_colour_error(generated: Tensor, scene: Scene, frames: Tensor) -> Tensor:
-    """Per video ``(v)``: RMS over RGB of (the mean generated colour over the object's interior pixels -
-    the object's colour), averaged over the reappearance ``frames (v f)``; in [0, 1]."""
-    interior = (scene.alpha >= 1.0).float()  # (v f h w): pixels the object covers wholly (its soft edge excluded)
-    area = interior.sum(dim=(2, 3))  # (v f)
-    mean_colour = (generated * interior[:, :, None]).sum(dim=(3, 4)) / area.clamp_min(1)[..., None]  # (v f c)
-    error = (mean_colour - scene.colour[:, None]).square().mean(dim=2).sqrt()  # (v f)
-    use = frames & (area > 0)
-    return (error * use).sum(dim=1) / use.sum(dim=1).clamp_min(1)
 
 
 def consistency(video: Tensor, background: Tensor, shown: Tensor) -> dict[str, Tensor]:

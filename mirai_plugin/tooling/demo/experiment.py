@@ -1,4 +1,4 @@
-"""The demo experiment: settings, the DMD fine-tuning of each arm, and the evaluation of a student.
+"""The demo experiment: the DMD fine-tuning of each arm, and the evaluation of a student.
 
 Legend: b batch, f frames, n = segment_frames, K segments, c h w pixels.
 
@@ -16,158 +16,38 @@ exit steps per seed:
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mirai_plugin import ForesightConfig, ForesightHead, FrozenEncoder, capture_hidden
+from mirai_plugin import ForesightHead, FrozenEncoder, capture_hidden
 from mirai_plugin.tooling.demo.dmd import critic_loss, dmd_loss, rollout
-from mirai_plugin.tooling.demo.evaluation import (
-    consistency,
-    psnr_per_video,
-    reappearance_colour_error,
-    reappearance_frames,
-    student_probe,
-)
+from mirai_plugin.tooling.demo.evaluation import consistency, psnr_per_video, student_probe
 from mirai_plugin.tooling.demo.models import Student, Teacher
-from mirai_plugin.tooling.demo.pretrained import ModelSettings
-from mirai_plugin.tooling.demo.world import OccludedWorld
-
-PREREGISTRATION = Path(__file__).with_name("preregistration.json")
-ARMS = ("baseline", "foresight", "control")
-
-
-@dataclass(frozen=True)
-class GateSettings:
-    videos: int  # held-out true clips (training length)
-    test_videos: int  # of which the readouts are tested on
-    probe_hidden: int  # readout MLP width (the same for features and pixels, and for the students' probe)
-    probe_steps: int
-    probe_lr: float
-    probe_batch: int  # token rows per readout step
-    margin_db: float  # features must beat pixels by this much on hidden -> reappearance
-    seed: int
-
-
-@dataclass(frozen=True)
-class DMDSettings:
-    generator_steps: int
-    critic_per_generator: int  # Self-Forcing's dfake_gen_update_ratio
-    batch: int
-    generator_lr: float
-    critic_lr: float
-    betas: tuple[float, float]
-    weight_decay: float
-    max_grad_norm: float
-    score_t_range: tuple[float, float]  # noise levels at which the scores are evaluated and trained
-    denoising_steps: tuple[float, ...]  # the student's sampler
-    fake_warmup_steps: int  # critic steps on the starting student's samples before any generator step
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    rollout_frames: int
-    eval_videos: int  # per seed
-    frames_per_event: int
-    probe_videos: int
-    probe_test_videos: int
-    bootstrap_replicates: int
-    bootstrap_level: float
-    bootstrap_seed: int
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    models: ModelSettings
-    gate: GateSettings
-    dmd: DMDSettings
-    foresight: dict
-    arms: tuple[str, ...]
-    seeds: tuple[int, ...]
-    evaluation: EvalSettings
-    primary_metric: str
-    deviations: tuple[str, ...] = field(default=())  # how this run differs from the pre-registration
-
-    @property
-    def world(self) -> OccludedWorld:
-        return self.models.world
-
-    @property
-    def segment_frames(self) -> int:
-        return self.world.segment_frames
-
-    @property
-    def train_segments(self) -> int:
-        return self.models.train_frames // self.segment_frames
-
-    def foresight_config(self) -> ForesightConfig:
-        return ForesightConfig(**self.foresight, segment_frames=self.segment_frames, num_heads=self.models.heads)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _settings(cls, data: dict):
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys in the pre-registration: {sorted(unknown)}")
-    return cls(**{k: _tuples(v) for k, v in data.items()})
-
-
-def load_config(path: Path = PREREGISTRATION) -> DemoConfig:
-    """The pre-registered settings."""
-    data = json.loads(Path(path).read_text())
-    world = _settings(OccludedWorld, data["world"])
-    return DemoConfig(
-        models=replace(_settings(ModelSettings, data["models"]), world=world),
-        gate=_settings(GateSettings, data["gate"]),
-        dmd=_settings(DMDSettings, data["dmd"]),
-        foresight={k: _tuples(v) for k, v in data["foresight"].items()},
-        arms=tuple(data["arms"]),
-        seeds=tuple(data["seeds"]),
-        evaluation=_settings(EvalSettings, data["evaluation"]),
-        primary_metric=data["primary_metric"],
-    )
-
-
-def quick(cfg: DemoConfig) -> DemoConfig:
-    """Every stage at a tiny size (the CI smoke test); the models are trained for a few steps, so the
-    gate is not expected to pass."""
-    return replace(
-        cfg,
-        models=replace(cfg.models, teacher_steps=40, base_steps=40, student_steps=40, batch=8),
-        gate=replace(cfg.gate, videos=96, test_videos=32, probe_steps=60, probe_batch=512),
-        dmd=replace(cfg.dmd, generator_steps=3, fake_warmup_steps=5),
-        seeds=cfg.seeds[:2],
-        evaluation=replace(cfg.evaluation, rollout_frames=24, eval_videos=16, probe_videos=48, probe_test_videos=16,
-                           bootstrap_replicates=1000),
-        deviations=(*cfg.deviations, "--quick: every stage at a tiny size"),
-    )
-
+from mirai_plugin.tooling.demo.pretrained import state_copy
+from mirai_plugin.tooling.demo.progress import Progress
+from mirai_plugin.tooling.demo.reappearance import reappearance_colour_error, reappearance_frames
+from mirai_plugin.tooling.demo.registration import DemoConfig
+from mirai_plugin.tooling.demo.world import Scene
 
 # ------------------------------------------------------------------ training
 
 
-def warm_up_fake(cfg: DemoConfig, base: Teacher, student: Student) -> dict[str, Tensor]:
+def warm_up_fake(cfg: DemoConfig, base: Teacher, student: Student, progress: Progress | None = None
+                 ) -> dict[str, Tensor]:
     """The fake score's starting state: the base trained ``fake_warmup_steps`` critic steps on the starting
     student's samples (shared by every arm and seed, like the student it starts from)."""
     fake = _copy(base, cfg.models.base()).train().requires_grad_(True)
     d = cfg.dmd
     optimizer = torch.optim.AdamW(fake.parameters(), lr=d.critic_lr, betas=d.betas, weight_decay=d.weight_decay)
     g = torch.Generator().manual_seed(40_000)
-    for step in range(d.fake_warmup_steps):
+    for step in (progress or Progress(enabled=False)).range(d.fake_warmup_steps, "fake score warm-up"):
         first = cfg.world.render(d.batch, cfg.segment_frames, seed=4_000_000 + step).video
         _critic_step(cfg, fake, optimizer, student, first, g)
-    return _state(fake)
+    return state_copy(fake)
 
 
 def _critic_step(cfg: DemoConfig, fake: Teacher, optimizer: torch.optim.Optimizer, student: Student, first: Tensor,
@@ -199,8 +79,16 @@ def gradient_ratio(student: Student, dmd: Tensor, term: Tensor) -> dict[str, flo
         flat[0], flat[1], dim=0).item(), "dmd_norm": norm_dmd, "term_norm": norm_term}
 
 
-def train_arm(cfg: DemoConfig, teacher: Teacher, fake: Teacher, student: Student, seed: int, arm: str) -> dict:
-    """DMD fine-tuning of ``student`` (in place) for one arm; returns the training log."""
+def train_arm(cfg: DemoConfig, teacher: Teacher, fake: Teacher, student: Student, seed: int, arm: str, *,
+              checkpoints: Collection[int] = (), at_checkpoint: Callable[[Student, int], None] | None = None,
+              on_cycle: Callable[[], None] | None = None) -> dict:
+    """DMD fine-tuning of ``student`` (in place) for one arm; returns the training log.
+
+    ``at_checkpoint(student, cycles)`` is called after each of the ``checkpoints`` (numbers of completed DMD
+    cycles): the student there is the one a run of that many generator steps ends with (the learning rates are
+    constant and the checkpoint's work draws nothing from the training's random streams); its time is left out
+    of the cycle times. ``on_cycle()`` is called after every cycle (progress).
+    """
     d, n = cfg.dmd, cfg.segment_frames
     student.train().requires_grad_(True)
     fake.train().requires_grad_(True)
@@ -252,6 +140,13 @@ def train_arm(cfg: DemoConfig, teacher: Teacher, fake: Teacher, student: Student
         critic_losses.append(_critic_step(cfg, fake, critic_optimizer, student, first, g))
         if foresight and not generator_step:
             head.replay()  # the predictor alone, on the last generator step's pairs (projector_every_step)
+        cycles = (step + 1) // d.critic_per_generator
+        if on_cycle is not None and (step + 1) % d.critic_per_generator == 0:
+            on_cycle()
+        if at_checkpoint is not None and (step + 1) % d.critic_per_generator == 0 and cycles in checkpoints:
+            paused = time.perf_counter()
+            at_checkpoint(student, cycles)
+            start += time.perf_counter() - paused
     log["cycle_seconds"].append(time.perf_counter() - start)
     log["critic_loss"].append(sum(critic_losses) / len(critic_losses))
     student.eval().requires_grad_(False)
@@ -261,17 +156,42 @@ def train_arm(cfg: DemoConfig, teacher: Teacher, fake: Teacher, student: Student
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate_student(cfg: DemoConfig, student: Student, seed: int) -> dict:
-    """Every metric of one student; per-video values are paired across arms by position."""
+def evaluation_rollouts(cfg: DemoConfig, student: Student, seed: int) -> tuple[Scene, Tensor]:
+    """The seed's evaluation videos and the student's rollouts from their true first segments ``(v f c h w)``.
+
+    In blocks (``evaluation.block``), each block its own videos and sampling noise, so the first blocks of a
+    larger evaluation are exactly a smaller one; the same videos and noise for every arm of a seed.
+    """
+    e, n, levels = cfg.evaluation, cfg.segment_frames, cfg.dmd.denoising_steps
+    if not e.block:  # registration 1: one render, one noise stream
+        blocks = [(e.eval_videos, 60_000_000 + seed, 90_000 + seed)]
+    else:
+        blocks = [(e.block, 60_000_000 + 1000 * seed + b, 90_000_000 + 1000 * seed + b)
+                  for b in range(e.eval_videos // e.block)]
+    scenes, generated = [], []
+    for videos, scene_seed, noise_seed in blocks:
+        scene = cfg.world.render(videos, e.rollout_frames, seed=scene_seed)
+        g = torch.Generator().manual_seed(noise_seed)
+        with torch.no_grad():
+            generated.append(rollout(student, scene.video[:, :n], e.rollout_frames // n - 1,
+                                     exit_index=len(levels) - 1, g=g, levels=levels))  # (v f c h w)
+        scenes.append(scene)
+    return Scene.concatenate(scenes), torch.cat(generated)
+
+
+def primary_metric(cfg: DemoConfig, scene: Scene, generated: Tensor) -> Tensor:
+    """The reappearance colour error per video ``(v)``, in % of the pixel range."""
+    frames = reappearance_frames(scene, cfg.segment_frames, cfg.evaluation.frames_per_event)
+    return 100 * reappearance_colour_error(generated, scene, frames)
+
+
+def evaluate_student(cfg: DemoConfig, student: Student, seed: int, *, primary_only: bool = False) -> dict:
+    """Every metric of one student (or the primary one alone); per-video values are paired across arms by position."""
     e, n = cfg.evaluation, cfg.segment_frames
-    scene = cfg.world.render(e.eval_videos, e.rollout_frames, seed=60_000_000 + seed)
-    g = torch.Generator().manual_seed(90_000 + seed)  # the same sampling noise for every arm of a seed
-    levels = cfg.dmd.denoising_steps
-    with torch.no_grad():
-        generated = rollout(student, scene.video[:, :n], e.rollout_frames // n - 1, exit_index=len(levels) - 1, g=g,
-                            levels=levels)  # (v f c h w)
-    frames = reappearance_frames(scene, n, e.frames_per_event)
-    identity = 100 * reappearance_colour_error(generated, scene, frames)  # (v)
+    scene, generated = evaluation_rollouts(cfg, student, seed)
+    identity = primary_metric(cfg, scene, generated)  # (v)
+    if primary_only:
+        return {"identity_error": identity.tolist()}
     beyond = cfg.models.train_frames
     shown = scene.visible[:, beyond:] >= 0.5
     scores = consistency(generated[:, beyond:], scene.background, shown)
@@ -298,10 +218,6 @@ def evaluate_student(cfg: DemoConfig, student: Student, seed: int) -> dict:
 # ---------------------------------------------------------------- one task
 
 
-def _state(module: torch.nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def _copy(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.Module:
     target.load_state_dict(source.state_dict())
     return target
@@ -316,17 +232,24 @@ class Start:
     student: dict[str, Tensor]
 
 
-def run_task(cfg: DemoConfig, start: Start, seed: int, arm: str) -> dict:
-    """One arm of one seed: fine-tune (unless ``arm == "start"``, the starting student), then evaluate.
-    One thread per task, so a run's numbers do not depend on how many tasks run side by side."""
-    torch.set_num_threads(1)
-    began, cpu = time.perf_counter(), time.process_time()
+def rebuild(cfg: DemoConfig, start: Start) -> tuple[Teacher, Teacher, Student]:
+    """The frozen teacher, the fake score and the student, as a task starts from them."""
     teacher, fake, student = cfg.models.teacher(), cfg.models.base(), cfg.models.student()
     teacher.load_state_dict(start.teacher)
     fake.load_state_dict(start.fake)
     student.load_state_dict(start.student)
-    teacher.eval().requires_grad_(False)
-    log = None if arm == "start" else train_arm(cfg, teacher, fake, student, seed, arm)
+    return teacher.eval().requires_grad_(False), fake, student
+
+
+def run_task(cfg: DemoConfig, start: Start, seed: int, arm: str, cycles=None) -> dict:
+    """One arm of one seed: fine-tune (unless ``arm == "start"``, the starting student), then evaluate.
+    One thread per task, so a run's numbers do not depend on how many tasks run side by side.
+    ``cycles`` (a queue, optional) receives one item per completed DMD cycle (the demo's progress bar)."""
+    torch.set_num_threads(1)
+    began, cpu = time.perf_counter(), time.process_time()
+    teacher, fake, student = rebuild(cfg, start)
+    on_cycle = None if cycles is None else lambda: cycles.put(1)
+    log = None if arm == "start" else train_arm(cfg, teacher, fake, student, seed, arm, on_cycle=on_cycle)
     result = {"seed": seed, "arm": arm, "train": log, **evaluate_student(cfg, student.eval(), seed)}
     result["seconds"] = time.perf_counter() - began
     result["cpu_seconds"] = time.process_time() - cpu  # what the task costs on a core of its own

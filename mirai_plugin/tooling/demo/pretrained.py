@@ -7,11 +7,18 @@ pretrained Wan-1.3B and the student from a Stage-2 checkpoint of the same size, 
 three models: the **teacher** (bidirectional, the real score and the frozen foresight
 encoder), the **base** (bidirectional at the student's width: the fake score's
 initialisation) and the **student** (causal, teacher-forced denoising on true videos).
-All are denoisers trained on the world's videos. ``tools/train_demo_models.py`` trains
-them and writes the files shipped in ``mirai_plugin/tooling/demo/weights``. Files are used only
-when their recorded key matches ``models_key(settings)``, a hash of the settings and of
-the source of the code that produces them (this module, the world and the models);
-otherwise the models are trained here and kept in a local cache under that key.
+All are denoisers trained on the world's videos, with one of two schedules:
+
+- ``fixed`` (registration 1): a fixed number of steps, 5% linear warm-up, cosine decay;
+- ``quality`` (registration 2): linear warm-up, then a constant learning rate while the
+  model is read on validation clips every ``check_every`` steps (``quality.py``); once it
+  meets its criterion, or at the latest where the decay still fits under the step cap, a
+  linear decay to zero over ``decay_fraction`` of the steps so far, then a final reading.
+
+``tools/train_demo_models.py`` trains them; ``store.py`` keeps them. A stored model is used only
+when its recorded key matches ``models_key(settings)``, a hash of the settings and of the source
+of the code that produces it (this module, the world, the models, the quality readings and the
+metric they read), so nothing else belongs in this module.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -27,21 +35,29 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
+from mirai_plugin.errors import MiraiError
 from mirai_plugin.tooling.demo import models as models_module
+from mirai_plugin.tooling.demo import quality as quality_module
+from mirai_plugin.tooling.demo import reappearance as reappearance_module
 from mirai_plugin.tooling.demo import world as world_module
 from mirai_plugin.tooling.demo.models import Student, Teacher
 from mirai_plugin.tooling.demo.progress import Progress
+from mirai_plugin.tooling.demo.quality import Criterion, Validation, draw_levels, read
 from mirai_plugin.tooling.demo.world import OccludedWorld
 
-SHIPPED = Path(__file__).parent / "weights"
+NAMES = ("teacher", "student", "base")  # the longest first: the three train side by side, a core each
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """Everything that determines the teacher and the pretrained student."""
+    """Everything that determines the teacher, the base and the pretrained student.
+
+    The fields after ``seed`` came with registration 2; their defaults are registration 1's
+    (a fixed number of steps, noise levels U(0, 1)). Under the ``quality`` schedule the
+    ``*_steps`` are caps.
+    """
 
     world: OccludedWorld = field(default_factory=OccludedWorld)
     train_frames: int = 12
@@ -58,6 +74,25 @@ class ModelSettings:
     student_lr: float = 1e-3
     batch: int = 32
     seed: int = 0
+    schedule: str = "fixed"  # or "quality"
+    warmup_steps: int = 0  # "quality": linear warm-up (registration 1's "fixed" warms up over 5% of the steps)
+    decay_fraction: float = 0.0  # "quality": the decay lasts this fraction of the steps before it
+    check_every: int = 0  # "quality": steps between readings on the validation clips
+    validation_videos: int = 0
+    plateau_checks: int = 0
+    plateau_tolerance: float = 0.0
+    teacher_quality: tuple[float, float] | None = None  # (max reappearance colour error in %, at noise level t)
+    base_quality: tuple[float, float] | None = None
+    student_quality: tuple[float, float] | None = None
+    teacher_low_noise: tuple[float, float] = (0.0, 0.0)  # (share of clips, t upper bound): U(0, bound) for them
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("fixed", "quality"):
+            raise MiraiError(f"models.schedule must be 'fixed' or 'quality', got {self.schedule!r}")
+        if self.schedule == "quality" and min(self.check_every, self.validation_videos, self.warmup_steps,
+                                              self.plateau_checks) < 1:
+            raise MiraiError("the 'quality' schedule needs check_every, validation_videos, warmup_steps and "
+                             "plateau_checks >= 1")
 
     @property
     def segment_frames(self) -> int:
@@ -77,11 +112,25 @@ class ModelSettings:
         return Student(self.student_dim, self.student_depth, self.heads, self.world.size, self.segment_frames,
                        self.window)
 
+    def steps(self, name: str) -> int:
+        return {"teacher": self.teacher_steps, "base": self.base_steps, "student": self.student_steps}[name]
+
+    def lr(self, name: str) -> float:
+        return {"teacher": self.teacher_lr, "base": self.base_lr, "student": self.student_lr}[name]
+
+    def low_noise(self, name: str) -> tuple[float, float]:
+        return self.teacher_low_noise if name == "teacher" else (0.0, 0.0)
+
+    def criterion(self, name: str) -> Criterion:
+        threshold = {"teacher": self.teacher_quality, "base": self.base_quality, "student": self.student_quality}[name]
+        return Criterion(threshold[0] if threshold else None, threshold[1] if threshold else 0.0,
+                         self.plateau_checks, self.plateau_tolerance)
+
 
 def models_key(settings: ModelSettings) -> str:
     """Hash of the settings and of the code that trains the models (16 hex digits)."""
     digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
-    for module in (world_module, models_module):
+    for module in (world_module, models_module, reappearance_module, quality_module):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
@@ -91,25 +140,74 @@ def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: 
     warmup = max(1, total // 20)
     decay = max(1, total - warmup)
     scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / decay))
+    _set_lr(optimizer, base * scale)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = base * scale
+        group["lr"] = lr
 
 
-def train_bidirectional(settings: ModelSettings, which: str, progress: Progress) -> Teacher:
+def fit(settings: ModelSettings, name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+        step: Callable[[int], None], progress: Progress) -> dict:
+    """Run ``step(i)`` (one optimiser step on training batch ``i``) under the settings' schedule; the training log."""
+    cap, lr, began = settings.steps(name), settings.lr(name), time.perf_counter()
+    label = f"{name} ({'teacher forcing' if name == 'student' else 'bidirectional'})"
+    if settings.schedule == "fixed":
+        for i in progress.range(cap, label):
+            _cosine_lr(optimizer, lr, i, cap)
+            step(i)
+        return {"schedule": "fixed", "steps": cap, "seconds": time.perf_counter() - began}
+
+    validation = Validation.render(settings.world, settings.validation_videos, settings.train_frames)
+    criterion, every = settings.criterion(name), settings.check_every
+    last_stable = int(cap / (1 + settings.decay_fraction)) // every * every  # the decay must end by the cap
+    checks: list[dict] = []
+    i, decay_from, decay_steps, stopped = 0, -1, 0, ""
+    bar = progress.bar(cap, label)
+    while decay_from < 0 or i < decay_from + decay_steps:
+        if decay_from < 0:
+            _set_lr(optimizer, lr * min(1.0, (i + 1) / settings.warmup_steps))
+        else:
+            _set_lr(optimizer, lr * (decay_from + decay_steps - i) / decay_steps)
+        step(i)
+        i += 1
+        bar.update(i)
+        if decay_from < 0 and i % every == 0:
+            checks.append({"step": i, "seconds": time.perf_counter() - began,
+                           **read(model, validation, student=name == "student", low_noise=settings.low_noise(name))})
+            bar.note(f"{name} step {i}: {_reading(checks[-1])}")
+            if criterion.met(checks):
+                stopped = f"criterion met at step {i}"
+            elif i >= last_stable:
+                stopped = f"step cap: the decay starts at step {i} without the criterion met"
+            if stopped:
+                decay_from, decay_steps = i, max(every, round(settings.decay_fraction * i))
+    bar.close()
+    final = read(model, validation, student=name == "student", low_noise=settings.low_noise(name))
+    bar.note(f"{name} final ({i} steps): {_reading(final)}")
+    return {"schedule": "quality", "criterion": criterion.describe(), "stopped": stopped, "decay_from": decay_from,
+            "steps": i, "checks": checks, "final": final, "seconds": time.perf_counter() - began}
+
+
+def _reading(reading: dict) -> str:
+    errors = ", ".join(f"t={t} {e:.1f}%" for t, e in reading["colour_error"].items())
+    return f"validation loss {reading['loss']:.5f}, reappearance colour error {errors}"
+
+
+def train_bidirectional(settings: ModelSettings, which: str, progress: Progress) -> tuple[Teacher, dict]:
     """The teacher or the base: a flow-matching x0 denoiser over training clips whose first
     segment is always given clean (t = 0 on its frames, the loss on the others)."""
     offset = {"teacher": 0, "base": 30_000}[which]
     torch.manual_seed(settings.seed + offset + 10_000)
-    model, steps, lr = (settings.teacher(), settings.teacher_steps, settings.teacher_lr) if which == "teacher" else (
-        settings.base(), settings.base_steps, settings.base_lr)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model = settings.teacher() if which == "teacher" else settings.base()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr(which))
     g = torch.Generator().manual_seed(settings.seed + offset + 10_001)
-    given = settings.segment_frames
-    for step in progress.range(steps, f"{which} (bidirectional)"):
-        _cosine_lr(optimizer, lr, step, steps)
-        video = settings.world.render(settings.batch, settings.train_frames, seed=1_000_000 + step).video
-        t = torch.rand(settings.batch, generator=g)
-        levels = t[:, None].repeat(1, settings.train_frames)  # (b f)
+    given, low_noise = settings.segment_frames, settings.low_noise(which)
+
+    def step(i: int) -> None:
+        video = settings.world.render(settings.batch, settings.train_frames, seed=1_000_000 + i).video
+        levels = draw_levels(settings.batch, g, low_noise)[:, None].repeat(1, settings.train_frames)  # (b f)
         levels[:, :given] = 0.0
         level = levels[:, :, None, None, None]
         noisy = (1 - level) * video + level * torch.randn(video.shape, generator=g)
@@ -117,10 +215,12 @@ def train_bidirectional(settings: ModelSettings, which: str, progress: Progress)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return model.eval().requires_grad_(False)
+
+    log = fit(settings, which, model, optimizer, step, progress)
+    return model.eval().requires_grad_(False), log
 
 
-def pretrain_student(settings: ModelSettings, progress: Progress) -> Student:
+def pretrain_student(settings: ModelSettings, progress: Progress) -> tuple[Student, dict]:
     """Teacher-forced denoising (gradients through the clean context): the one starting point of
     every run, as a Stage-2 checkpoint is for Stage-3 DMD in the paper."""
     torch.manual_seed(settings.seed + 20_000)
@@ -128,20 +228,23 @@ def pretrain_student(settings: ModelSettings, progress: Progress) -> Student:
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.student_lr)
     g = torch.Generator().manual_seed(settings.seed + 20_001)
     n, segments = settings.segment_frames, settings.train_frames // settings.segment_frames
-    for step in progress.range(settings.student_steps, "student (teacher forcing)"):
-        _cosine_lr(optimizer, settings.student_lr, step, settings.student_steps)
-        video = settings.world.render(settings.batch, settings.train_frames, seed=2_000_000 + step).video
-        t = torch.rand(settings.batch, segments, generator=g)
+
+    def step(i: int) -> None:
+        video = settings.world.render(settings.batch, settings.train_frames, seed=2_000_000 + i).video
+        t = torch.rand(settings.batch, segments, generator=g)  # (b K)
         level = t.repeat_interleave(n, dim=1)[:, :, None, None, None]
         noisy = (1 - level) * video + level * torch.randn(video.shape, generator=g)
         loss = F.mse_loss(student.teacher_forcing(video, noisy, t)[:, n:], video[:, n:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return student.eval()
+
+    log = fit(settings, "student", student, optimizer, step, progress)
+    return student.eval(), log
 
 
-def _state(module: torch.nn.Module) -> dict[str, Tensor]:
+def state_copy(module: torch.nn.Module) -> dict[str, Tensor]:
+    """A detached, contiguous copy of ``module``'s state (to save, or to pass to worker processes)."""
     return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
 
 
@@ -151,16 +254,14 @@ class Models:
     base: Teacher  # the fake score's initialisation
     student: Student  # the teacher-forced starting checkpoint
     source: str = ""  # where they came from
+    training: dict = field(default_factory=dict)  # each model's training log, by name
 
 
-NAMES = ("teacher", "base", "student")
-
-
-def _train(settings: ModelSettings, name: str, progress: Progress | None = None) -> torch.nn.Module:
+def _train(settings: ModelSettings, name: str, verbose: bool = False) -> tuple[nn.Module, dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same weights whether the three run side by side or one after another
     try:
-        progress = progress or Progress(enabled=False)
+        progress = Progress(enabled=False, notes=verbose)
         if name == "student":
             return pretrain_student(settings, progress)
         return train_bidirectional(settings, name, progress)
@@ -171,64 +272,14 @@ def _train(settings: ModelSettings, name: str, progress: Progress | None = None)
 def train_models(settings: ModelSettings, progress: Progress, *, workers: int = 1) -> Models:
     """Train the three models (independent of each other), ``workers`` at a time in worker processes."""
     if workers <= 1:
-        trained = {name: _train(settings, name, progress) for name in NAMES}
+        trained = {name: _train(settings, name, progress.enabled) for name in NAMES}
     else:
         with ProcessPoolExecutor(max_workers=min(workers, len(NAMES)), mp_context=get_context("spawn")) as pool:
-            futures = {name: pool.submit(_train, settings, name) for name in NAMES}
+            futures = {name: pool.submit(_train, settings, name, progress.enabled) for name in NAMES}
             trained = {}
             for name, future in futures.items():
                 trained[name] = future.result()
                 progress.note(f"{name}: trained")
-    return Models(trained["teacher"], trained["base"], trained["student"], "trained")
-
-
-def save_models(folder: Path, settings: ModelSettings, models: Models) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    metadata = {"key": models_key(settings), "settings": json.dumps(asdict(settings), sort_keys=True)}
-    for name in NAMES:
-        save_file(_state(getattr(models, name)), folder / f"{name}.safetensors", metadata=metadata)
-
-
-def stored_key(folder: Path) -> str | None:
-    """The key recorded in ``folder``'s files, or None when they are missing or disagree."""
-    from safetensors import safe_open
-
-    keys = set()
-    for name in NAMES:
-        path = folder / f"{name}.safetensors"
-        if not path.is_file():
-            return None
-        with safe_open(str(path), "pt") as handle:
-            keys.add((handle.metadata() or {}).get("key"))
-    return keys.pop() if len(keys) == 1 else None
-
-
-def load_models(folder: Path, settings: ModelSettings, source: str) -> Models:
-    models = Models(settings.teacher(), settings.base(), settings.student(), source)
-    for name in NAMES:
-        getattr(models, name).load_state_dict(load_file(folder / f"{name}.safetensors"), strict=True)
-    models.teacher.eval().requires_grad_(False)
-    models.base.eval().requires_grad_(False)
-    models.student.eval()
-    return models
-
-
-def cache_folder(settings: ModelSettings) -> Path:
-    root = Path(os.environ.get("MIRAI_DEMO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "mirai-plugin" / "demo")
-    return root / models_key(settings)
-
-
-def obtain_models(settings: ModelSettings, progress: Progress, *, workers: int | None = None) -> Models:
-    """The shipped models when they match ``settings`` and this code, else the local cache, else train
-    them, ``workers`` at a time (default: one per CPU), and fill the cache."""
-    key = models_key(settings)
-    if stored_key(SHIPPED) == key:
-        return load_models(SHIPPED, settings, f"shipped with the package (key {key})")
-    cached = cache_folder(settings)
-    if stored_key(cached) == key:
-        return load_models(cached, settings, f"local cache {cached}")
-    models = train_models(settings, progress, workers=workers or os.cpu_count() or 1)
-    save_models(cached, settings, models)
-    models.source = f"trained now (key {key}), cached in {cached}"
+    models = Models(**{name: trained[name][0] for name in NAMES}, source="trained")
+    models.training = {name: trained[name][1] for name in NAMES}
     return models

@@ -82,24 +82,30 @@ def _direction(ci: dict, lower_is_better: bool = True) -> str:
 
 
 def verdict(summary: dict) -> str:
-    """Names the primary metric's CI for each arm against the baseline, then what the pair of results means."""
-    lines = []
+    """Names the primary metric's CI for each arm against the baseline, then what the pair of results means under
+    the registered decision rules: an arm differs from the baseline when its CI excludes 0."""
+    lines, differs = [], {}
     for arm in ("foresight", "control"):
         if arm not in summary["primary"]:
             continue
         ci = summary["primary"][arm]
+        differs[arm] = ci["high"] < 0 or ci["low"] > 0
         lines.append(
             f"{LABELS[arm]} vs baseline: reappearance colour error {ci['difference']:+.2f} points "
             f"[{ci['low']:+.2f}, {ci['high']:+.2f}] ({100 * ci['level']:.0f}% CI, {ci['videos']} paired videos, "
             f"{len(summary['seeds'])} seeds): {_direction(ci)}"
         )
-    if {"foresight", "control"} <= set(summary["primary"]):
-        helped = {arm: summary["primary"][arm]["high"] < 0 for arm in ("foresight", "control")}
-        if helped["foresight"]:
-            lines.append("=> foresight on the student's own rollouts lowered the reappearance error at this scale")
-        elif helped["control"]:
-            lines.append("=> the metric detects an effect when the target carries the true future (positive control), "
-                         "but the target computed on the student's own rollouts did not produce one")
+    if {"foresight", "control"} <= set(differs):
+        moved = {arm: "lowered" if summary["primary"][arm]["high"] < 0 else "raised" for arm in differs}
+        if differs["foresight"]:
+            lines.append(f"=> foresight on the student's own rollouts {moved['foresight']} the reappearance error at "
+                         "this scale" + ("" if differs["control"] else
+                                         " (the positive control did not move it)"))
+        elif differs["control"]:
+            lines.append(f"=> the metric detects an effect when the target carries the true future (the positive "
+                         f"control {moved['control']} the error), but the target computed on the student's own "
+                         "rollouts did not produce one: no effect of the term on the student's own rollouts, at "
+                         "this scale")
         else:
             lines.append("=> not even the positive control moved the primary metric: at this scale the demo cannot "
                          "detect an effect of the term, so this run says nothing either way about the method")

@@ -1,8 +1,9 @@
 """``mirai-plugin demo``: the encoder gate, then DMD with and without foresight, a positive control, a verdict.
 
-Stages: the models (shipped, cached or trained), the gate (printed before any student is
-trained; a full run stops there when it fails), the fake score's warm-up, then every
-(seed, arm) task, two or more at a time in worker processes, then the report.
+Stages, each with its progress bar: the models (shipped or cached; trained only when asked),
+the gate (printed before any student is trained; a full run stops there when it fails), the
+fake score's warm-up, then every (seed, arm) task, two or more at a time in worker
+processes, then the report. The settings are a registration's (``registration.py``).
 """
 
 from __future__ import annotations
@@ -10,34 +11,36 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import replace
-from multiprocessing import get_context
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from multiprocessing import Manager, get_context
 from pathlib import Path
+from queue import Empty
 
 import torch
 
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.tooling.demo.evaluation import encoder_gate
-from mirai_plugin.tooling.demo.experiment import (
+from mirai_plugin.tooling.demo.experiment import Start, run_task, warm_up_fake
+from mirai_plugin.tooling.demo.pretrained import Models, models_key, state_copy
+from mirai_plugin.tooling.demo.progress import Progress
+from mirai_plugin.tooling.demo.registration import (
     ARMS,
+    CURRENT,
     DemoConfig,
-    Start,
-    _state,
     load_config,
     quick,
-    run_task,
-    warm_up_fake,
+    require_sized,
 )
-from mirai_plugin.tooling.demo.pretrained import models_key, obtain_models
-from mirai_plugin.tooling.demo.progress import Progress
 from mirai_plugin.tooling.demo.report import figure, summarise, table, verdict
+from mirai_plugin.tooling.demo.store import obtain_models
 
 
-def make_config(*, quick_run: bool = False, steps: int | None = None, seeds: int | None = None,
-                offsets: tuple[int, ...] | None = None, layer: int | None = None) -> DemoConfig:
-    """The pre-registered settings, the ``--quick`` preset, then explicit options (each recorded as a deviation)."""
-    cfg = load_config()
+def make_config(*, registration: int = CURRENT, quick_run: bool = False, steps: int | None = None,
+                seeds: int | None = None, offsets: tuple[int, ...] | None = None,
+                layer: int | None = None) -> DemoConfig:
+    """A registration's settings, the ``--quick`` preset, then explicit options (each recorded as a deviation)."""
+    cfg = load_config(registration)
     if quick_run:
         cfg = quick(cfg)
     deviations = list(cfg.deviations)
@@ -62,54 +65,89 @@ def make_config(*, quick_run: bool = False, steps: int | None = None, seeds: int
         foresight["student_layer"] = foresight["encoder_layer"] = layer  # same relative depth: equal depths
         deviations.append(f"layer={layer}")
     cfg = replace(cfg, foresight=foresight, deviations=tuple(deviations))
+    if cfg.evaluation.eval_videos is None and cfg.dmd.generator_steps is not None and cfg.seeds is not None:
+        cfg = replace(cfg, evaluation=replace(cfg.evaluation, eval_videos=max(cfg.pilot.eval_videos)),
+                      deviations=(*cfg.deviations, f"eval_videos={max(cfg.pilot.eval_videos)}"))
+    require_sized(cfg)
     cfg.foresight_config()  # validates offsets and the rest of the foresight settings
     return cfg
 
 
-def run_demo(cfg: DemoConfig, out: Path, *, workers: int | None = None, progress: Progress | None = None) -> dict:
+def is_quick(cfg: DemoConfig) -> bool:
+    return any(d.startswith("--quick") for d in cfg.deviations)
+
+
+def run_demo(cfg: DemoConfig, out: Path, *, workers: int | None = None, progress: Progress | None = None,
+             train_models: bool = False) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # every stage single-threaded: the numbers do not depend on the machine's core count
     try:
-        return _run(cfg, out, workers, progress or Progress())
+        return _run(cfg, out, workers, progress or Progress(), train_models or is_quick(cfg))
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: DemoConfig, out: Path, workers: int | None, progress: Progress) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    began, cpu_began = time.perf_counter(), time.process_time()
-    timings: dict[str, float] = {}
+@dataclass
+class Prepared:
+    """What the stages before the students produce."""
 
+    models: Models
+    gate: dict
+    start: Start | None  # None when the gate stopped the run
+    timings: dict[str, float]
+
+
+def prepare(cfg: DemoConfig, progress: Progress, *, workers: int | None = None, train_models: bool = False,
+            warm_up: bool = True) -> Prepared:
+    """The models, the gate (printed), and, when the gate passes (or ``--quick`` goes on), the fake score's
+    warm-up: the demo's stages before any student is trained (the pilot runs the same)."""
+    timings: dict[str, float] = {}
     stage = time.perf_counter()
-    models = obtain_models(cfg.models, progress, workers=workers)
+    models = obtain_models(cfg.models, progress, workers=workers, train=train_models)
     timings["models"] = time.perf_counter() - stage
     print(f"models: {models.source}")
 
     stage = time.perf_counter()
-    g = cfg.gate
+    g, fcfg = cfg.gate, cfg.foresight_config()
     gate_scene = cfg.world.render(g.videos, cfg.models.train_frames, seed=80_000_000 + g.seed)
-    fcfg = cfg.foresight_config()
     gate = encoder_gate(models.teacher, gate_scene, layer=fcfg.encoder_layer, offsets=fcfg.offsets,
                         segment_frames=cfg.segment_frames, test_videos=g.test_videos, hidden=g.probe_hidden,
-                        steps=g.probe_steps, lr=g.probe_lr, batch=g.probe_batch, seed=g.seed)
+                        steps=g.probe_steps, lr=g.probe_lr, batch=g.probe_batch, seed=g.seed, progress=progress)
     gate["passed"] = gate["hidden"]["margin"] >= g.margin_db
     timings["gate"] = time.perf_counter() - stage
-    quick_run = any(d.startswith("--quick") for d in cfg.deviations)
     print(gate_line(gate, g.margin_db, encoder_layer=fcfg.encoder_layer, offsets=fcfg.offsets)
-          + (" [--quick goes on regardless]" if quick_run and not gate["passed"] else ""))
+          + (" [--quick goes on regardless]" if is_quick(cfg) and not gate["passed"] else ""))
+    if not warm_up or not (gate["passed"] or is_quick(cfg)):
+        return Prepared(models, gate, None, timings)
 
-    results = {"config": cfg.to_dict(), "models_key": models_key(cfg.models), "models_source": models.source,
-               "gate": gate, "deviations": list(cfg.deviations)}
-    if not gate["passed"] and not quick_run:
-        results["status"] = "blocked: the teacher did not pass the encoder gate within its training cap"
-        results["wall_seconds"] = time.perf_counter() - began
+    stage = time.perf_counter()
+    fake = warm_up_fake(cfg, models.base, models.student, progress)
+    start = Start(state_copy(models.teacher), fake, state_copy(models.student))
+    timings["fake warm-up"] = time.perf_counter() - stage
+    return Prepared(models, gate, start, timings)
+
+
+def _load() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _run(cfg: DemoConfig, out: Path, workers: int | None, progress: Progress, train_models: bool) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    began, cpu_began, load_before = time.perf_counter(), time.process_time(), _load()
+    print(f"registration {cfg.registration}" + (f" (deviations: {'; '.join(cfg.deviations)})" if cfg.deviations
+                                                else ""))
+    prepared = prepare(cfg, progress, workers=workers, train_models=train_models)
+    gate, timings = prepared.gate, prepared.timings
+    results = {"registration": cfg.registration, "config": cfg.to_dict(), "models_key": models_key(cfg.models),
+               "models_source": prepared.models.source, "models_training": prepared.models.training, "gate": gate,
+               "deviations": list(cfg.deviations)}
+    if prepared.start is None:
+        results["status"] = "blocked: the teacher did not pass the encoder gate"
+        results.update(wall_seconds=time.perf_counter() - began, load={"before": load_before, "after": _load(),
+                                                                        "cpus": os.cpu_count()})
         (out / "results.json").write_text(json.dumps(results, indent=2))
         print(f"\nstopped: {results['status']}; no student was trained. Wrote {out / 'results.json'}")
         return results
-
-    stage = time.perf_counter()
-    start = Start(_state(models.teacher), warm_up_fake(cfg, models.base, models.student), _state(models.student))
-    timings["fake warm-up"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
     # the longest tasks first (the foresight arms, then the baseline, then the starting students' evaluations)
@@ -117,7 +155,7 @@ def _run(cfg: DemoConfig, out: Path, workers: int | None, progress: Progress) ->
     tasks = sorted(((seed, arm) for seed in cfg.seeds for arm in cfg.arms), key=lambda task: order.get(task[1], 0))
     tasks += [(seed, "start") for seed in cfg.seeds]
     workers = workers or min(len(tasks), os.cpu_count() or 1)
-    outputs = _run_tasks(cfg, start, tasks, workers, progress)
+    outputs = _run_tasks(cfg, prepared.start, tasks, workers, progress)
     timings["students"] = time.perf_counter() - stage
 
     e = cfg.evaluation
@@ -129,17 +167,18 @@ def _run(cfg: DemoConfig, out: Path, workers: int | None, progress: Progress) ->
     serial_cpu = time.process_time() - cpu_began
     task_cpu = sum(r["cpu_seconds"] for r in outputs)
     said = verdict(summary)
-    if quick_run:
+    if is_quick(cfg):
         said = "[--quick: tiny models, a few generator steps: these numbers test the plumbing, not the method]\n" + said
     results.update(status="complete", per_run=outputs, summary=summary, verdict=said, timings=timings,
                    workers=workers, wall_seconds=time.perf_counter() - began,
-                   cpu_seconds={"main_process": serial_cpu, "tasks": task_cpu})
+                   cpu_seconds={"main_process": serial_cpu, "tasks": task_cpu},
+                   load={"before": load_before, "after": _load(), "cpus": os.cpu_count()})
     (out / "results.json").write_text(json.dumps(results, indent=2))
     figure(summary, gate, out / "figure.png", train_segments=cfg.train_segments)
     print("\n" + table(summary))
     print("\nverdict:\n" + results["verdict"])
     if cfg.deviations:
-        print("deviations from the pre-registration: " + "; ".join(cfg.deviations))
+        print(f"deviations from registration {cfg.registration}: " + "; ".join(cfg.deviations))
     print(f"wrote {out / 'results.json'} and {out / 'figure.png'} in {results['wall_seconds']:.0f}s "
           f"(CPU: {serial_cpu:.0f}s in this process, {task_cpu:.0f}s in {len(outputs)} tasks on {workers} workers)")
     return results
@@ -158,24 +197,34 @@ def gate_line(gate: dict, margin: float, *, encoder_layer: int, offsets: tuple[i
 
 def _run_tasks(cfg: DemoConfig, start: Start, tasks: list[tuple[int, str]], workers: int,
                progress: Progress) -> list[dict]:
-    began, outputs = time.perf_counter(), []
-
-    def report(result: dict) -> None:
-        outputs.append(result)
-        progress.note(f"  [{len(outputs)}/{len(tasks)}] seed {result['seed']} {result['arm']:<9s} "
-                      f"{result['seconds']:5.0f}s  (elapsed {time.perf_counter() - began:.0f}s)")
-
+    """Every task, ``workers`` at a time; one bar over all their DMD cycles."""
+    cycles_per_task = {arm: (0 if arm == "start" else cfg.dmd.generator_steps) for _, arm in tasks}
+    bar = progress.bar(sum(cycles_per_task[arm] for _, arm in tasks), "students (DMD cycles)")
     progress.note(f"students: {len(tasks)} tasks ({len(cfg.seeds)} seeds x {', '.join(cfg.arms)}, and each seed's "
                   f"starting student), {workers} at a time")
+    outputs: list[dict] = []
     if workers == 1:
         for seed, arm in tasks:
-            report(run_task(cfg, start, seed, arm))
+            outputs.append(run_task(cfg, start, seed, arm))
+            bar.update(sum(cycles_per_task[o["arm"]] for o in outputs))
+        bar.close()
         return outputs
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_task, cfg, start, seed, arm) for seed, arm in tasks]
-        for future in as_completed(futures):
-            report(future.result())
+    done = 0
+    with Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        cycles = manager.Queue()
+        futures = [pool.submit(run_task, cfg, start, seed, arm, cycles) for seed, arm in tasks]
+        pending = set(futures)
+        while pending:
+            try:
+                done += cycles.get(timeout=0.5)
+                bar.update(done)
+            except Empty:
+                pass
+            for future in [f for f in pending if f.done()]:
+                pending.discard(future)
+                outputs.append(future.result())
+    bar.close()
     return outputs
 
 
-__all__ = ["ARMS", "make_config", "run_demo"]
+__all__ = ["ARMS", "make_config", "prepare", "run_demo"]

@@ -39,6 +39,12 @@ class Scene:
     colour: Tensor  # (v c)
     shape: Tensor  # (v)
 
+    @classmethod
+    def concatenate(cls, scenes: list[Scene]) -> Scene:
+        """The videos of ``scenes``, one after another."""
+        return cls(*(torch.cat([getattr(s, name) for s in scenes]) for name in
+                     ("video", "background", "alpha", "colour", "shape")))
+
     @property
     def visible(self) -> Tensor:
         """Visible fraction of the object per frame ``(v f)``: 0 while it is off-screen."""

@@ -1,33 +1,36 @@
-"""Why the shipped teacher misses the demo's encoder gate: the gate's readouts, varied one thing at a time.
+"""What the shipped models carry and how they denoise, read on validation clips (never on the gate's clips).
 
-    python tools/demo_gate_diagnostics.py
+    python tools/demo_diagnostics.py [--registration 2]
 
-Diagnostics only: nothing here changes a pre-registered setting or the demo's verdict. On the
-gate's held-out clips and wholly hidden segment k -> reappearance k+1 pairs it reports the PSNR
-of the gate's readout (whole segment, and on the tokens the returning object touches) from:
+Diagnostics only: nothing here changes a registered setting or the demo's verdict, and nothing
+reads the gate's clips: every reading is on the validation clips (``quality.Validation``, the
+last ``gate.test_videos`` of them held out from the readouts). On wholly hidden segment k ->
+reappearance k+1 pairs it reports the PSNR of the gate's readout (whole segment, and on the
+tokens the returning object touches) from:
 the fused target (what the gate uses), the encoder's view of k alone and of k+1 alone, the
 pixels of k (the gate's reference) and of k+1 itself (what this readout can reach at best);
-then the fused target and the pixels with 4x the readout steps; then the teacher's own
-denoising of the returning object's colour; then the step-0 gradient ratio of the foresight
-arms on the shipped models (after the pre-registered fake-score warm-up), per seed.
+then the fused target and the pixels with 4x the readout steps; then each model's readings
+(``quality.read``: validation loss and the returning object's colour error at several noise
+levels); then the step-0 gradient ratio of the foresight arms on the shipped models (after the
+registered fake-score warm-up), per seed.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
 
 from mirai_plugin import ForesightHead, FrozenEncoder, capture_hidden, fuse_targets
 from mirai_plugin.tooling.demo.dmd import dmd_loss, rollout
-from mirai_plugin.tooling.demo.evaluation import (
-    hidden_pairs,
-    reappearance_colour_error,
-    reappearance_frames,
-    segment_pixels,
-)
-from mirai_plugin.tooling.demo.experiment import gradient_ratio, load_config, warm_up_fake
-from mirai_plugin.tooling.demo.pretrained import SHIPPED, load_models
+from mirai_plugin.tooling.demo.evaluation import segment_pixels
+from mirai_plugin.tooling.demo.experiment import gradient_ratio, warm_up_fake
+from mirai_plugin.tooling.demo.pretrained import NAMES
+from mirai_plugin.tooling.demo.quality import Validation, read
+from mirai_plugin.tooling.demo.reappearance import hidden_pairs
+from mirai_plugin.tooling.demo.registration import CURRENT, load_config
+from mirai_plugin.tooling.demo.store import load_models, shipped_folder
 from mirai_plugin.tooling.probe import fit_readout
 
 
@@ -36,11 +39,18 @@ def psnr(mse: float) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--registration", type=int, default=CURRENT)
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config()
-    models = load_models(SHIPPED, cfg.models, "shipped")
+    cfg = load_config(args.registration)
+    folder = shipped_folder(cfg.models)
+    if folder is None:
+        raise SystemExit(f"no shipped models match registration {args.registration} and this code")
+    models = load_models(folder, cfg.models, "shipped")
     g, fcfg, n = cfg.gate, cfg.foresight_config(), cfg.segment_frames
-    scene = cfg.world.render(g.videos, cfg.models.train_frames, seed=80_000_000 + g.seed)
+    validation = Validation.render(cfg.world, 512, cfg.models.train_frames)
+    scene = validation.scene
     video = scene.video
     z = FrozenEncoder(models.teacher, fcfg.encoder_layer)(video, torch.zeros(video.shape[0]))  # (v f*s e)
     fused = fuse_targets(z, segment_frames=n, tokens_per_frame=16, offsets=fcfg.offsets).target  # (v K t e)
@@ -78,25 +88,17 @@ def main() -> None:
         steps = 4 * g.probe_steps
         print(f"{name:44s} {steps:5d} " + " ".join(f"{x:10.2f}      " for x in readout(inputs[name], steps)))
 
-    print("\nthe teacher's denoising of the returning object (48-frame scenes cut to training clips):")
-    clips = cfg.world.render(256, cfg.models.train_frames, seed=81_000_000)
-    frames = reappearance_frames(clips, n, 3)
-    gen = torch.Generator().manual_seed(0)
-    for level in (0.25, 0.5, 0.75, 0.9):
-        levels = torch.full((256, cfg.models.train_frames), level)
-        levels[:, :n] = 0.0
-        noisy = (1 - levels[..., None, None, None]) * clips.video + levels[..., None, None, None] * torch.randn(
-            clips.video.shape, generator=gen)
-        with torch.no_grad():
-            x0 = models.teacher(noisy, levels)
-        error = 100 * reappearance_colour_error(x0, clips, frames)
-        print(f"  t = {level:.2f}: reappearance colour error of the teacher's x0 {error.mean():.2f}% "
-              f"(clips with a return: {int((frames.sum(1) > 0).sum())})")
+    print("\neach model's readings on the validation clips (quality.read):")
+    for name in NAMES:
+        reading = read(getattr(models, name), validation, student=name == "student",
+                       low_noise=cfg.models.low_noise(name))
+        errors = ", ".join(f"t = {t}: {e:.2f}%" for t, e in reading["colour_error"].items())
+        print(f"  {name:8s} validation loss {reading['loss']:.5f}; reappearance colour error of its x0 {errors}")
 
     print("\nstep-0 |grad of the weighted term| / |grad of DMD| on the shipped student (after the fake warm-up):")
     fake_state = warm_up_fake(cfg, models.base, models.student)
     d = cfg.dmd
-    for seed in cfg.seeds:
+    for seed in cfg.seeds or (0, 1, 2):  # before the pilot sizes the run: its first three seeds
         for arm in ("foresight", "control"):
             student, fake = cfg.models.student(), cfg.models.base()
             student.load_state_dict(models.student.state_dict())
