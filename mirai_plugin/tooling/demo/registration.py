@@ -156,9 +156,22 @@ def load_config(registration: int = CURRENT, *, addendum: bool = True) -> DemoCo
         registration=data.get("registration", 1),
         pilot=_settings(PilotSettings, data["pilot"]) if "pilot" in data else None,
     )
+    check_models(cfg.models)
     if addendum and addendum_path(registration).is_file():
         cfg = with_size(cfg, **json.loads(addendum_path(registration).read_text())["chosen"])
     return cfg
+
+
+def check_models(settings: ModelSettings) -> None:
+    """Under the ``quality`` schedule every step cap leaves room for one check and its decay."""
+    if settings.schedule != "quality":
+        return
+    least = (1 + settings.decay_fraction) * settings.check_every
+    for name in ("teacher", "base", "student"):
+        if settings.steps(name) < least:
+            raise MiraiError(f"models.{name}_steps = {settings.steps(name)} is below one check and its decay "
+                             f"({least:g} steps with check_every {settings.check_every}); raise it or lower "
+                             "check_every")
 
 
 def with_size(cfg: DemoConfig, *, generator_steps: int, eval_videos: int, seeds: list[int] | tuple[int, ...]

@@ -28,6 +28,7 @@ from mirai_plugin.tooling.demo.registration import (
     ARMS,
     CURRENT,
     DemoConfig,
+    check_models,
     load_config,
     quick,
     require_sized,
@@ -68,8 +69,9 @@ def make_config(*, registration: int = CURRENT, quick_run: bool = False, steps: 
     if cfg.evaluation.eval_videos is None and cfg.dmd.generator_steps is not None and cfg.seeds is not None:
         cfg = replace(cfg, evaluation=replace(cfg.evaluation, eval_videos=max(cfg.pilot.eval_videos)),
                       deviations=(*cfg.deviations, f"eval_videos={max(cfg.pilot.eval_videos)}"))
-    require_sized(cfg)
     cfg.foresight_config()  # validates offsets and the rest of the foresight settings
+    check_models(cfg.models)
+    require_sized(cfg)
     return cfg
 
 
