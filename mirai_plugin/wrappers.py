@@ -65,19 +65,25 @@ def _from_peft(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] == "peft"
 
 
-_WRAPPERS: list[Wrapper] = [
-    Wrapper("module"),
+# Built in: the entries every part of the package relies on; unregister_wrapper never removes them.
+_BUILT_IN: tuple[Wrapper, ...] = (
+    Wrapper("module"),  # DDP, DeepSpeed
     Wrapper("_fsdp_wrapped_module"),
     Wrapper("_checkpoint_wrapped_module"),
     Wrapper("_orig_mod"),
     Wrapper("base_model", applies=_from_peft, in_state_dict=False),
     Wrapper("model", applies=_from_peft, in_state_dict=False),
-]
+)
+_WRAPPERS: list[Wrapper] = list(_BUILT_IN)  # the built-in entries, then the user's in registration order
 
 
 def register_wrapper(attribute: str, *, applies: Callable[[nn.Module], bool] | None = None,
                      in_state_dict: bool = True) -> Wrapper:
     """Teach the package a wrapper type that holds its model at ``attribute``.
+
+    ``applies(module) -> bool`` narrows it to some classes; ``in_state_dict`` says whether
+    ``attribute`` shows as a key prefix in the wrapper's state dict. Every argument is
+    checked here, not when a model is first unwrapped.
 
     Example:
         >>> import torch.nn as nn
@@ -93,19 +99,50 @@ def register_wrapper(attribute: str, *, applies: Callable[[nn.Module], bool] | N
     """
     if not isinstance(attribute, str) or not attribute.isidentifier():
         raise MiraiError(f"attribute must be a child-module name such as 'module', got {attribute!r}")
+    if isinstance(applies, type):  # a class is callable, but calling it builds an object, always truthy
+        raise MiraiError(
+            f"applies must be a test applies(module) -> bool, got the class {applies.__name__}; "
+            f"pass applies=lambda m: isinstance(m, {applies.__name__})"
+        )
+    if applies is not None and not callable(applies):
+        raise MiraiError(
+            f"applies must be None or a callable applies(module) -> bool, got {type(applies).__name__} {applies!r}; "
+            f"e.g. applies=lambda m: type(m).__name__ == 'MyEngine'"
+        )
+    if not isinstance(in_state_dict, bool):
+        raise MiraiError(
+            f"in_state_dict must be True or False, got {in_state_dict!r}; True when {attribute!r} shows as a key "
+            f"prefix ('{attribute}.') in the wrapper's state dict"
+        )
     if any(w.attribute == attribute and w.applies is applies for w in _WRAPPERS):
-        raise MiraiError(f"a wrapper at {attribute!r} is already registered")
+        where = "built in" if any(w.attribute == attribute for w in _BUILT_IN) else "registered"
+        raise MiraiError(f"a wrapper at {attribute!r} is already {where}")
     wrapper = Wrapper(attribute, applies, in_state_dict)
     _WRAPPERS.append(wrapper)
     return wrapper
 
 
-def unregister_wrapper(attribute: str) -> None:
-    """Forget the wrapper types registered at ``attribute`` by ``register_wrapper``."""
-    kept = [w for w in _WRAPPERS if w.attribute != attribute]
-    if len(kept) == len(_WRAPPERS):
-        raise MiraiError(f"no wrapper is registered at {attribute!r}")
-    _WRAPPERS[:] = kept
+def unregister_wrapper(wrapper: str | Wrapper) -> None:
+    """Forget wrapper types added by ``register_wrapper``: the one it returned, or all of them at an attribute.
+
+    The built-in entries (DDP's ``module``, FSDP, checkpointing, compile, PEFT) stay.
+    """
+    user = _WRAPPERS[len(_BUILT_IN):]
+    if isinstance(wrapper, Wrapper):
+        kept = [w for w in user if w is not wrapper]
+        name = wrapper.attribute
+    elif isinstance(wrapper, str):
+        kept = [w for w in user if w.attribute != wrapper]
+        name = wrapper
+    else:
+        raise MiraiError(
+            f"unregister_wrapper takes the attribute or the Wrapper that register_wrapper returned, "
+            f"got {type(wrapper).__name__}"
+        )
+    if len(kept) == len(user):
+        built_in = " (a built-in entry, which stays)" if any(w.attribute == name for w in _BUILT_IN) else ""
+        raise MiraiError(f"no wrapper is registered at {name!r} by register_wrapper{built_in}")
+    _WRAPPERS[len(_BUILT_IN):] = kept
 
 
 def wrapper_attributes(*, containers: bool = False) -> tuple[str, ...]:
