@@ -43,13 +43,16 @@ def _patch_command(args: argparse.Namespace) -> int:
     print(f"{patch.repository} at {patch.commit[:12]}: {state.path}")
     if args.action == "check":
         if state.applied and state.lacking:
-            print(f"patch is applied, except in {list(state.lacking)} (restored or removed since); "
-                  "revert removes the rest")
+            print(f"patch is applied, except in {list(state.lacking)}: {state.lacking_details()}. "
+                  f"`mirai-plugin patch revert --upstream {args.upstream} {state.path}` removes the rest")
         else:
             print("patch is applied" if state.applied else "patch applies cleanly (not applied yet)")
         return 0
     verb = "added" if args.action == "apply" else "removed"
     for change in parse_patch(patch.text()):
+        if change.path in state.lacking:  # revert skipped it
+            print(f"  skipped: {change.path} ({'deleted' if change.path in state.deleted else 'restored'} since)")
+            continue
         what = "new file" if change.new_file else f"{len(change.added)} line(s)"
         print(f"  {verb}: {change.path} ({what})")
     return 0
