@@ -15,16 +15,18 @@ registry, so a new wrapper type is one ``register_wrapper`` call.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from torch import nn
 
+from mirai_plugin.checks import is_int
 from mirai_plugin.errors import MiraiError
 
 __all__ = [
     "CONTAINER_ATTRIBUTES",
     "Wrapper",
+    "declared_patch_size",
     "patch_size",
     "register_wrapper",
     "strip_wrapper_prefixes",
@@ -205,19 +207,35 @@ def strip_wrapper_prefixes(key: str) -> str:
         key = stripped
 
 
+def declared_patch_size(model: nn.Module, *, fix: str = "") -> tuple[int, int, int] | None:
+    """``(p_t, p_h, p_w)`` the model declares, through wrappers and containers, or ``None``.
+
+    diffusers keeps it in ``config.patch_size`` (the attribute there is deprecated), Wan's
+    ``WanModel`` as an attribute. A declared size that is not three ints >= 1 (a ViT's
+    ``16``, CogVideoX's ``2``) is refused: the model is not a Wan transformer.
+    """
+    for module, path in wrapper_chain(model, containers=True):
+        value, where = getattr(getattr(module, "config", None), "patch_size", None), f"{path}.config.patch_size"
+        if value is None:
+            value, where = getattr(module, "patch_size", None), f"{path}.patch_size"
+        if value is None:
+            continue
+        values = tuple(value) if isinstance(value, Iterable) and not isinstance(value, (str, bytes)) else ()
+        if len(values) != 3 or not all(is_int(v) and v >= 1 for v in values):
+            raise MiraiError(
+                f"{where} is {value!r}, not Wan's (p_t, p_h, p_w) of three ints >= 1 (Wan 2.1/2.2: (1, 2, 2)): "
+                f"{type(module).__name__} is not a Wan transformer" + (f"; {fix}" if fix else "")
+            )
+        return int(values[0]), int(values[1]), int(values[2])
+    return None
+
+
 def patch_size(model: nn.Module) -> tuple[int, int, int]:
     """``(p_t, p_h, p_w)`` of a Wan-style model, through wrappers and containers.
 
-    diffusers keeps it in ``config.patch_size`` (the attribute there is deprecated), Wan's
-    ``WanModel`` as an attribute; Wan's ``(1, 2, 2)`` when none is found.
+    What the model declares (``declared_patch_size``), else Wan's ``(1, 2, 2)``.
     """
-    for module, _ in wrapper_chain(model, containers=True):
-        patch = getattr(getattr(module, "config", None), "patch_size", None)
-        if patch is None:
-            patch = getattr(module, "patch_size", None)
-        if patch is not None:
-            return tuple(int(p) for p in patch)  # type: ignore[return-value]
-    return _WAN_PATCH
+    return declared_patch_size(model) or _WAN_PATCH
 
 
 def token_count(model: nn.Module, frames: int, height: int, width: int) -> int:

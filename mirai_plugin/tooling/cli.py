@@ -176,8 +176,10 @@ def _read_json(path: str, what: str) -> Any:
     import json
     from pathlib import Path
 
+    from mirai_plugin.tooling.eval.results import unique_keys
+
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MiraiError(f"{path} is not {what} (not JSON: {error})") from None
 
@@ -187,12 +189,16 @@ def _read_percent_csv(path: str) -> dict[str, Any]:
     from pathlib import Path
 
     table: dict[str, Any] = {}
+    lines: dict[str, int] = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip() or line.lower().startswith("dimension"):
             continue
         cells = [cell.strip() for cell in line.split(",")]
         if len(cells) != 2:
             raise MiraiError(f"{path} line {number}: expected 'dimension,percent', got {line!r}")
+        if cells[0] in lines:
+            raise MiraiError(f"{path}: {cells[0]!r} appears twice, on lines {lines[cells[0]]} and {number}; keep one")
+        lines[cells[0]] = number
         try:
             table[cells[0]] = float(cells[1])
         except ValueError:

@@ -104,6 +104,18 @@ def probe(
             f"features (videos, segments, tokens, width) and targets (videos, segments, tokens, values) must share "
             f"their first three sizes; got {tuple(features.shape)} and {tuple(targets.shape)}"
         )
+    for name, values in (("features", features), ("targets", targets)):
+        if 0 in values.shape:
+            raise MiraiError(f"{name} of shape {tuple(values.shape)} are empty; every size must be >= 1")
+        if values.is_complex() or values.dtype == torch.bool:
+            raise MiraiError(f"{name} must hold real numbers, got {values.dtype}")
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):  # one NaN makes the readout's statistics, and so every PSNR, NaN
+            first = (~finite).nonzero()[0].tolist()
+            raise MiraiError(
+                f"{name} hold {int((~finite).sum())} NaN or inf value(s), the first at (video, segment, token, "
+                f"channel) {tuple(first)}; drop those videos or fix what produced them"
+            )
     v, k = features.shape[:2]
     test = test_videos if test_videos is not None else max(1, v // 4)
     if not 0 < test < v:
