@@ -3,50 +3,20 @@ repository says it is the wrong repository (naming it when it can), not "check o
 exist there."""
 
 import os
-import subprocess
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+from toy_upstream import WITH_CONFIG, TextPatch, git, repository
 
 from mirai_plugin.tooling.cli import main
-from mirai_plugin.tooling.patching import PATCHES, UpstreamPatch
-
-
-@dataclass(frozen=True)
-class _Toy(UpstreamPatch):
-    body: str = ""
-
-    def text(self):
-        return self.body
-
-
-BODY = (
-    "diff --git a/train.py b/train.py\n--- a/train.py\n+++ b/train.py\n"
-    "@@ -3 +3,2 @@\n loss = 1\n+loss = loss + 0  # mirai-plugin\n"
-)
-
-
-def git(repo, *args):
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
-
-
-def repository(path: Path, content: str) -> str:
-    """A one-commit repository; returns its commit."""
-    path.mkdir()
-    git(path, "init", "-q")
-    (path / "train.py").write_text(content)
-    git(path, "add", ".")
-    git(path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
-    return git(path, "rev-parse", "HEAD").strip()
+from mirai_plugin.tooling.patching import PATCHES
 
 
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
     """The toy patch's upstream (example/toy) and an unrelated repository."""
-    commit = repository(tmp_path / "toy", "import os\n\nloss = 1\n")
-    monkeypatch.setitem(PATCHES, "toy", _Toy("toy", "example/toy", commit, "toy.patch", "toy", BODY))
-    repository(tmp_path / "other", "other = 1\n")
+    commit = repository(tmp_path / "toy")
+    monkeypatch.setitem(PATCHES, "toy", TextPatch("toy", "example/toy", commit, "toy.patch", "toy", WITH_CONFIG))
+    repository(tmp_path / "other", {"train.py": "other = 1\n"})
     return tmp_path / "toy", tmp_path / "other"
 
 
@@ -70,8 +40,9 @@ def test_a_checkout_of_another_repository_is_named_as_such(toy, capsys, action):
 
 def test_the_repository_is_named_from_a_known_patch_or_its_remote(toy, capsys, monkeypatch):
     _, other = toy
-    monkeypatch.setitem(PATCHES, "other-upstream", _Toy("other-upstream", "example/other",
-                                                        git(other, "rev-parse", "HEAD").strip(), "o.patch", "o", BODY))
+    other_commit = git(other, "rev-parse", "HEAD").strip()
+    monkeypatch.setitem(PATCHES, "other-upstream",
+                        TextPatch("other-upstream", "example/other", other_commit, "o.patch", "o", WITH_CONFIG))
     line = error_line(capsys, "patch", "check", "--upstream", "toy", str(other))
     assert "is a checkout of example/other, not of example/toy" in line
     assert "or, to patch this one, --upstream other-upstream" in line

@@ -10,9 +10,7 @@ raises ``MiraiError`` naming the problem and the fix; never NaN, never another e
 import json
 import math
 import re
-import subprocess
 import types
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -21,13 +19,14 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from toy_upstream import WITH_CONFIG, TextPatch, git, repository
 
 from mirai_plugin import MiraiError, foresight_loss, fuse_targets
 from mirai_plugin.image import FrozenImageEncoder
 from mirai_plugin.integrations.diffusers import wan_tokens_per_frame
 from mirai_plugin.tooling.cli import main
 from mirai_plugin.tooling.eval import DIMENSIONS, feature_consistency, final_scores, temporal_flickering
-from mirai_plugin.tooling.patching import PATCHES, UpstreamPatch
+from mirai_plugin.tooling.patching import PATCHES
 from mirai_plugin.tooling.probe import probe
 
 BOUNDED = settings(derandomize=True, max_examples=60, deadline=None)
@@ -219,7 +218,8 @@ def test_temporal_flickering_edge_frames():
     dark[1] = 1  # a 0-255 video this dark is only unambiguous as uint8
     assert temporal_flickering(dark).item() == pytest.approx((255 - 1) / 255)  # every pixel changes by 1, twice
     assert temporal_flickering(torch.zeros(3, 4, 4, 3)).item() == 1.0  # black scores 1 on either scale
-    with pytest.raises(MiraiError, match=r"frames hold 1 NaN or inf value\(s\), the first at index \[1, 0, 2, 1\]"):
+    with pytest.raises(MiraiError, match=r"frames hold 1 NaN or inf value\(s\), the first at index \(1, 0, 2, 1\) "
+                                         r"of shape \(3, 4, 4, 3\); a consistency score needs finite frames"):
         bad = torch.full((3, 4, 4, 3), 100.0)
         bad[1, 0, 2, 1] = math.nan
         temporal_flickering(bad)
@@ -229,7 +229,7 @@ def test_temporal_flickering_edge_frames():
         feature_consistency(torch.zeros(4, 0))
     features = torch.randn(4, 8)
     features[2, 3] = math.inf
-    with pytest.raises(MiraiError, match=r"features hold 1 NaN or inf value\(s\), the first at index \[2, 3\]"):
+    with pytest.raises(MiraiError, match=r"features hold 1 NaN or inf value\(s\), the first at index \(2, 3\)"):
         feature_consistency(features)
 
 
@@ -327,42 +327,14 @@ def test_probe_refuses_features_or_targets_with_a_nan(tmp_path, capsys):
 # ------------------------------------------------------------------ patch check after the added file was deleted
 
 
-@dataclass(frozen=True)
-class _Toy(UpstreamPatch):
-    body: str = ""
-
-    def text(self):
-        return self.body
-
-
-TOY_PATCH = (
-    "diff --git a/configs/mirai.yaml b/configs/mirai.yaml\nnew file mode 100644\n--- /dev/null\n"
-    "+++ b/configs/mirai.yaml\n@@ -0,0 +1,2 @@\n+# mirai-plugin: recipe\n+foresight_weight: 0.2\n"
-    "diff --git a/model.py b/model.py\n--- a/model.py\n+++ b/model.py\n"
-    "@@ -1 +1,2 @@\n x = 1\n+y = 2  # mirai-plugin\n"
-    "diff --git a/train.py b/train.py\n--- a/train.py\n+++ b/train.py\n"
-    "@@ -3 +3,2 @@\n loss = 1\n+loss = loss + 0  # mirai-plugin\n"
-)
-
-
 @pytest.fixture
 def applied(tmp_path, monkeypatch, capsys):
     repo = tmp_path / "upstream"
-    repo.mkdir()
-
-    def git(*args):
-        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
-
-    git("init", "-q")
-    (repo / "train.py").write_text("import os\n\nloss = 1\n")
-    (repo / "model.py").write_text("x = 1\n")
-    git("add", ".")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
-    commit = git("rev-parse", "HEAD").strip()
-    monkeypatch.setitem(PATCHES, "toy", _Toy("toy", "example/toy", commit, "toy.patch", "toy", TOY_PATCH))
+    commit = repository(repo)
+    monkeypatch.setitem(PATCHES, "toy", TextPatch("toy", "example/toy", commit, "toy.patch", "toy", WITH_CONFIG))
     assert main(["patch", "apply", "--upstream", "toy", str(repo)]) == 0
     capsys.readouterr()
-    return repo, git
+    return repo, lambda *args: git(repo, *args)
 
 
 def run(capsys, *argv):

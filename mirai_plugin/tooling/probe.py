@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mirai_plugin.checks import Rule, check, check_tensor
+from mirai_plugin.checks import Rule, check, check_finite_values, check_tensor
 from mirai_plugin.errors import MiraiError
 
 
@@ -109,13 +109,9 @@ def probe(
             raise MiraiError(f"{name} of shape {tuple(values.shape)} are empty; every size must be >= 1")
         if values.is_complex() or values.dtype == torch.bool:
             raise MiraiError(f"{name} must hold real numbers, got {values.dtype}")
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):  # one NaN makes the readout's statistics, and so every PSNR, NaN
-            first = (~finite).nonzero()[0].tolist()
-            raise MiraiError(
-                f"{name} hold {int((~finite).sum())} NaN or inf value(s), the first at (video, segment, token, "
-                f"channel) {tuple(first)}; drop those videos or fix what produced them"
-            )
+        # One NaN makes the readout's statistics, and so every PSNR, NaN.
+        check_finite_values(name, values, dims="(video, segment, token, channel)",
+                            fix="drop those videos or fix what produced them")
     v, k = features.shape[:2]
     test = test_videos if test_videos is not None else max(1, v // 4)
     if not 0 < test < v:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mirai_plugin.checks import check_finite_values
 from mirai_plugin.errors import MiraiError
 
 
@@ -36,21 +37,11 @@ def feature_consistency(features: Tensor) -> Tensor:
             f"features must be (frames, width) or (videos, frames, width) with >= 2 frames and width >= 1, "
             f"got {shape}"
         )
-    _check_finite("features", features)
+    check_finite_values("features", features, fix="a consistency score needs finite features")
     phi = F.normalize(features.double(), dim=-1)
     to_previous = (phi[..., 1:, :] * phi[..., :-1, :]).sum(-1).clamp_min(0)
     to_first = (phi[..., 1:, :] * phi[..., :1, :]).sum(-1).clamp_min(0)
     return ((to_previous + to_first) / 2).mean(-1)
-
-
-def _check_finite(name: str, values: Tensor) -> None:
-    """A NaN score says nothing about the video: name the first non-finite entry instead."""
-    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-        bad = (~torch.isfinite(values)).nonzero()[0].tolist()
-        raise MiraiError(
-            f"{name} hold {int((~torch.isfinite(values)).sum())} NaN or inf value(s), the first at index {bad} "
-            f"of shape {tuple(values.shape)}; a consistency score needs finite values (check the decode)"
-        )
 
 
 subject_consistency = feature_consistency
@@ -78,7 +69,7 @@ def temporal_flickering(frames: Tensor) -> Tensor:
         )
     if frames.is_complex() or frames.dtype == torch.bool:
         raise MiraiError(f"frames must hold pixel values in [0, 255] (uint8, as VBench reads them), got {frames.dtype}")
-    _check_finite("frames", frames)
+    check_finite_values("frames", frames, fix="a consistency score needs finite frames (check the decode)")
     if frames.numel():
         low, high = frames.min().item(), frames.max().item()
         if low < 0 or high > 255:
