@@ -192,7 +192,8 @@ class ReplayCache:
         return torch.stack(out).cpu()  # (world S)
 
     def load_rng_states(self, states: Tensor | None, device: torch.device) -> None:
-        """Restore this rank's row of ``states`` (rank 0's, broadcast); a different world size restarts."""
+        """Restore this rank's row of ``states`` (rank 0's, broadcast, checked by ``rng_problems``);
+        a different world size restarts."""
         rank, world_size = world()
         size = self.rng().get_state().numel()
         count = torch.tensor([states.shape[0] if states is not None else 0], device=device)
@@ -215,3 +216,20 @@ class ReplayCache:
         if world_size > 1:
             dist.broadcast(rows, src=0)
         self.rng().set_state(rows[rank].cpu().clone())  # its own storage: set_state reads from offset 0
+
+
+def rng_problems(states: object) -> str:
+    """What keeps ``states`` (``rng_states()``, or ``None``) from loading ("" when nothing): every
+    row must be a state ``torch.Generator.set_state`` takes, tried on a scratch generator."""
+    if states is None:
+        return ""
+    size = torch.Generator().get_state().numel()
+    if not isinstance(states, Tensor) or states.is_meta or states.dtype != torch.uint8 or states.shape[1:] != (size,):
+        got = f"{states.dtype} {tuple(states.shape)}" if isinstance(states, Tensor) else type(states).__name__
+        return f"must be a uint8 tensor (ranks, {size}), got {got}"
+    for rank, row in enumerate(states):
+        try:
+            torch.Generator().set_state(row.cpu().clone())
+        except RuntimeError as error:
+            return f"row {rank} is not a generator state ({error})"
+    return ""

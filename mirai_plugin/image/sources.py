@@ -113,10 +113,14 @@ class EMASource:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load what ``state_dict`` returned; a state that does not fit changes nothing."""
+        self.check_state_dict(state)
+        self.model.load_state_dict(state, strict=True)
+
+    def check_state_dict(self, state: Any) -> None:
+        """Raise unless ``state`` loads (names, shapes, dtypes): what ``load_state_dict`` checks first."""
         problems = state_problems(self.model.state_dict(), state) if isinstance(state, Mapping) else "not a dict"
         if problems:
             raise MiraiError(f"EMA source state does not fit the EMA copy: {problems}; pass what state_dict() returned")
-        self.model.load_state_dict(state, strict=True)
 
 
 class FrozenImageEncoder:

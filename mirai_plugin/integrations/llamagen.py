@@ -220,9 +220,16 @@ class LlamaGenMirai:
                 keys = sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
                 raise MiraiError(f"checkpoint has no {CHECKPOINT_KEY!r} entry to resume Mirai from; keys: {keys}")
             return
+        if not isinstance(entry, Mapping) or "head" not in entry:
+            got = f"keys {sorted(entry)[:8]}" if isinstance(entry, Mapping) else type(entry).__name__
+            raise MiraiError(f"the checkpoint's {CHECKPOINT_KEY!r} entry has no 'head' state ({got}): pass a "
+                             f"checkpoint that holds what checkpoint_state() returned")
+        source = entry.get("source") if self.config.source == "ema" else None
+        if source is not None:
+            self.source.check_state_dict(source)  # before the head loads: all or nothing
         head.load_training_state(entry["head"])
-        if self.config.source == "ema" and "source" in entry:
-            self.source.load_state_dict(entry["source"])
+        if source is not None:
+            self.source.load_state_dict(source)
 
     # ------------------------------------------- deprecated names (until 0.3)
 

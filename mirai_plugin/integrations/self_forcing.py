@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, capture_hidden
+from mirai_plugin.checkpoint import restore_state
 from mirai_plugin.checks import Rule, check
 from mirai_plugin.collectives import broadcast_module, log_once
 from mirai_plugin.config import ForesightConfig
@@ -185,7 +186,14 @@ class UpstreamForesight:
             head.load_training_state(entry)
         elif "mirai_projector" in checkpoint:
             official = ForesightHead.load_official(checkpoint, config=self.config)
-            head.load_state_dict(official.state_dict(), strict=True)
+            widths = (official.student_dim, official.encoder_dim)
+            if widths != (head.student_dim, head.encoder_dim):
+                raise MiraiError(
+                    f"the official projector is for widths {widths[0]}->{widths[1]}, the trainer's head is "
+                    f"{head.student_dim}->{head.encoder_dim}: it was trained with another generator or encoder"
+                )
+            # Through the head's state module (FSDP gathers), checked before anything loads.
+            restore_state(head.optimization, official.state_dict(), None, what="official checkpoint")
         elif strict:
             raise MiraiError(
                 f"checkpoint has neither a {CHECKPOINT_KEY!r} entry nor an official 'mirai_projector'; "
