@@ -44,7 +44,7 @@ from mirai_plugin.records import (
     split_into_segments,
 )
 from mirai_plugin.replay import ReplayCache
-from mirai_plugin.segmented import GroupedLosses, GroupPlan, SegmentGroup, groups_of, plan_groups
+from mirai_plugin.segmented import GroupedLosses, GroupPlan, Recompute, SegmentGroup, groups_of, plan_groups
 from mirai_plugin.targets import materialise_targets, segment_layout
 
 Captured = CapturedHidden | Sequence[HiddenRecord] | Sequence[Tensor]
@@ -197,8 +197,13 @@ class ForesightHead(nn.Module):
 
         groups = groups_of(len(hidden), plan.size)
         if plan.recompute and torch.is_grad_enabled():
-            anchor = torch.zeros((), requires_grad=True)
-            per_item = GroupedLosses.apply(run, groups, anchor, *hidden)  # (k) | (k o)
+            optimization = self.optimization
+            params = optimization.trainable()
+            how = Recompute(len(hidden), cfg.activation_budget_mib, sharded=optimization.sharded,
+                            stand_in=lambda aliases: optimization.standing_in(params, aliases))
+            # FSDP accumulates a sharded head's gradients in its own hooks: the node gets an anchor instead.
+            inputs = [torch.zeros((), requires_grad=True)] if how.sharded else params
+            per_item = GroupedLosses.apply(run, groups, how, *hidden, *inputs)  # (k) | (k o)
         else:
             per_item = torch.cat([run(rows, hidden[rows.start : rows.stop]) for rows in groups])  # (k) | (k o)
         loss = per_item.mean() if cfg.fusion == "mean" else per_item[layout.valid].mean()
