@@ -119,9 +119,10 @@ class ForesightHead(nn.Module):
         """The weighted foresight term for one rollout.
 
         Args:
-            captured: what ``capture_hidden`` yielded (cleared after reading), or a list
-                of ``(b n d)`` tensors, one per segment in video order. (A ``SegmentGroup``
-                is the head calling itself through its DDP/FSDP wrapper.)
+            captured: what ``capture_hidden`` yielded (cleared once the term is built; a call
+                that fails a check leaves it for the corrected call), or a list of ``(b n d)``
+                tensors, one per segment in video order. (A ``SegmentGroup`` is the head calling
+                itself through its DDP/FSDP wrapper.)
             encoder_hidden: ``(b t e)`` from ``FrozenEncoder`` on the detached rollout.
             tokens_per_frame: ``s``; by default each captured call is taken to cover
                 one segment, so ``s = n / segment_frames``.
@@ -163,8 +164,6 @@ class ForesightHead(nn.Module):
         s = tokens_per_frame or infer_tokens_per_frame(records, cfg.segment_frames)
         hidden, segments = split_into_segments(records, width=self.student_dim, segment_frames=cfg.segment_frames,
                                                tokens_per_frame=s, prefix_frames=prefix_frames)
-        if capture is not None:
-            capture.clear()
         num_segments = check_encoder_hidden(encoder_hidden, hidden, segments, width=self.encoder_dim,
                                             segment_frames=cfg.segment_frames, tokens_per_frame=s,
                                             prefix_frames=prefix_frames)
@@ -214,6 +213,8 @@ class ForesightHead(nn.Module):
         if cfg.replay and self.training and torch.is_grad_enabled():
             self.replay_cache.add(hidden, layout, s, weight)
         weighted = loss * weight
+        if capture is not None:  # read: drop the graph references (kept on a failed check, for the retry)
+            capture.clear()
         if not return_breakdown:
             return weighted
         return weighted, {"foresight_loss": weighted.detach(), "foresight_loss_unweighted": loss.detach(),
@@ -288,7 +289,9 @@ class ForesightHead(nn.Module):
         ``config.replay_max_pairs`` replays a random subset. With several ranks each
         replays its own pairs and the update uses the mean over all ranks' pairs (every
         rank must call ``replay``, also one with nothing cached).
-        With ``step`` the head's optimizer is zeroed before, then clipped and stepped.
+        With ``step`` the head's optimizer is zeroed before, then clipped and stepped; gradients
+        not yet stepped (``replay`` before ``head.step()``) raise ``MiraiError`` instead of being
+        zeroed, and the cache stays for the replay after ``head.step()``.
 
         Returns:
             this rank's weighted replay loss (detached), or ``None`` when nothing is cached.
