@@ -38,6 +38,7 @@ from mirai_plugin.optimizer import HeadOptimizer
 from mirai_plugin.predictor import MLP, DiTPredictor, MultiMLP, build_predictor
 from mirai_plugin.records import (
     as_records,
+    check_attached,
     check_encoder_hidden,
     check_records,
     infer_tokens_per_frame,
@@ -121,8 +122,9 @@ class ForesightHead(nn.Module):
         Args:
             captured: what ``capture_hidden`` yielded (cleared once the term is built; a call
                 that fails a check leaves it for the corrected call), or a list of ``(b n d)``
-                tensors, one per segment in video order. (A ``SegmentGroup`` is the head calling
-                itself through its DDP/FSDP wrapper.)
+                tensors, one per segment in video order. With gradients enabled, some of them
+                must require grad, else nothing would reach the generator (``MiraiError``).
+                (A ``SegmentGroup`` is the head calling itself through its DDP/FSDP wrapper.)
             encoder_hidden: ``(b t e)`` from ``FrozenEncoder`` on the detached rollout.
             tokens_per_frame: ``s``; by default each captured call is taken to cover
                 one segment, so ``s = n / segment_frames``.
@@ -176,6 +178,8 @@ class ForesightHead(nn.Module):
             )
         supervised = set(layout.segments.tolist())
         hidden = [h for h, segment in zip(hidden, segments) if segment in supervised]  # k x (b n d)
+        if torch.is_grad_enabled():
+            check_attached(hidden, capture)
 
         # The recipe's loss (mean fusion, cosine) reads each segment's target from the encoder
         # output (mean_target_cosine); the other losses get materialised targets.
