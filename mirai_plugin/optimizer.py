@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -83,7 +83,7 @@ class HeadOptimizer:
     def optimizer(self) -> torch.optim.Optimizer:
         """The optimizer, made on first use over the parameters of the head (or of its wrapper)."""
         if self._optimizer is None:
-            self._optimizer = self.make((self.wrapper or self.module).parameters())
+            self._optimizer = self.make(self.parameters())
         return self._optimizer
 
     @property
@@ -165,9 +165,40 @@ class HeadOptimizer:
         """Call the head through its wrapper, so the wrapper gathers and synchronises."""
         return (self.wrapper or self.module)(*args)
 
+    @property
+    def sharded(self) -> str:
+        """``"fsdp"`` or ``"fsdp2"`` when FSDP accumulates the head's gradients itself, else ``""``."""
+        return self.strategy if self.strategy in ("fsdp", "fsdp2") else ""
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters the optimizer steps: the head's, or its wrapper's."""
+        return (self.wrapper or self.module).parameters()
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters that take gradients, as ``call`` reaches them."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def standing_in(self, params: Sequence[nn.Parameter], aliases: Sequence[nn.Parameter]) -> Iterator[None]:
+        """Calls inside see each of ``aliases`` in place of the parameter at the same position of ``params``."""
+        by_id = {id(p): alias for p, alias in zip(params, aliases)}
+        target = self.wrapper or self.module
+        slots = []
+        for name, p in target.named_parameters(remove_duplicate=False):  # every name of a shared parameter
+            if id(p) in by_id:
+                owner, _, attr = name.rpartition(".")
+                slots.append((target.get_submodule(owner), attr, p))
+        try:
+            for module, attr, p in slots:
+                setattr(module, attr, by_id[id(p)])
+            yield
+        finally:
+            for module, attr, p in slots:
+                setattr(module, attr, p)
+
     def clip_and_step(self) -> Tensor | None:
         """Average (replicated), clip, step and zero; the norm before clipping (``None`` without clipping)."""
-        params = [p for p in (self.wrapper or self.module).parameters() if p.requires_grad]
+        params = self.trainable()
         if self.strategy == "replicate":
             average_gradients(params)
         norm = None

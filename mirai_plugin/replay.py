@@ -133,18 +133,29 @@ class ReplayCache:
         """Backpropagate the cached pairs through ``optimization.call`` and, with ``step``, zero
         before and step after (see ``ForesightHead.replay``). This rank's weighted loss, or
         ``None`` when nothing is cached; closes the cache."""
+        drawn_from = self.rng().get_state()
         units = self.units()
         # Replay rows are one (video, segment) each.
         grouping = plan(len(units), batch=1, tokens=self.batches[units[0][0]].hidden.shape[2]) if units else None
         size = self.config.replay_segments or (grouping.size if grouping else 1)
         groups = [units[j : j + size] for j in range(0, len(units), size)]
         local_pairs = sum(self.pairs_in(self.batches[b], [i]) for b, i in units)
+        # Gradients not yet stepped (a generator step's backward, or replay(step=False)): zeroing would lose them.
+        waiting = step and any(p.grad is not None for p in optimization.parameters())
         _rank, world_size = world()
-        total_pairs = local_pairs
+        total_pairs, any_waiting = local_pairs, waiting
         strategy = optimization.strategy
         if world_size > 1:
-            counts = gather_ints([local_pairs, len(groups)], device)  # (world 2)
-            total_pairs = int(counts[:, 0].sum())
+            counts = gather_ints([local_pairs, len(groups), waiting], device)  # (world 3)
+            total_pairs, any_waiting = int(counts[:, 0].sum()), bool(counts[:, 2].any())
+        if any_waiting and total_pairs:  # every rank raises; the cache and its draw stay for after head.step()
+            self.rng().set_state(drawn_from)
+            raise MiraiError(
+                "head.replay() would discard the head's gradients that have not been stepped (from the generator "
+                "step's backward, or replay(step=False)): call head.step() after the generator's backward and "
+                "before head.replay(); head.replay(step=False) adds the replay gradients to them instead"
+            )
+        if world_size > 1:
             if total_pairs and strategy != "replicate" and bool((counts[:, 1] != counts[0, 1]).any()):
                 self.close()
                 raise MiraiError(

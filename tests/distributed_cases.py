@@ -294,6 +294,25 @@ def uneven_replay(rank: int, world_size: int) -> None:
         _assert_close("replay loss", loss, ref_loss, 1e-6)
 
 
+def replay_before_step(rank: int, world_size: int) -> None:
+    """head.replay() before head.step() where only rank 0 has gradients waiting: every rank raises (none is
+    left in a collective) and keeps its cache; after head.step() the replay runs on every rank."""
+    generator, encoder, head = _models()
+    noise, cond = make_inputs(rank, batch=1, frames=FRAMES)
+    _generator_step(generator, encoder, head, noise, cond)
+    if rank == 1:
+        head.zero_grad(set_to_none=True)
+    try:
+        head.replay()
+    except MiraiError as error:
+        assert "would discard the head's gradients" in str(error), str(error)
+    else:
+        raise AssertionError(f"rank {rank}: no error for replay() before step()")
+    assert head.replay_pairs == 3
+    head.step()
+    assert head.replay() is not None
+
+
 def encoder_gathers_once(rank: int, world_size: int) -> None:
     """Under FSDP1 (one unit per block), an early-exit encoder call all-gathers blocks 0..l
     once each and nothing after block l, and leaves them resharded; the root unit behaves

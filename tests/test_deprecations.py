@@ -23,7 +23,7 @@ def test_the_fused_module_warns_and_is_the_mean_target_cosine():
 def test_head_term_warns_and_equals_calling_the_head():
     torch.manual_seed(0)
     head = ForesightHead(ForesightConfig(num_heads=2, segment_frames=1, predictor_depth=1, replay=False), 16, 24)
-    hidden = [torch.randn(1, 4, 16) for _ in range(3)]
+    hidden = [torch.randn(1, 4, 16, requires_grad=True) for _ in range(3)]
     z = torch.randn(1, 12, 24)
     with pytest.warns(DeprecationWarning, match=r"call the head"):
         old = head.term(hidden, z)
