@@ -19,7 +19,6 @@ its parameters; nothing is added to the generator, so generator checkpoints are 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -142,13 +141,6 @@ class ForesightHead(nn.Module):
         if not self.active:
             return self._inactive(captured, return_breakdown)
         return self._term(captured, encoder_hidden, tokens_per_frame, prefix_frames, return_breakdown)
-
-    def term(self, captured: Captured, encoder_hidden: Tensor, **kwargs: Any) -> Any:
-        """Deprecated since 0.2.0 (goes in 0.3.0): call the head, ``head(captured, encoder_hidden, ...)``."""
-        warnings.warn("ForesightHead.term is deprecated: call the head, head(captured, encoder_hidden, ...)",
-                      DeprecationWarning, stacklevel=2)
-        return self._term(captured, encoder_hidden, kwargs.get("tokens_per_frame"), kwargs.get("prefix_frames", 0),
-                          kwargs.get("return_breakdown", False))
 
     def _term(self, captured: Captured, encoder_hidden: Tensor | None, tokens_per_frame: int | None,
               prefix_frames: int, return_breakdown: bool) -> Tensor | tuple[Tensor, dict[str, Any]]:

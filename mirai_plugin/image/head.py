@@ -15,7 +15,6 @@ The heads own their parameters and their AdamW; nothing is added to the model.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,12 +66,8 @@ class TokenForesightHead(nn.Module):
     """
 
     def __init__(self, config: ImageForesightConfig, student_dim: int, encoder_dim: int | None = None,
-                 grid: tuple[int, int] | None = None, *, target_dim: int | None = None) -> None:
+                 grid: tuple[int, int] | None = None) -> None:
         super().__init__()
-        if target_dim is not None:  # the name before 0.2.0
-            warnings.warn("TokenForesightHead(target_dim=...) is deprecated: pass encoder_dim", DeprecationWarning,
-                          stacklevel=2)
-            encoder_dim = target_dim if encoder_dim is None else encoder_dim
         if encoder_dim is None or grid is None:
             raise MiraiError("TokenForesightHead needs (config, student_dim, encoder_dim, grid)")
         if not isinstance(config, ImageForesightConfig):
@@ -280,19 +275,6 @@ class TokenForesightHead(nn.Module):
     def save_training_state(self, path: str | os.PathLike) -> None:
         """The training state as a ``torch.save`` file."""
         torch.save(self.training_state(), os.fspath(path))
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Deprecated since 0.2.0 (goes in 0.3.0): ``save_training_state`` (``save`` of the video head
-        writes weights only)."""
-        warnings.warn("TokenForesightHead.save is deprecated: use save_training_state", DeprecationWarning,
-                      stacklevel=2)
-        self.save_training_state(path)
-
-    @property
-    def target_dim(self) -> int:
-        """Deprecated since 0.2.0 (goes in 0.3.0): ``encoder_dim``, as in ``ForesightHead``."""
-        warnings.warn("TokenForesightHead.target_dim is deprecated: use encoder_dim", DeprecationWarning, stacklevel=2)
-        return self.encoder_dim
 
     def extra_repr(self) -> str:
         cfg = self.config

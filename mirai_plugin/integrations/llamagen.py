@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -230,31 +229,6 @@ class LlamaGenMirai:
         head.load_training_state(entry["head"])
         if source is not None:
             self.source.load_state_dict(source)
-
-    # ------------------------------------------- deprecated names (until 0.3)
-
-    def begin(self, model: nn.Module) -> None:
-        """Deprecated since 0.2.0: use ``begin_capture()`` (or ``with capturing():``)."""
-        _deprecated("begin(model)", "begin_capture()")
-        self.begin_capture()
-
-    def after_step(self, model: nn.Module, scaler: Any = None) -> None:
-        """Deprecated since 0.2.0: set ``mirai.scaler = scaler`` once, then call ``after_generator_step()``."""
-        _deprecated("after_step(model, scaler)", "after_generator_step() (with mirai.scaler = scaler set once)")
-        self._step(model, scaler)
-
-    def log(self, logger: Any) -> None:
-        """Deprecated since 0.2.0: log ``log_values()`` yourself."""
-        _deprecated("log(logger)", "log_values()")
-        values = self.log_values()
-        if values:
-            logger.info(f"mirai ({self.config.source}): term {values.get('foresight_loss', 0.0):.4f}, "
-                        f"lambda {values['foresight_weight']:g}")
-
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"LlamaGenMirai.{old} is deprecated since 0.2.0 and goes in 0.3.0: use {new}",
-                  DeprecationWarning, stacklevel=3)
 
 
 def upstream_config(args: Any, model: Any, steps_per_epoch: int) -> ImageForesightConfig:
