@@ -307,7 +307,7 @@ def memory_for_cycle(cycle: CycleShape, config: ForesightConfig, **kwargs: Any) 
             f"pass config.replace(segment_frames={cycle.segment_frames})"
         )
     return foresight_memory(
-        config, student_dim=cycle.generator.dim, encoder_dim=cycle.real_score.dim,
+        config, student_dim=cycle.generator.dim, encoder_dim=cycle.target_model.dim,
         frames=cycle.frames if cycle.window_frames is None else min(cycle.window_frames, cycle.frames),
         tokens_per_frame=cycle.tokens_per_frame, **kwargs,
     )
