@@ -273,6 +273,15 @@ def _steps(read: _Reader, sampling_steps: int | None) -> int | None:
     return len(values) - (1 if values[-1] == 0 and len(values) > 1 else 0)
 
 
+def _window_segments(config: ForesightConfig, window: int, block: int) -> None:
+    """The term needs a segment with a target in the DMD window (else it would never train anything)."""
+    segments = window // block
+    if not any(k + d < segments for k in range(segments) for d in config.offsets):
+        raise MiraiError(f"the DMD window of {window} frames holds {segments} whole block(s) of {block} frames: no "
+                         f"segment has a target at offsets {config.offsets}, so the term would never train; use a "
+                         f"longer window (slice_last_frames), shorter blocks or smaller offsets")
+
+
 def _whole_blocks(frames: int, key: str, block: int, separate_first: bool) -> None:
     """The training pipelines assert the rollout is whole blocks (after a separate first frame)."""
     counted = frames - 1 if separate_first else frames
@@ -354,6 +363,8 @@ def resolve_self_forcing(args: Any, stage: str = "dmd", *, upstream: str | None 
                        window_frames=None, critic_ratio=None, **common)
     if config.enabled:
         _layers(config, generator, "model_kwargs.model_name", encoder, encoder_key)
+        if run.window_frames is not None:
+            _window_segments(config, run.window_frames, block)
         _existing(glue["foresight_head_init"], "foresight_head_init")
         if glue["foresight_head_sharding"] == "fsdp":
             check("sharding_strategy", run.sharding_strategy, Rule("choice", choices=FSDP_STRATEGIES))
@@ -460,6 +471,8 @@ def resolve_longlive(args: Any) -> ResolvedRun:
     if config.enabled:
         _layers(config, generator, "model_kwargs.model_name", encoder,
                 "model_kwargs.model_name" if encoder is generator else "real score")
+        assert run.window_frames is not None
+        _window_segments(config, run.window_frames, block)
         _existing(glue["foresight_head_init"], "foresight_head_init")
         if separate:
             raise MiraiError("independent_first_frame without i2v gives a 1-frame first block, which the LongLive glue "

@@ -24,7 +24,6 @@ from typing import Any
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.integrations.resolve import (
     LLAMAGEN_DEFAULTS,
-    LONGLIVE_KEYS,
     LONGLIVE_SECTIONS,
     UPSTREAMS,
     ResolvedRun,
@@ -33,8 +32,8 @@ from mirai_plugin.integrations.resolve import (
 
 __all__ = ["Detection", "LoadedConfig", "detect", "load_trainer_config", "load_yaml", "normalize_longlive"]
 
-# Keys only LongLive's configs have (besides its sections).
-_LONGLIVE_FLAT = ("slice_last_frames", "min_num_training_frames", "sampling_steps", "adapter", *LONGLIVE_KEYS)
+# The trainer's keys only LongLive's configs have (besides its sections); our glue keys mark no upstream.
+_LONGLIVE_FLAT = ("slice_last_frames", "min_num_training_frames", "sampling_steps", "adapter")
 _LLAMAGEN_ONLY = ("mirai", "gpt_model", "code_path", "cls_token_num", "vocab_size", "image_size", "downsample_size",
                   "global_batch_size", "gpt_ckpt")
 
