@@ -234,13 +234,13 @@ def test_head_init_exists_when_the_term_is_on(tmp_path, capsys, upstream):
     assert_all(verdicts(tmp_path, capsys, upstream, config), False, "foresight_head_init: no such file")
 
 
-def test_a_trainer_that_builds_no_glue_refuses_foresight_keys(tmp_path, capsys):
+@pytest.mark.parametrize("upstream, change", [("self-forcing", {"distribution_loss": "causvid"}),
+                                              ("self-forcing", {"trainer": "diffusion"}),
+                                              ("longlive", {"algorithm__trainer": "diffusion"})])
+def test_a_trainer_that_builds_no_glue_is_not_read_as_one(tmp_path, capsys, upstream, change):
     # train.py dispatches on `trainer`; only score_distillation with distribution_loss: dmd builds DMD (and the glue)
-    config = with_(SELF_FORCING, distribution_loss="causvid")
-    assert_all(verdicts(tmp_path, capsys, "self-forcing", config), False, "never builds", "ignored")
-    assert_all(verdicts(tmp_path, capsys, "self-forcing", with_(config, foresight_weight=None,
-                                                                foresight_student_layer=None,
-                                                                foresight_teacher_layer=None)), True)
+    config = with_(LONGLIVE if upstream == "longlive" else SELF_FORCING, **change)
+    assert_all(verdicts(tmp_path, capsys, upstream, config), False, "never builds", "ignored")
 
 
 @pytest.mark.parametrize("sharding", ["replicate", "ddp", "fsdp"])

@@ -102,9 +102,9 @@ class VideoRun:
     frames: int | None  # latent frames of the longest rollout
     min_frames: int | None  # of the shortest (LongLive draws the length in [min, max] blocks)
     window_frames: int | None  # the DMD window: the rollout's last frames that DMD and the encoder see
-    height: int  # latent
-    width: int
-    tokens_per_frame: int
+    height: int | None  # latent; None: from the data (Stage-2 ODE)
+    width: int | None
+    tokens_per_frame: int | None
     frames_per_block: int
     attention_frames: int | None  # local attention window; None: every earlier frame
     denoising_steps: int | None
@@ -273,6 +273,17 @@ def _steps(read: _Reader, sampling_steps: int | None) -> int | None:
     return len(values) - (1 if values[-1] == 0 and len(values) > 1 else 0)
 
 
+def _trainer_builds_the_glue(read: _Reader, upstream: str, wanted: tuple[str, str | None]) -> None:
+    """``train.py`` builds its trainer from ``trainer`` (and DMD's model from ``distribution_loss``): a config for
+    another trainer never builds this glue (its foresight keys would be ignored, its run is not this one)."""
+    trainer, loss = read.raw("trainer"), read.raw("distribution_loss")
+    if (trainer is not None and trainer != wanted[0]) or (wanted[1] and loss not in (None, wanted[1])):
+        got = f"trainer: {trainer}" + (f", distribution_loss: {loss}" if wanted[1] and loss is not None else "")
+        hooks = f"trainer: {wanted[0]}" + (f" with distribution_loss: {wanted[1]}" if wanted[1] else "")
+        raise MiraiError(f"{got} never builds the {upstream} glue (it hooks {hooks}): foresight keys would be ignored "
+                         f"and this reader does not describe that run; choose the reader of that trainer (--upstream)")
+
+
 def _window_segments(config: ForesightConfig, window: int, block: int) -> None:
     """The term needs a segment with a target in the DMD window (else it would never train anything)."""
     segments = window // block
@@ -308,23 +319,19 @@ def resolve_self_forcing(args: Any, stage: str = "dmd", *, upstream: str | None 
     read = _Reader(args, "the foresight glue")
     _nested_keys(read, (), "Self-Forcing's train.py")
     config = ForesightConfig.from_upstream(args)
-    wanted = ("score_distillation", "dmd") if stage == "dmd" else ("ode", None)
-    trainer, loss = read.raw("trainer"), read.raw("distribution_loss")
-    if (trainer is not None and trainer != wanted[0]) or (wanted[1] and trainer and loss not in (None, wanted[1])):
-        if read.raw("foresight_weight") is not None or config.enabled:
-            raise MiraiError(
-                f"trainer: {trainer}" + (f", distribution_loss: {loss}" if stage == "dmd" and loss else "")
-                + f" never builds the {upstream} glue (it hooks trainer: {wanted[0]}"
-                + (f" with distribution_loss: {wanted[1]}" if wanted[1] else "") + "), so the foresight keys would be "
-                "ignored; remove them, or choose the reader of that trainer (--upstream)")
+    _trainer_builds_the_glue(read, upstream, ("score_distillation", "dmd") if stage == "dmd" else ("ode", None))
     longlive_only = {key: "applies to LongLive 2.0's glue only" for key in LONGLIVE_KEYS}
     block = read.get("num_frame_per_block", _INT1, 1)
     config = config.replace(segment_frames=block)  # the trainer's default is 1 (model/dmd.py), not the recipe's 3
     generator_name = read.sub("model_kwargs").get("model_name", "Wan2.1-T2V-1.3B")
     generator = model_shape(generator_name, "model_kwargs.model_name")
-    _, _, _, height, width = _latent_shape(read, (1, 21, 16, 60, 104))  # Self-Forcing's shipped shape
+    if stage == "dmd":
+        _, _, _, height, width = _latent_shape(read, (1, 21, 16, 60, 104))  # Self-Forcing's shipped shape
+        latent: dict[str, Any] = dict(height=height, width=width, tokens_per_frame=(height // 2) * (width // 2))
+    else:  # the ODE trainer takes its latents' shape from the data
+        latent = dict(height=None, width=None, tokens_per_frame=None)
     common = dict(
-        generator=generator.name, height=height, width=width, tokens_per_frame=(height // 2) * (width // 2),
+        generator=generator.name, **latent,
         frames_per_block=block, attention_frames=None, denoising_steps=_steps(read, None),
         checkpointing=read.get("gradient_checkpointing", _BOOL, True),
         lora=False, mixed_precision=read.get("mixed_precision", _BOOL, True),
@@ -401,6 +408,7 @@ def resolve_longlive(args: Any) -> ResolvedRun:
     read = _Reader(args, "the foresight glue")
     _nested_keys(read, LONGLIVE_SECTIONS, "LongLive's normalize_config (it flattens only "
                                           f"{', '.join(LONGLIVE_SECTIONS)})")
+    _trainer_builds_the_glue(read, "longlive", ("score_distillation", "dmd"))
     config = ForesightConfig.from_upstream(args)
     glue = _glue(read, ("foresight_head_sharding", "foresight_head_init", *LONGLIVE_KEYS), {
         "foresight_encoder_name": "is for Stage 2 (ODE); LongLive takes foresight_encoder "

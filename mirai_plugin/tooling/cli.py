@@ -7,9 +7,9 @@
     mirai-plugin score RESULTS.json [...] [--json]
     mirai-plugin compare BASELINE CANDIDATE [--bootstrap 10000] [--seed 0] [--json]
     mirai-plugin vbench VIDEOS_DIR --mode standard|long [--dimensions ...] --out DIR --name NAME
-    mirai-plugin flops [CONFIG.yaml] [--upstream NAME] [--json]
-    mirai-plugin memory [CONFIG.yaml] [--upstream NAME] [--world-size N] [--head-sharding S | --sharded] [--batch B]
-                        [--accumulation A] [--json]
+    mirai-plugin flops [CONFIG.yaml] [--upstream NAME] [--no-defaults] [--json]
+    mirai-plugin memory [CONFIG.yaml] [--upstream NAME] [--no-defaults] [--world-size N]
+                        [--head-sharding S | --sharded] [--batch B] [--accumulation A] [--json]
     mirai-plugin config check CONFIG.yaml [--upstream NAME] [--stage dmd|ode] [--no-defaults] [--json]
     mirai-plugin patch list
     mirai-plugin patch check  --upstream self-forcing PATH
@@ -451,15 +451,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     upstream_help = (f"which trainer's reader applies: {', '.join(PATCHES)} (the names `patch` takes); "
                      f"default: detected from the config, and the detection printed")
+    no_defaults_help = ("Self-Forcing layout: do not merge default_config.yaml (./configs/, else next to the config), "
+                        "which the trainers merge")
     flops = command(commands, "flops", help="FLOPs of one DMD cycle with and without the foresight term")
     flops.add_argument("config", nargs="?", help="an upstream config (default: the official recipe)")
     flops.add_argument("--upstream", help=upstream_help)
+    flops.add_argument("--no-defaults", action="store_true", help=no_defaults_help)
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(run=_flops_command)
 
     memory = command(commands, "memory", help="memory the foresight term adds per rank, by component")
     memory.add_argument("config", nargs="?", help="an upstream config (default: the official recipe)")
     memory.add_argument("--upstream", help=upstream_help)
+    memory.add_argument("--no-defaults", action="store_true", help=no_defaults_help)
     memory.add_argument("--world-size", type=int, default=1, help="ranks (default 1)")
     memory.add_argument("--head-sharding", choices=("replicate", "ddp", "fsdp"),
                         help="the head's sharding (default: the config's foresight_head_sharding, else replicate)")
@@ -482,9 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--stage", choices=("dmd", "ode"),
                        help="Self-Forcing layout: Stage 3 DMD or Stage 2 ODE glue (default: from the config's trainer "
                             "key, else ode when foresight_encoder_name is set)")
-    check.add_argument("--no-defaults", action="store_true",
-                       help="Self-Forcing layout: do not merge default_config.yaml (./configs/, else next to the "
-                            "config), which the trainers merge")
+    check.add_argument("--no-defaults", action="store_true", help=no_defaults_help)
     check.add_argument("--json", action="store_true")
     check.set_defaults(run=_config_command)
 

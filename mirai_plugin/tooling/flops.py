@@ -165,7 +165,7 @@ def cycle_for(resolved: ResolvedRun) -> CycleShape:
         raise MiraiError(f"flops and memory model a DMD cycle (generator and critic steps); a {resolved.upstream} "
                          f"({resolved.stage}) run has none: check its config with `mirai-plugin config check`")
     assert run.real_score is not None and run.critic is not None and run.frames is not None
-    assert run.critic_ratio is not None
+    assert run.critic_ratio is not None and run.tokens_per_frame is not None
     return CycleShape(
         generator=transformer_shape(run.generator), real_score=transformer_shape(run.real_score),
         critic=transformer_shape(run.critic), encoder=transformer_shape(run.encoder), frames=run.frames,
