@@ -341,6 +341,13 @@ def test_llamagen_layer_is_within_the_gpt(tmp_path, capsys, layer, accepted):
             LlamaGenMirai(model, args, steps_per_epoch=4, device=0)
 
 
+def test_llamagen_options_are_checked_by_name(tmp_path, capsys):
+    path = tmp_path / "c2i.yaml"
+    path.write_text("mirai: E\nmirai-layr: 3\n")  # train_c2i.py's parser refuses an unknown option
+    assert main(["config", "check", str(path), "--upstream", "llamagen"]) == 2
+    assert "unknown Mirai option(s) ['mirai_layr']; did you mean 'mirai_layer'?" in capsys.readouterr().err
+
+
 def test_flops_and_memory_count_the_resolved_run(tmp_path, capsys):
     # LongLive: the DMD window (slice_last_frames), local attention and blocks of the config, not defaults
     config = with_(LONGLIVE, training__num_training_frames=48, training__min_num_training_frames=48,

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mirai_plugin.checks import Rule, check, fail
+from mirai_plugin.checks import Rule, check, did_you_mean, fail
 from mirai_plugin.config import ForesightConfig
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.image import ImageForesightConfig
@@ -529,6 +529,11 @@ def resolve_llamagen(args: Any, *, model: Any = None, steps_per_epoch: int | Non
         value = read.raw(key)
         return LLAMAGEN_DEFAULTS[key] if value is None and key in LLAMAGEN_DEFAULTS else value
 
+    unknown = [key for key in read.keys if key.startswith("mirai") and key not in LLAMAGEN_DEFAULTS]
+    if unknown:  # the parser refuses them; a mapping read here must too
+        known = [key for key in LLAMAGEN_DEFAULTS if key.startswith("mirai")]
+        raise MiraiError(f"unknown Mirai option(s) {unknown}" + did_you_mean(unknown[0], known).replace(
+            " (", "; ").rstrip(")") + f"; the options are {', '.join(known)}")
     mirai = check("mirai", arg("mirai"), Rule("choice", choices=("none", "E", "I")))
     if model is not None:
         run_model, depth, dim = None, len(model.layers), int(model.config.dim)

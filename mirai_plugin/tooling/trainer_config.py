@@ -17,7 +17,7 @@ Self-Forcing's layout is also Causal-Forcing's and Rolling Forcing's, so a flat 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,6 @@ class LoadedConfig:
     config: Any
     resolved: ResolvedRun
     merged_over: Path | None = None
-    notes: tuple[str, ...] = field(default=())
 
 
 def load_yaml(path: str | Path) -> Any:
