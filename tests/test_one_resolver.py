@@ -369,13 +369,16 @@ def test_flops_and_memory_count_the_resolved_run(tmp_path, capsys):
 
 def test_longlive_defaults_are_the_trainers(tmp_path, capsys):
     # model/dmd.py: slice_last_frames, num_training_frames and min_num_training_frames default to 21, blocks to 1
-    config = with_(LONGLIVE, training__slice_last_frames=None, training__num_training_frames=None,
-                   training__min_num_training_frames=None, model_kwargs__num_frame_per_block=None)
     path = tmp_path / "run.yaml"
-    OmegaConf.save(OmegaConf.create(config), path)
-    assert main(["config", "check", str(path), "--json"]) == 0
-    run = json.loads(capsys.readouterr().out)["trainer"]
-    assert (run["frames"], run["min_frames"], run["window_frames"], run["frames_per_block"]) == (21, 21, 21, 1)
+    for changes, expected in (
+        ({"training__slice_last_frames": None}, (32, 32, 21, 8)),
+        ({"training__slice_last_frames": None, "training__num_training_frames": None,
+          "training__min_num_training_frames": None, "model_kwargs__num_frame_per_block": None}, (21, 21, 21, 1)),
+    ):
+        OmegaConf.save(OmegaConf.create(with_(LONGLIVE, **changes)), path)
+        assert main(["config", "check", str(path), "--json"]) == 0
+        run = json.loads(capsys.readouterr().out)["trainer"]
+        assert (run["frames"], run["min_frames"], run["window_frames"], run["frames_per_block"]) == expected
 
 
 def test_yaml_paths_are_read_from_a_file_only(tmp_path, capsys):
