@@ -141,16 +141,20 @@ def configs_added_by_patches():
 
 
 @pytest.mark.parametrize("name, text", list(configs_added_by_patches()))
-def test_the_patches_configs_are_read_as_written(name, text):
+def test_the_patches_configs_are_read_as_written(name, text, tmp_path):
     from mirai_plugin.integrations.self_forcing import upstream_config
 
     config = OmegaConf.create(text)
     stage = "ode" if name.endswith("-ode") else "dmd"
     if name == "longlive":  # LongLive 2.0: sections flattened as its normalize_config does; its generator lr
         from mirai_plugin.integrations.longlive import longlive_config
-        from mirai_plugin.tooling.flops import flatten_longlive
+        from mirai_plugin.tooling.trainer_config import normalize_longlive
 
-        cfg, lr = longlive_config(flatten_longlive(config)), 1e-5
+        with pytest.raises(MiraiError, match="needs foresight_encoder_ckpt"):  # shipped unset: the user sets it
+            longlive_config(normalize_longlive(config))
+        (tmp_path / "wan.pt").write_bytes(b"")
+        config.foresight_encoder_ckpt = str(tmp_path / "wan.pt")
+        cfg, lr = longlive_config(normalize_longlive(config)), 1e-5
         assert cfg.segment_frames == 8 and cfg.encoder_layer == 15
     else:
         cfg, lr = upstream_config(config, stage), 2e-6
