@@ -77,7 +77,7 @@ Workarounds (each is commented where applied):
 8. Resuming (``--gpt-ckpt``): torch >= 2.6 loads with ``weights_only=True``, which refuses the
    ``argparse.Namespace`` the trainer pickles into its checkpoints: that class is allowed during the run.
 9. Arguments (``TINY_ARGS``): ``--no-compile`` (``torch.compile`` on a CPU needs a C++ toolchain and
-   minutes), ``--mixed-precision none``, ``--num-workers 0``, checkpoints and logs under OUTDIR, vocabulary
+   minutes), ``--num-workers 0``, checkpoints and logs under OUTDIR, vocabulary
    64, 10 classes, 256x256 images with downsample 16 (256 codes per image, the smallest the parser allows).
 """
 from __future__ import annotations
@@ -130,7 +130,7 @@ TINY_ARGS = {
     "lr": 1e-3,  # upstream 1e-4 barely moves a tiny model in a few steps
     "ema": True,
     "no_compile": True,
-    "mixed_precision": "none",
+    "mixed_precision": None,  # upstream's default, bf16 (CPU autocast here, see 3.)
     "num_workers": 0,  # upstream 24: forking the trainer process per worker only costs time here
     "log_every": 1,
     "ckpt_every": "{STEPS}",  # the trainer saves once, after the last step

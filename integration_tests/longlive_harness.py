@@ -8,7 +8,8 @@ monkeypatch applied from outside for one run, commented where it is applied. Poi
 Usage::
 
     python integration_tests/longlive_harness.py --checkout DIR --config configs/train_dmd.yaml --steps N \\
-        --out OUTDIR [--overrides JSON] [--flat JSON] [--seed S] [--grad-probe] [--scene-cut-at K] [--resume]
+        --out OUTDIR [--overrides JSON] [--flat JSON] [--seed S] [--grad-probe] [--scene-cut-at K] \\
+        [--no-auto-resume] [--one-prompt] [--seed-every-step]
     torchrun --nproc_per_node 2 integration_tests/longlive_harness.py ...          # same arguments
     python integration_tests/longlive_harness.py --mode inference --checkout DIR --config configs/train_dmd.yaml \\
         --checkpoint OUTDIR/logs/checkpoint_model_000001/model.pt --out OUTDIR2
@@ -33,8 +34,10 @@ The tiny run, and why each piece stands in (the shipped configs are used as they
 - flex attention: ``create_block_mask(_compile=True)`` takes ~21 s per process on a CPU and CPU flex
   attention has no backward: the mask is made dense (``create_mask``) and attention is SDPA on it;
 - flash attention (absent): SDPA computing in the inputs' dtype (``upstream._sdpa_attention``);
-- nccl and ``hybrid_full``: gloo with FULL_SHARD; ``torch.cuda.current_device()`` is the CPU;
-  ``mixed_precision: false`` (bf16 relies on FSDP casts that CPU runs do not make here);
+- nccl: gloo; ``torch.cuda.current_device()`` is the CPU; FSDP's ``device_count()`` answers the ranks per
+  node as a GPU node does, so ``hybrid_full`` runs as shipped (``upstream.devices_per_node_as_on_gpus``);
+  ``mixed_precision: true`` as shipped (FSDP casts through LongLive's ``fsdp_wrap`` on a CPU as on a GPU;
+  the umT5 stand-in returns bf16 under it, as umT5 does);
 - FSDP's size-based wrap threshold 5e7 -> 5e3 parameters, so tiny blocks are nested FSDP units as the
   5B model's are (LoRA's ``save()`` gathers through them);
 - ``offload_to_cpu`` in ``save()``'s ``FullStateDictConfig`` (segfaults on CPU tensors) is dropped;
@@ -45,13 +48,20 @@ The tiny run, and why each piece stands in (the shipped configs are used as they
 - a fixed seed (config seed 0 means random); ``gen_time``, ``loss_time`` and ``per iteration time``
   are left out of the logs (wall clock).
 
+Exact resumption (``--one-prompt --seed-every-step``): LongLive's auto-resume restores the weights, optimizers,
+EMA and step, but not the random state, and its data loader starts its epoch again. ``--one-prompt`` makes
+every sample the same (so the data order cannot matter) and ``--seed-every-step`` seeds the random streams
+from (seed, rank, step, generator or critic) before each step's forward, in a resumed run as in a
+continuous one; everything else a resumed run needs must come from the checkpoint.
+
 ``Trainer.train`` catches every exception and only prints it: the harness records exceptions raised
 inside the step and re-raises them, and stops after N iterations with a ``BaseException`` the loop
 cannot swallow.
 
 ``result.pt``'s ``extra`` holds, besides timings and the commit, the config before ``normalize_config``
 (``source_config``: the file with the tiny sizes and overrides merged in) and after it (``config``), and
-what the plug-in's glue held and saw (``glue``, see ``glue_record.py``).
+what the plug-in's glue held and saw (``glue``, see ``glue_record.py``), and the trainer's ``generator_ema`` at the
+end (``ema``: ``None`` or its shadow dict, and ``ema_events``: what ``record_ema`` saw).
 """
 
 from __future__ import annotations
@@ -78,7 +88,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-from glue_record import watch_glue  # noqa: E402  (after the sys.path insert above)
+from glue_record import record_ema, watch_glue  # noqa: E402  (after the sys.path insert above)
 from monkeypatch import patched  # noqa: E402  (after the sys.path insert above)
 from upstream import ensure_process_group  # noqa: E402
 
@@ -89,7 +99,6 @@ __all__ = ["MODELS", "TINY", "load_result", "run_inference", "run_training", "wr
 MODELS = {"dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 4, "in_dim": 4, "text_dim": 16, "freq_dim": 32}
 TEXT_LEN = 512  # the training pipeline's cross-attention cache is hard-coded to 512 text tokens
 TINY = {
-    "infra": {"sharding_strategy": "full", "mixed_precision": False, "gradient_checkpointing": True},
     "model_kwargs": {"num_frame_per_block": 8, "local_attn_size": 32},
     "training": {"max_iters": 1000, "log_iters": 1000, "max_checkpoints": 0},
     "data": {"image_or_video_shape": [1, 32, 4, 4, 4]},  # 4 tokens per frame (2x2 patches)
@@ -215,7 +224,12 @@ def _tiny_from_pretrained(weights_seed: int, causal: bool):
 
 class TinyTextEncoder(torch.nn.Module):
     """Stands in for `WanTextEncoder` (umT5-XXL): a fixed [512, text_dim] embedding per prompt, seeded by
-    its text (padding past a prompt-dependent length is zero, as upstream zeroes padding)."""
+    its text (padding past a prompt-dependent length is zero, as upstream zeroes padding). umT5 returns its
+    weights' dtype (bfloat16 under FSDP mixed precision): a frozen unit parameter gives FSDP that to cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.unit = torch.nn.Parameter(torch.ones(1), requires_grad=False)
 
     def forward(self, text_prompts):
         embeds = []
@@ -224,7 +238,7 @@ class TinyTextEncoder(torch.nn.Module):
             e = torch.randn(TEXT_LEN, MODELS["text_dim"], generator=gen)
             e[8 + len(prompt) % 16:] = 0.0
             embeds.append(e)
-        return {"prompt_embeds": torch.stack(embeds)}  # (n 512 text_dim)
+        return {"prompt_embeds": torch.stack(embeds).to(self.unit.dtype) * self.unit}  # (n 512 text_dim)
 
 
 class TinyVAE(torch.nn.Module):
@@ -255,6 +269,7 @@ class SyntheticPrompts(torch.utils.data.Dataset):
     I2V a random conditioning image (3, H, W) in [-1, 1]; deterministic in (seed, index)."""
 
     scene_cut_at: int | None = None
+    one_prompt: bool = False  # every sample the same (exact-resume comparisons)
 
     def __init__(self, *args, num_blocks=None, video_size=(64, 64), total_frames=None, num_frame_per_block=8,
                  temporal_compression_ratio=4, return_image=False, scene_cut_prefix=None, **kwargs):
@@ -268,6 +283,7 @@ class SyntheticPrompts(torch.utils.data.Dataset):
         return 16
 
     def __getitem__(self, idx):
+        idx = 0 if self.one_prompt else idx
         first, second = PROMPTS[idx % len(PROMPTS)], PROMPTS[(idx + 1) % len(PROMPTS)]
         prompts = [first] * self.num_blocks
         cut = self.scene_cut_at
@@ -366,6 +382,7 @@ def _apply_patches(stack, ll, recorder, weights_seed: int, tokens_per_frame: int
 
     trainer_mod = ll.trainer_distillation
     stack.enter_context(patched(trainer_mod, "launch_distributed_job", _ensure_process_group))
+    stack.enter_context(upstream.devices_per_node_as_on_gpus())  # `hybrid_full` as on one GPU node
     stack.enter_context(patched(trainer_mod, "wandb", recorder.wandb))
     # The size-based wrap threshold (5e7 parameters) makes every 5B block its own FSDP unit; scaled to the
     # tiny blocks so that they are nested units too (LoRA's `save()` needs FSDP modules inside the peft model).
@@ -478,13 +495,25 @@ def _scalars(data):
     return out
 
 
-def _instrument(trainer, recorder: Recorder, steps: int, grad_probe: bool) -> None:
+def _step_seed(seed: int, rank: int, step: int, train_generator: bool) -> int:
+    return zlib.crc32(f"{seed}:{rank}:{step}:{bool(train_generator)}".encode())
+
+
+def _seed_all(value: int) -> None:
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+def _instrument(trainer, recorder: Recorder, steps: int, grad_probe: bool, seed_every_step: int | None = None) -> None:
     fwdbwd = trainer.fwdbwd_one_step
 
     @functools.wraps(fwdbwd)
     def recorded(batch, train_generator, *args, **kwargs):
         if trainer.step >= steps:
             raise _StopTraining
+        if seed_every_step is not None:
+            _seed_all(_step_seed(seed_every_step, dist.get_rank(), trainer.step, train_generator))
         try:
             log = fwdbwd(batch, train_generator, *args, **kwargs)
         except Exception as error:  # `Trainer.train` would swallow it
@@ -528,7 +557,7 @@ def _full_state(module) -> dict:
 
 
 def run_training(checkout, *, config, steps, out, overrides=None, flat=None, seed=1, weights_seed=0,
-                 grad_probe=False, scene_cut_at=None, auto_resume=True):
+                 grad_probe=False, scene_cut_at=None, auto_resume=True, one_prompt=False, seed_every_step=False):
     timings = {}
     started = time.perf_counter()
     ll = import_longlive(checkout)
@@ -546,18 +575,22 @@ def run_training(checkout, *, config, steps, out, overrides=None, flat=None, see
         per_rank = [int(v) for v in scene_cut_at.split(",")]
         scene_cut_at = per_rank[rank % len(per_rank)]
     SyntheticPrompts.scene_cut_at = None if scene_cut_at is None or scene_cut_at < 0 else scene_cut_at
+    SyntheticPrompts.one_prompt = one_prompt
+    ema_events: list[dict] = []
     timings["import_s"] = time.perf_counter() - started
     with contextlib.ExitStack() as stack:
         _apply_patches(stack, ll, recorder, weights_seed, tokens_per_frame, shape[1])
+        stack.enter_context(record_ema(ll.trainer_distillation, ema_events))
         started = time.perf_counter()
         trainer = ll.trainer_distillation.Trainer(cfg)
-        initial = {"generator": _full_state(trainer.model.generator), "step": trainer.step}
+        initial = {"generator": _full_state(trainer.model.generator), "step": trainer.step,
+                   "ema": None if trainer.generator_ema is None else dict(trainer.generator_ema.state_dict())}
         foresight = getattr(trainer.model, "foresight", None)
         if foresight is not None and getattr(foresight, "head", None) is not None:
             initial["head"] = {k: v.detach().clone() for k, v in foresight.head.state_dict().items()}
             initial["head_steps"] = foresight.head.steps_taken
         glue = watch_glue(trainer.model)
-        _instrument(trainer, recorder, steps, grad_probe)
+        _instrument(trainer, recorder, steps, grad_probe, seed if seed_every_step else None)
         timings["build_s"] = time.perf_counter() - started
         random.seed(seed + rank)
         np.random.seed(seed + rank)
@@ -571,6 +604,7 @@ def run_training(checkout, *, config, steps, out, overrides=None, flat=None, see
             raise recorder.errors[0]
         timings["train_s"] = time.perf_counter() - started
         trainer.save()
+        ema = trainer.generator_ema
         result = {
             "logs": recorder.logs(),
             "losses": recorder.losses,
@@ -580,11 +614,14 @@ def run_training(checkout, *, config, steps, out, overrides=None, flat=None, see
             "initial": initial,
             "extra": {"timings": timings, "world_size": dist.get_world_size(), "final_step": trainer.step,
                       "commit": ll.commit, "lora": trainer.is_lora_enabled, "glue": glue,
-                      "source_config": source, "config": _to_plain(cfg)},
+                      "source_config": source, "config": _to_plain(cfg),
+                      "ema": None if ema is None else {k: v.clone() for k, v in ema.state_dict().items()},
+                      "ema_events": ema_events},
         }
         if foresight is not None and getattr(foresight, "head", None) is not None:
             result["head"] = {k: v.detach().clone() for k, v in foresight.head.state_dict().items()}
             result["head_steps"] = getattr(foresight.head, "steps_taken", None)
+            result["head_state"] = foresight.head.training_state()  # a collective under FSDP
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(result, out / "result.pt")
@@ -592,9 +629,10 @@ def run_training(checkout, *, config, steps, out, overrides=None, flat=None, see
     return result if rank == 0 else None
 
 
-def run_inference(checkout, checkpoint, *, config, out, overrides=None, noise_seed=0, weights_seed=0):
+def run_inference(checkout, checkpoint, *, config, out, overrides=None, noise_seed=0, weights_seed=0, use_ema=False):
     """LongLive's `CausalDiffusionInferencePipeline` on the tiny generator with a training checkpoint's
-    weights loaded strictly (LoRA: `generator_lora` into a peft-wrapped generator); returns latents."""
+    weights loaded strictly (LoRA: `generator_lora` into a peft-wrapped generator; ``use_ema``: its
+    `generator_ema`); returns latents."""
     ll = import_longlive(checkout)
     _ensure_process_group()
     cfg = build_config(ll, config, overrides, logdir=Path(tempfile.mkdtemp(prefix="mirai-ll-inf-")))
@@ -623,7 +661,8 @@ def run_inference(checkout, checkpoint, *, config, out, overrides=None, noise_se
             if result.unexpected_keys:
                 raise RuntimeError(f"unexpected LoRA keys: {result.unexpected_keys[:5]}")
         else:
-            pipe.generator.load_state_dict({_strip(k): v for k, v in state["generator"].items()}, strict=True)
+            weights = state["generator_ema"] if use_ema else state["generator"]
+            pipe.generator.load_state_dict({_strip(k): v for k, v in weights.items()}, strict=True)
         gen = torch.Generator().manual_seed(noise_seed)
         noise = torch.randn(shape[0], shape[1], *shape[2:], generator=gen)
         torch.manual_seed(noise_seed)
@@ -673,8 +712,12 @@ def main(argv=None) -> None:
     parser.add_argument("--scene-cut-at", help="block of the scene cut in every sample; per rank: '2,-1' "
                                                 "(rank 0 cuts at block 2, rank 1 has no cut)")
     parser.add_argument("--no-auto-resume", action="store_true")
+    parser.add_argument("--one-prompt", action="store_true", help="every sample the same (exact-resume comparisons)")
+    parser.add_argument("--seed-every-step", action="store_true",
+                        help="seed the random streams from (seed, rank, step, generator/critic) before every step")
     parser.add_argument("--checkpoint")
     parser.add_argument("--noise-seed", type=int, default=0)
+    parser.add_argument("--use-ema", action="store_true", help="inference: the checkpoint's generator_ema")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.mode == "encoder-ckpt":
@@ -684,7 +727,8 @@ def main(argv=None) -> None:
         result = run_training(args.checkout, config=args.config, steps=args.steps, out=args.out,
                               overrides=json.loads(args.overrides), flat=json.loads(args.flat), seed=args.seed,
                               weights_seed=args.weights_seed, grad_probe=args.grad_probe,
-                              scene_cut_at=args.scene_cut_at, auto_resume=not args.no_auto_resume)
+                              scene_cut_at=args.scene_cut_at, auto_resume=not args.no_auto_resume,
+                              one_prompt=args.one_prompt, seed_every_step=args.seed_every_step)
         if result is not None:
             print(f"[longlive_harness] {result['extra']['final_step']} iteration(s), "
                   f"timings {result['extra']['timings']}")
@@ -692,7 +736,7 @@ def main(argv=None) -> None:
         return
     latents = run_inference(args.checkout, args.checkpoint, config=args.config, out=args.out,
                             overrides=json.loads(args.overrides), noise_seed=args.noise_seed,
-                            weights_seed=args.weights_seed)
+                            weights_seed=args.weights_seed, use_ema=args.use_ema)
     print(f"[longlive_harness] inference {tuple(latents.shape)}")
     dist.destroy_process_group()
 

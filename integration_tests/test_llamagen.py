@@ -66,6 +66,7 @@ def test_three_steps_in_one_process(repo, tmp_path):
     # overrides and raw arguments both went through the trainer's own parser
     assert result["args"]["max_grad_norm"] == 0.5 and result["args"]["weight_decay"] == 0.04
     assert result["args"]["gpt_model"] == "GPT-tiny" and result["args"]["dist_backend"] == "gloo"
+    assert result["args"]["mixed_precision"] == "bf16"  # upstream's default, as shipped
 
     # one backpropagated loss per iteration, finite, going down; it is the loss the trainer logs
     assert [(r["step"], r["index"]) for r in result["losses"]] == [(1, 0), (2, 0), (3, 0)]
@@ -99,13 +100,17 @@ def test_two_ranks(repo, tmp_path):
     assert all(changed(result["model_init"], result["model"]).values())
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["none", "fp16"])
 def test_mixed_precision(repo, tmp_path, precision):
-    """``torch.cuda.amp.autocast`` / ``GradScaler`` run as their CPU versions."""
+    """``torch.cuda.amp.autocast`` / ``GradScaler`` run as their CPU versions (the other tests run upstream's
+    default, bf16)."""
     result = train(repo, tmp_path / "run", steps=2, overrides={"mixed_precision": precision, "ema": False})
     assert result["args"]["mixed_precision"] == precision and result["ema"] is None
     assert len(result["losses"]) == 2 and all(math.isfinite(v) for v in losses(result))
     assert any(changed(result["model_init"], result["model"]).values())
+    default = train(repo, tmp_path / "default", steps=2, overrides={"ema": False})
+    assert default["args"]["mixed_precision"] == "bf16"
+    assert losses(default)[1] != losses(result)[1]  # step 1 is log 64 in any dtype (zero output layer)
 
 
 def test_arguments_reach_the_trainers_parser_unchanged(repo, tmp_path):

@@ -1,7 +1,7 @@
 """The LongLive 2.0 patch on LongLive's real DMD ``Trainer``: copy the checkout, apply the patch with the
 ``mirai-plugin`` command, train tiny random-weight models on a CPU (``longlive_harness.py``) from the
-shipped configs with only sizes overridden (``all_causal: true`` as shipped; LoRA as shipped unless a
-test removes it).
+shipped configs with only sizes overridden (``all_causal: true``, bf16 mixed precision and ``hybrid_full``
+as shipped; LoRA as shipped unless a test removes it).
 
 Needs ``MIRAI_LONGLIVE_DIR`` (skipped otherwise, see ``checkouts.py``). Every run is its own process.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkouts import checkout
+from trainer_runs import assert_bf16_recipe_dtypes
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "longlive_harness.py"
@@ -41,11 +42,13 @@ def run(args: list[str], *, nproc: int = 1, expect_ok: bool = True) -> subproces
 
 
 def train(repo: Path, out: Path, *, config=CONFIG, steps=1, overrides=None, nproc=1, grad_probe=False,
-          scene_cut_at=None, expect_ok=True):
+          scene_cut_at=None, expect_ok=True, exact_resume=False):
     args = ["--checkout", str(repo), "--config", config, "--steps", str(steps), "--out", str(out),
             "--overrides", json.dumps(overrides or {})]
     if grad_probe:
         args.append("--grad-probe")
+    if exact_resume:
+        args += ["--one-prompt", "--seed-every-step"]
     if scene_cut_at is not None:
         args += ["--scene-cut-at", str(scene_cut_at)]
     done = run(args, nproc=nproc, expect_ok=expect_ok)
@@ -65,6 +68,17 @@ def generator_record(result: dict) -> dict:
 
 def logged(result: dict, key: str) -> list[float]:
     return [entry[key] for entry in result["logs"] if key in entry]
+
+
+def same(a, b) -> bool:
+    """Nested dicts / lists of tensors and plain values, equal bit for bit."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
 
 
 def block_index(name: str) -> int | None:
@@ -108,6 +122,9 @@ def test_longlive_t2v_generator_and_critic(patched_repo, encoder_ckpt, tmp_path)
     checkpoint = saved(tmp_path / "two")
     assert {"generator_lora", "critic_lora", "step", "foresight"} <= set(checkpoint)
     assert checkpoint["foresight"]["steps_taken"] == 1
+    assert (two["extra"]["config"]["mixed_precision"], two["extra"]["config"]["sharding_strategy"]) == (
+        True, "hybrid_full")
+    assert_bf16_recipe_dtypes(two["extra"]["glue"], checkpoint)
 
 
 def test_longlive_i2v_generator_and_critic(patched_repo, tmp_path):
@@ -117,6 +134,7 @@ def test_longlive_i2v_generator_and_critic(patched_repo, tmp_path):
     (replay,) = logged(result, "replay_foresight_loss")
     assert math.isfinite(foresight) and math.isfinite(replay) and foresight != 0
     assert generator_record(result)["foresight_segments"] == 4  # block 0 supervised (the default)
+    assert_bf16_recipe_dtypes(result["extra"]["glue"], saved(tmp_path / "i2v"))
     masked = train(patched_repo, tmp_path / "i2v_mask", config=I2V_CONFIG, steps=1,
                    overrides={**CAUSAL, "foresight_i2v_first_block": "mask"})
     assert generator_record(masked)["foresight_segments"] == 3
@@ -138,6 +156,11 @@ def test_longlive_weight_zero_is_unpatched(plain_repo, patched_repo, tmp_path):
             assert result[part].keys() == baseline[part].keys()
             assert all(torch.equal(result[part][k], baseline[part][k]) for k in baseline[part]), (name, part)
         assert set(saved(tmp_path / name)) == set(saved(tmp_path / "a"))
+    # the comparison ran in bf16: the same run in float32 gives other numbers
+    assert baseline["extra"]["config"]["mixed_precision"] is True
+    float32 = train(plain_repo, tmp_path / "f32", config="configs/train_dmd.yaml", steps=2,
+                    overrides={"infra": {"mixed_precision": False}})
+    assert float32["losses"] != baseline["losses"]
 
 
 def test_longlive_inference_untouched(plain_repo, patched_repo, tmp_path):
@@ -253,11 +276,10 @@ def test_longlive_gradient_accumulation(patched_repo, tmp_path):
 # ------------------------------------------------------------------ resume, ranks
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
-def test_longlive_resume(patched_repo, tmp_path, kind):
-    """LongLive's auto-resume from its own checkpoint (LoRA: generator_lora/critic_lora; full: generator,
-    critic, optimizers) restores the head and its optimizer step count too."""
-    overrides = {**CAUSAL, **(FULL if kind == "full" else {})}
+def test_longlive_resume_lora(patched_repo, tmp_path):
+    """LongLive's auto-resume from its own LoRA checkpoint (generator_lora/critic_lora) restores the head and
+    its optimizer step count too."""
+    overrides = CAUSAL
     first = train(patched_repo, tmp_path / "run", steps=1, overrides=overrides)
     written = saved(tmp_path / "run")["foresight"]
     # same logdir: auto-resume at step 1, then up to the next generator iteration (5; dfake_gen_update_ratio 5)
@@ -268,6 +290,39 @@ def test_longlive_resume(patched_repo, tmp_path, kind):
         assert torch.equal(resumed["initial"]["head"][name], value), name
     (foresight,) = logged(resumed, "foresight_loss")
     assert math.isfinite(foresight) and resumed["head_steps"] == 2
+
+
+def test_longlive_resume_continues_exactly_with_ema(plain_repo, patched_repo, tmp_path):
+    """Full fine-tuning as shipped (bf16, hybrid_full) with EMA from step 1: LongLive's auto-resume restores
+    generator, critic, optimizers, EMA and step, so with the data and random streams aligned
+    (``--one-prompt --seed-every-step``) a run stopped at step 5 and resumed to 7 equals a run straight to 7,
+    bit for bit: unpatched, and patched with the term on (head, its optimizer and schedule, the EMA). The EMA
+    never sees a hook of ours, holds the generator's keys, and loads strictly into unpatched inference."""
+    overrides = {**CAUSAL, **FULL, "training": {"ema_start_step": 1}}
+    for repo, config, name in ((plain_repo, "configs/train_dmd.yaml", "plain"), (patched_repo, CONFIG, "patched")):
+        straight = train(repo, tmp_path / f"{name}_straight", config=config, steps=7, overrides=overrides,
+                         exact_resume=True)
+        train(repo, tmp_path / f"{name}_resumed", config=config, steps=5, overrides=overrides, exact_resume=True)
+        resumed = train(repo, tmp_path / f"{name}_resumed", config=config, steps=7, overrides=overrides,
+                        exact_resume=True)
+        assert resumed["initial"]["step"] == 5 and resumed["initial"]["ema"] is not None, name
+        assert resumed["logs"] == [entry for entry in straight["logs"] if entry["step"] > 5], name
+        for part in ("generator", "critic"):
+            assert all(torch.equal(resumed[part][k], straight[part][k]) for k in straight[part]), (name, part)
+        ema, expected = resumed["extra"]["ema"], straight["extra"]["ema"]
+        assert ema.keys() == expected.keys() == straight["generator"].keys(), name
+        assert all(torch.equal(ema[k], expected[k]) for k in expected), name
+        events = straight["extra"]["ema_events"] + resumed["extra"]["ema_events"]
+        assert any(e["event"] == "update" for e in events) and all(not e["mirai_hooks"] for e in events), events
+    assert "foresight_loss" in resumed["logs"][0]
+    assert resumed["head_steps"] == straight["head_steps"] == 2
+    for part in ("head", "optimizer", "replay_rng"):
+        assert same(resumed["head_state"][part], straight["head_state"][part]), part
+    ckpt = max((tmp_path / "patched_resumed" / "logs").glob("checkpoint_model_*/model.pt"))
+    out = tmp_path / "inf_ema"
+    run(["--mode", "inference", "--checkout", str(plain_repo), "--config", "configs/train_dmd.yaml",
+         "--checkpoint", str(ckpt), "--out", str(out), "--use-ema", "--overrides", json.dumps(FULL)])
+    assert torch.isfinite(torch.load(out / "inference.pt", weights_only=False)["video"]).all()
 
 
 def test_longlive_two_ranks(patched_repo, encoder_ckpt, tmp_path):
@@ -283,6 +338,8 @@ def test_longlive_two_ranks(patched_repo, encoder_ckpt, tmp_path):
     assert math.isfinite(foresight) and math.isfinite(replay)
     assert generator_record(result)["foresight_shots"] == 2  # rank 0's record
     assert saved(tmp_path / "two")["foresight"]["steps_taken"] == 1
+    assert result["extra"]["config"]["sharding_strategy"] == "hybrid_full"
+    assert_bf16_recipe_dtypes(result["extra"]["glue"], saved(tmp_path / "two"))
 
 
 @pytest.fixture(autouse=True)

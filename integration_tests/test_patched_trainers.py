@@ -1,6 +1,8 @@
 """The patches on the real upstream trainers: copy a checkout, apply the patch with the
 ``mirai-plugin`` command, train tiny random-weight models on a CPU (``trainer_harness.py``),
-single process and ``torchrun --nproc_per_node 2`` (gloo, FULL_SHARD).
+single process and ``torchrun --nproc_per_node 2`` (gloo), with the shipped configs' bf16 mixed
+precision and sharding (``hybrid_full``) unless a test says otherwise (README.md, "What each harness
+changes").
 
 Needs checkouts (skipped otherwise, see ``checkouts.py``): ``MIRAI_SELF_FORCING_DIR``,
 ``MIRAI_CAUSAL_FORCING_DIR``, ``MIRAI_VIDEO_MIRAI_DIR``. Every training run is its own process
@@ -9,55 +11,26 @@ Needs checkouts (skipped otherwise, see ``checkouts.py``): ``MIRAI_SELF_FORCING_
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from checkouts import checkout
+from trainer_runs import (
+    FLOAT32,
+    LAYERS,
+    assert_bf16_recipe_dtypes,
+    block_index,
+    checkpoint,
+    generator_step,
+    inference,
+    logged,
+    train,
+)
 
-HERE = Path(__file__).resolve().parent
-HARNESS = HERE / "trainer_harness.py"
 pytestmark = pytest.mark.slow  # each test runs the real trainer in a subprocess (tens of seconds)
-LAYERS = {"foresight_student_layer": 1, "foresight_teacher_layer": 2}  # tiny models have 4 blocks
-TOLERANCE = 1e-5
-
-
-def train(repo: Path, config: str, out: Path, *, steps: int, overrides=None, nproc=1, trainer="dmd", grad_probe=False):
-    args = [
-        str(HARNESS), "--checkout", str(repo), "--trainer", trainer, "--config", config,
-        "--steps", str(steps), "--out", str(out), "--overrides", json.dumps(overrides or {}),
-    ]
-    if grad_probe:
-        args.append("--grad-probe")
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    "--nproc_per_node", str(nproc)]
-    result = subprocess.run(launcher + args, capture_output=True, text=True, cwd=HERE.parent, timeout=900)
-    assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return torch.load(out / "result.pt", map_location="cpu", weights_only=False)
-
-
-def checkpoint(out: Path) -> dict:
-    (path,) = sorted((out / "logs").glob("checkpoint_model_*/model.pt"))[-1:]
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def logged(result: dict, key: str) -> list[float]:
-    return [entry[key] for entry in result["logs"] if key in entry]
-
-
-def generator_step(result: dict) -> dict:
-    return next(r for r in result["losses"] if r["train_generator"])
-
-
-def block_index(name: str) -> int | None:
-    match = re.search(r"\bblocks\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
+TOLERANCE = 1e-5  # float32: the same formulas, summed in another order
 
 
 # ------------------------------------------------------------------ 1. steps
@@ -77,6 +50,11 @@ def test_self_forcing_generator_and_critic_steps(tmp_path, nproc):
     (foresight,) = logged(on, "foresight_loss")
     (replay,) = logged(on, "replay_foresight_loss")
     assert math.isfinite(foresight) and math.isfinite(replay) and foresight != 0
+    # as shipped: bf16 mixed precision and hybrid sharding, what the head got and kept in bf16 and float32
+    assert (on["extra"]["config"]["mixed_precision"], on["extra"]["config"]["sharding_strategy"]) == (
+        True, "hybrid_full")
+    assert_bf16_recipe_dtypes(on["extra"]["glue"], checkpoint(tmp_path / "on"))
+    assert all(torch.isfinite(g).all() for g in on["grads"].values())
 
     # the head changes on the generator step and again on the replay step
     heads = [checkpoint(tmp_path / name)["foresight"]["head"] for name in ("s0", "s1", "on")]
@@ -95,6 +73,14 @@ def test_self_forcing_generator_and_critic_steps(tmp_path, nproc):
             assert diff == 0.0, name
     assert all(reached[i] > 0 for i in range(layer + 1)), reached
     assert all(reached[i] == 0.0 for i in reached if i > layer), reached
+
+    if nproc == 2:
+        # hybrid_full as on one GPU node (shard over the node's two ranks) reduces as FULL_SHARD does, exactly
+        full = train(repo, config, tmp_path / "full", steps=2, overrides={**LAYERS, "sharding_strategy": "full"},
+                     nproc=nproc, grad_probe=True)
+        assert full["losses"] == on["losses"]
+        assert all(torch.equal(full["grads"][k], on["grads"][k]) for k in on["grads"])
+        assert all(torch.equal(full["head_grads"][k], on["head_grads"][k]) for k in on["head_grads"])
 
 
 def test_self_forcing_two_ranks_with_an_fsdp_sharded_head(tmp_path):
@@ -117,10 +103,13 @@ def test_self_forcing_two_ranks_with_an_fsdp_sharded_head(tmp_path):
 
 
 def test_same_losses_as_the_official_video_mirai(tmp_path):
+    """The same formulas: in float32 (where both trainers compute the same values up to the order of sums;
+    in bf16 the official projector holds bf16 weights, test_as_shipped.py compares that) and with one
+    micro-step per update (Self-Forcing's trainer has no gradient accumulation)."""
     official_repo = checkout("video-mirai", tmp_path / "vm")
     repo = checkout("self-forcing", tmp_path / "sf", "self-forcing")
     config = "configs/video_mirai_dmd_chunkwise.yaml"
-    official_overrides = {**LAYERS, "gradient_accumulation_steps": 1}
+    official_overrides = {**LAYERS, **FLOAT32, "gradient_accumulation_steps": 1}
 
     # the official projector's initial weights, handed to our head
     start = train(official_repo, config, tmp_path / "vm0", steps=0, overrides=official_overrides)
@@ -129,7 +118,9 @@ def test_same_losses_as_the_official_video_mirai(tmp_path):
                 "foresight_dim_proj": start["extra"]["foresight_dim_proj"]}, init)
 
     official = train(official_repo, config, tmp_path / "vm1", steps=1, overrides=official_overrides)
-    ours = train(repo, config, tmp_path / "sf1", steps=1, overrides={**LAYERS, "foresight_head_init": str(init)})
+    float32_head = {**FLOAT32, "foresight_compute_dtype": "float32"}
+    ours = train(repo, config, tmp_path / "sf1", steps=1,
+                 overrides={**LAYERS, **float32_head, "foresight_head_init": str(init)})
     theirs, mine = generator_step(official), generator_step(ours)
     assert abs(mine["foresight_loss"] - theirs["foresight_loss"]) <= TOLERANCE
     dmd_theirs = theirs["generator_loss"] - theirs["foresight_loss"]
@@ -159,6 +150,10 @@ def test_weight_zero_reproduces_the_unpatched_trainer(tmp_path):
             assert run[part].keys() == baseline[part].keys()
             assert all(torch.equal(run[part][k], baseline[part][k]) for k in baseline[part])
         assert set(checkpoint(tmp_path / name)) == set(checkpoint(tmp_path / "a"))
+    # the comparison ran in bf16: the same run in float32 gives other numbers
+    assert baseline["extra"]["config"]["mixed_precision"] is True
+    float32 = train(plain, "configs/self_forcing_dmd.yaml", tmp_path / "f32", steps=2, overrides=FLOAT32)
+    assert float32["losses"] != baseline["losses"]
 
 
 # ---------------------------------------------------------------- 4. inference
@@ -171,16 +166,8 @@ def test_inference_is_untouched(tmp_path):
     (saved,) = (tmp_path / "run" / "logs").glob("checkpoint_model_*/model.pt")
     assert {"generator", "foresight"} <= set(torch.load(saved, map_location="cpu", weights_only=False))
 
-    videos = []
-    for repo, name in ((plain, "inf_plain"), (patched, "inf_patched")):
-        result = subprocess.run(
-            [sys.executable, str(HARNESS), "--mode", "inference", "--checkout", str(repo),
-             "--config", "configs/self_forcing_dmd.yaml", "--checkpoint", str(saved), "--noise-seed", "0",
-             "--out", str(tmp_path / name)],
-            capture_output=True, text=True, cwd=HERE.parent, timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-6000:]  # strict load into each checkout
-        videos.append(torch.load(tmp_path / name / "inference.pt", weights_only=False)["video"])
+    videos = [inference(repo, "configs/self_forcing_dmd.yaml", saved, tmp_path / name)  # strict load into each
+              for repo, name in ((plain, "inf_plain"), (patched, "inf_patched"))]
     assert torch.equal(videos[0], videos[1])
     for path in ("inference.py", "pipeline/causal_inference.py", "wan/modules/causal_model.py"):
         assert (plain / path).read_bytes() == (patched / path).read_bytes()
@@ -191,15 +178,31 @@ def test_inference_is_untouched(tmp_path):
 
 @pytest.mark.parametrize("segmenting", ["chunkwise", "framewise"])
 def test_causal_forcing_dmd(tmp_path, segmenting):
+    """As shipped (bf16, hybrid_full): finite term and replay, the bf16 dtypes; with weight 0 the patched
+    trainer equals the unpatched one bit for bit (the unpatched config with the same settings)."""
     repo = checkout("causal-forcing", tmp_path / "cf", "causal-forcing")
-    result = train(repo, f"configs/video_mirai_dmd_{segmenting}.yaml", tmp_path / "run", steps=2, overrides=LAYERS)
+    config = f"configs/video_mirai_dmd_{segmenting}.yaml"
+    result = train(repo, config, tmp_path / "run", steps=2, overrides=LAYERS, grad_probe=True)
     (foresight,) = logged(result, "foresight_loss")
     (replay,) = logged(result, "replay_foresight_loss")
     assert math.isfinite(foresight) and math.isfinite(replay)
-    assert "foresight" in checkpoint(tmp_path / "run")
+    assert all(torch.isfinite(g).all() for g in result["grads"].values())
+    assert all(torch.isfinite(g).all() for g in result["head_grads"].values())
+    assert_bf16_recipe_dtypes(result["extra"]["glue"], checkpoint(tmp_path / "run"))
+
+    plain = checkout("causal-forcing", tmp_path / "plain")
+    baseline = train(plain, f"configs/causal_forcing_dmd_{segmenting}.yaml", tmp_path / "a", steps=2)
+    off = train(repo, config, tmp_path / "off", steps=2, overrides={"foresight_weight": 0})
+    assert baseline["extra"]["config"]["mixed_precision"] is True
+    assert off["losses"] == baseline["losses"] and off["logs"] == baseline["logs"]
+    for part in ("generator", "critic"):
+        assert all(torch.equal(off[part][k], baseline[part][k]) for k in baseline[part])
 
 
 def test_causal_forcing_stage2_ode_with_ground_truth_future(tmp_path):
+    """As shipped (bf16, hybrid_full; the ODE recipe has no EMA): finite term and gradients, the bf16 dtypes
+    (no replay in Stage 2); weight 0 equals the unpatched ODE trainer bit for bit, and that comparison ran
+    in bf16 (the float32 run differs)."""
     plain = checkout("causal-forcing", tmp_path / "plain")
     repo = checkout("causal-forcing", tmp_path / "cf", "causal-forcing-ode")
     config = "configs/video_mirai_ode_chunkwise.yaml"
@@ -208,11 +211,16 @@ def test_causal_forcing_stage2_ode_with_ground_truth_future(tmp_path):
     assert math.isfinite(record["foresight_loss"]) and record["foresight_loss"] != 0
     assert math.isfinite(record["generator_loss"])
     assert any(block_index(n) == 0 and g.abs().sum() > 0 for n, g in on["grads"].items())
+    assert all(torch.isfinite(g).all() for g in on["grads"].values())
+    assert_bf16_recipe_dtypes(on["extra"]["glue"], checkpoint(tmp_path / "on"))
 
     baseline = train(plain, "configs/causal_ode_chunkwise.yaml", tmp_path / "a", steps=1, trainer="ode")
     off = train(repo, config, tmp_path / "off", steps=1, overrides={**LAYERS, "foresight_weight": 0}, trainer="ode")
     assert off["losses"] == baseline["losses"]
     assert all(torch.equal(off["generator"][k], baseline["generator"][k]) for k in baseline["generator"])
+    float32 = train(plain, "configs/causal_ode_chunkwise.yaml", tmp_path / "f32", steps=1, trainer="ode",
+                    overrides=FLOAT32)
+    assert baseline["extra"]["config"]["mixed_precision"] is True and float32["losses"] != baseline["losses"]
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ Usage::
         --steps N --out OUTDIR [--overrides JSON] [--seed S] [--models JSON] [--weights-seed W] [--grad-probe]
     torchrun --nproc_per_node 2 integration_tests/trainer_harness.py ...        # same arguments
     python integration_tests/trainer_harness.py --mode inference --checkout DIR --config CONFIG.yaml \\
-        --checkpoint OUTDIR/result.pt --noise-seed 0 --out OUTDIR2 [--overrides JSON] [--models JSON]
+        --checkpoint OUTDIR/result.pt --noise-seed 0 --out OUTDIR2 [--overrides JSON] [--models JSON] [--use-ema]
 
 ``CONFIG.yaml`` is resolved against the working directory, then against the checkout
 (``configs/self_forcing_dmd.yaml`` works). ``--overrides`` is a JSON object merged over the
@@ -41,13 +41,21 @@ What each mode writes:
     ``fsdp_state_dict`` gives them (``critic`` None for ODE);
   - ``grads`` (``--grad-probe``, else None): full generator gradients keyed like ``generator``, just
     before the first generator optimizer step (after clipping); parameters without one are absent;
-  - ``extra``: ``generator_init``, ``critic_init``, ``real_score`` (weights as built), Video-Mirai's
+  - ``head_grads`` (``--grad-probe``, else None): the foresight head's gradients just before its first
+    optimizer step (the patched trainers' head; Video-Mirai's ``mirai_projector`` and ``foresight_dim_proj``,
+    keyed ``{"mirai_projector": {...}, "foresight_dim_proj": {...}}``);
+  - ``extra``: ``generator_init``, ``critic_init``, ``real_score`` (weights as built), ``head_init`` (the
+    foresight head's training state once the trainer is built, e.g. resumed), Video-Mirai's
     ``mirai_projector`` / ``foresight_dim_proj`` state dicts, the merged ``config``, the raw
     ``wandb_calls``, ``timings`` (seconds), ``world_size``, ``steps``, ``final_step``, ``commit``, what the
-    plug-in's glue held and saw (``glue``, see ``glue_record.py``), ...
+    plug-in's glue held and saw (``glue``, see ``glue_record.py``), ``ema`` (the trainer's ``generator_ema``
+    at the end: ``None``, or its ``shadow`` dict, and for each time the trainer built or updated it the
+    hooks of this package left on the generator then: ``events``), ...
 
   And the trainer's own ``save()``: ``OUTDIR/logs/checkpoint_model_{step:06d}/model.pt``.
-- inference, ``OUTDIR/inference.pt``: ``{"video": latents [b, 21, 16, h, w], "noise_seed", "commit"}``.
+- inference, ``OUTDIR/inference.pt``: ``{"video": latents [b, 21, 16, h, w], "noise_seed", "commit"}``;
+  ``--use-ema`` loads the checkpoint's ``generator_ema`` instead of ``generator``, as ``inference.py
+  --use_ema`` does.
 
 Determinism: model weights depend only on the model's role (generator / real_score / fake_score)
 and ``weights_seed``, never on construction order or on what else a trainer builds (each model is
@@ -75,10 +83,13 @@ Workarounds (besides those of ``upstream.import_upstream``; each is commented wh
 7. ``Tensor.cuda`` is the identity and ``torch.cuda.current_device()`` answers the CPU device
    (the trainer's ``self.device``, ``fsdp_wrap(device_id=...)``).
 8. ``launch_distributed_job`` (nccl, ``torch.cuda.set_device``) -> gloo: torchrun's env://
-   rendezvous, or a one-process file:// group.
-9. Config: ``mixed_precision: false`` (bf16 relies on FSDP casting on GPU), ``sharding_strategy:
-   full`` (HYBRID_SHARD gives 0.5x gradients with 2 ranks on one host), ``generator_ckpt: null``
-   unless overridden, a small prompt file for ``data_path``, latents ``[1, 21, 16, 8, 8]``.
+   rendezvous, or a one-process file:// group. FSDP's ``device_count()`` answers the ranks per node, as
+   a GPU node does, so ``sharding_strategy: hybrid_full`` runs as shipped (on a CPU the count is 1 and
+   HYBRID_SHARD drops the all-reduce across ranks; ``upstream.devices_per_node_as_on_gpus``).
+9. Config: ``generator_ckpt: null`` unless overridden, a small prompt file for ``data_path``, latents
+   ``[1, 21, 16, 8, 8]``. ``mixed_precision`` and ``sharding_strategy`` stay as the config sets them
+   (bf16 and ``hybrid_full`` in the shipped recipes): FSDP casts through the upstream ``fsdp_wrap`` on a
+   CPU as on a GPU. The umT5 stand-in returns its dtype under that policy (bf16), as umT5 does.
 10. ``fsdp_state_dict`` with ``offload_to_cpu=True`` segfaults on CPU: offload is turned off.
 11. ``wandb`` -> a recorder (``disable_wandb: false``), so every ``wandb.log`` is kept; missing
     ``wandb_host`` / ``wandb_key`` / ... config keys (Video-Mirai) get placeholders.
@@ -119,7 +130,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 import upstream  # noqa: E402  (after the sys.path insert above)
-from glue_record import watch_glue  # noqa: E402  (after the sys.path insert above)
+from glue_record import record_ema, watch_glue  # noqa: E402  (after the sys.path insert above)
 from monkeypatch import patched  # noqa: E402  (after the sys.path insert above)
 
 __all__ = ["DEFAULT_MODELS", "PROMPTS", "SHAPE", "build_config", "load_result", "run_inference", "run_training"]
@@ -178,10 +189,12 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
     with contextlib.ExitStack() as stack:
         _apply_tiny_model_patches(stack, up, cfg, sizes, weights_seed)
         _apply_trainer_patches(stack, up, module, recorder, trainer, seed)
+        stack.enter_context(record_ema(module, recorder.ema_events))
 
         started = time.perf_counter()
         instance = module.Trainer(cfg)
         initial = _initial_state(module, instance.model)
+        initial["head_init"] = _head_state(instance.model)
         glue = watch_glue(instance.model)
         _instrument(instance, trainer, recorder, steps, grad_probe)
         timings["build_s"] = time.perf_counter() - started
@@ -245,7 +258,8 @@ def build_config(checkout, config, overrides: dict | None = None, *, seed: int, 
     """The config as the checkout's ``train.py`` builds it, plus the tiny-run and CPU keys.
 
     Order: ``configs/default_config.yaml`` <- ``config`` <- what train.py sets from its command line
-    (a plain launch: no flags) <- tiny-run defaults <- ``overrides`` <- keys a CPU run cannot change.
+    (a plain launch: no flags) <- tiny-run defaults <- ``overrides`` <- keys every run sets (a fixed seed,
+    the recorder's logging, the output folder).
     """
     from omegaconf import OmegaConf
 
@@ -274,8 +288,6 @@ def build_config(checkout, config, overrides: dict | None = None, *, seed: int, 
         **{key: "unused" for key in ("wandb_host", "wandb_key", "wandb_entity", "wandb_project") if key not in cfg},
     }
     forced = {
-        "mixed_precision": False,  # bf16 relies on FSDP to cast, which it does not do on CPU here
-        "sharding_strategy": "full",  # HYBRID_SHARD runs but gives 0.5x gradients with 2 ranks on one host
         "seed": seed,  # 0 would mean "draw one at random"
         "disable_wandb": False,  # wandb is a recorder: keep the trainer's logging on
         "logdir": str(logdir),
@@ -303,6 +315,8 @@ def main(argv=None) -> None:
                                                                   "the first generator optimizer step")
     parser.add_argument("--checkpoint", help="inference: model.pt or result.pt holding a 'generator' state dict")
     parser.add_argument("--noise-seed", type=int, default=0)
+    parser.add_argument("--use-ema", action="store_true", help="inference: the checkpoint's generator_ema "
+                                                               "(inference.py --use_ema)")
     args = parser.parse_args(argv)
     overrides, models = json.loads(args.overrides), json.loads(args.models)
 
@@ -319,7 +333,8 @@ def main(argv=None) -> None:
     if not args.checkpoint:
         parser.error("--mode inference needs --checkpoint")
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    video = run_inference(args.checkout, state.get("generator", state), args.noise_seed, config=args.config,
+    weights = state["generator_ema"] if args.use_ema else state.get("generator", state)
+    video = run_inference(args.checkout, weights, args.noise_seed, config=args.config,
                           overrides=overrides, models=models, weights_seed=args.weights_seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,16 +407,20 @@ def _tiny_from_pretrained(sizes: dict, weights_seed: int, *, causal: bool):
 
 class _TinyTextEncoder(torch.nn.Module):
     """Stands in for `WanTextEncoder` (umT5-XXL): a fixed ``[512, text_dim]`` embedding per prompt,
-    drawn from a generator seeded by the prompt text, so every trainer sees the same conditioning."""
+    drawn from a generator seeded by the prompt text, so every trainer sees the same conditioning.
+
+    umT5 returns its weights' dtype: bfloat16 under the trainer's FSDP mixed precision. A frozen
+    unit parameter gives FSDP the same thing to cast, so the embeddings come out in that dtype too."""
 
     def __init__(self, text_dim: int):
         super().__init__()
         self.text_dim = text_dim
+        self.unit = torch.nn.Parameter(torch.ones(1), requires_grad=False)
 
     def forward(self, text_prompts):
         embeds = [torch.randn(TEXT_LEN, self.text_dim, generator=torch.Generator().manual_seed(
             zlib.crc32(prompt.encode()))) for prompt in text_prompts]
-        return {"prompt_embeds": torch.stack(embeds)}  # (b 512 text_dim)
+        return {"prompt_embeds": torch.stack(embeds).to(self.unit.dtype) * self.unit}  # (b 512 text_dim)
 
 
 class _TinyVAE(torch.nn.Module):
@@ -538,6 +557,7 @@ def _apply_trainer_patches(stack: contextlib.ExitStack, up, module, recorder: _R
     # nccl has no CPU support and `torch.cuda.set_device` needs CUDA: use gloo (torchrun's env://
     # rendezvous, or a one-process file:// group); `run_training` already created it.
     stack.enter_context(patched(module, "launch_distributed_job", upstream.ensure_process_group))
+    stack.enter_context(upstream.devices_per_node_as_on_gpus())  # `hybrid_full` as on one GPU node
 
     # `fsdp_state_dict` gathers with `offload_to_cpu=True`, which segfaults on CPU tensors.
     distributed = sys.modules["utils.distributed"]
@@ -590,6 +610,8 @@ class _Recorder:
         self.losses: list[dict] = []
         self.grads: dict | None = None
         self.grads_step: int | None = None
+        self.head_grads: dict | None = None
+        self.ema_events: list[dict] = []
         self.wandb = self._wandb_module()
 
     def _wandb_module(self) -> types.ModuleType:
@@ -674,6 +696,37 @@ def _install_grad_probe(trainer, recorder: _Recorder) -> None:
         recorder.grads_step = trainer.step
 
     handle = trainer.generator_optimizer.register_step_pre_hook(probe)
+    _install_head_grad_probe(trainer, recorder)
+
+
+def _install_head_grad_probe(trainer, recorder: _Recorder) -> None:
+    # The head's (or Video-Mirai's projector's) gradients just before its first optimizer step. The patched
+    # head makes its optimizer on first use: asking for it here only makes it earlier (same parameters).
+    model = trainer.model
+    head = getattr(getattr(model, "foresight", None), "head", None)
+    if head is not None:
+        optimizer = head.optimizer
+        modules = {"head": head.optimization.wrapper or head}
+    elif getattr(trainer, "projector_optimizer", None) is not None:
+        optimizer = trainer.projector_optimizer
+        modules = {name: getattr(model, name) for name in ("mirai_projector", "foresight_dim_proj")
+                   if getattr(model, name, None) is not None}
+    else:
+        return
+    handle = None
+
+    def probe(optimizer, args, kwargs):
+        handle.remove()
+        grads = {name: _full_grads(module) for name, module in modules.items()}
+        recorder.head_grads = grads.get("head", grads)
+
+    handle = optimizer.register_step_pre_hook(probe)
+
+
+def _head_state(model) -> dict | None:
+    # The foresight head's full training state (a collective under FSDP: every rank calls it).
+    head = getattr(getattr(model, "foresight", None), "head", None)
+    return None if head is None else head.training_state()
 
 
 def _full_grads(module) -> dict:
@@ -701,7 +754,10 @@ def _initial_state(module, model) -> dict:
 
 def _collect(module, trainer, recorder: _Recorder, initial: dict) -> dict:
     model = trainer.model
-    extra = {**initial, "wandb_calls": recorder.wandb_calls, "grads_step": recorder.grads_step}
+    ema = getattr(trainer, "generator_ema", None)
+    extra = {**initial, "wandb_calls": recorder.wandb_calls, "grads_step": recorder.grads_step,
+             "ema": {"shadow": None if ema is None else {k: v.clone() for k, v in ema.state_dict().items()},
+                     "events": recorder.ema_events}}
     for name in ("mirai_projector", "foresight_dim_proj"):  # Video-Mirai's foresight modules
         if getattr(model, name, None) is not None:
             extra[name] = _state_dict(module, getattr(model, name))
@@ -711,6 +767,7 @@ def _collect(module, trainer, recorder: _Recorder, initial: dict) -> dict:
         "generator": _state_dict(module, model.generator),
         "critic": _state_dict(module, model.fake_score) if hasattr(model, "fake_score") else None,
         "grads": recorder.grads,
+        "head_grads": recorder.head_grads,
         "extra": extra,
     }
 

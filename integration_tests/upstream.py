@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "cuda_is_identity",
+    "devices_per_node_as_on_gpus",
     "ensure_process_group",
     "fit_pipeline_to_model",
     "import_modules",
@@ -315,6 +316,23 @@ def ensure_process_group() -> None:
     else:
         store = Path(tempfile.mkdtemp(prefix="mirai-pg-")) / "store"
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+
+
+@contextlib.contextmanager
+def devices_per_node_as_on_gpus():
+    """FSDP's HYBRID_SHARD (``sharding_strategy: hybrid_full``, no process group given) shards within a
+    node of ``device_count()`` devices and replicates across nodes. On a CPU the device count is 1, so
+    every rank is a node of one: FSDP then falls back to NO_SHARD over that one-rank group, which drops
+    the all-reduce across nodes while still dividing by the world size, and each rank keeps its own
+    gradient / world size (``test_cpu_stand_ins.py`` reproduces it with plain torch). A GPU node runs one
+    rank per device: answer torchrun's ranks per node, as ``torch.cuda.device_count()`` does there."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    device_count = torch.cpu.device_count
+    torch.cpu.device_count = lambda: per_node
+    try:
+        yield
+    finally:
+        torch.cpu.device_count = device_count
 
 
 @contextlib.contextmanager

@@ -82,3 +82,41 @@ def test_flops_command(tmp_path, capsys):
                       "foresight_weight: 0.2\nforesight_delta: 1\n")
     assert main(["flops", str(config), "--json"]) == 0
     assert '"overhead"' in capsys.readouterr().out
+
+
+def test_time_overhead_weighs_each_term_by_its_precision():
+    """Time at tensor-core rates: a float32 term (TF32) costs 1 / TF32_RATE its FLOPs in bfloat16 time. Under a bf16
+    trainer a bfloat16 head's time share is its FLOP share; a float32 head's head terms (not the encoder, which
+    the trainer runs) count double; with everything in float32 the shares are equal again."""
+    half = dmd_cycle(CycleShape(), ForesightConfig(compute_dtype="bfloat16"))
+    full = dmd_cycle(CycleShape(), ForesightConfig())
+    assert half["precision"] == {"trainer": "bfloat16", "head_compute": "bfloat16", "tf32_rate": 0.5}
+    assert half["time_overhead"] == half["overhead"] and full["overhead"] == half["overhead"]
+    encoder = full["foresight_terms"]["encoder forward to block l (one pass, t = 0)"]
+    head = full["foresight"] - encoder
+    assert full["time_overhead"] == (encoder + 2 * head) / full["baseline"]
+    everything_float32 = dmd_cycle(CycleShape(mixed_precision=False), ForesightConfig())
+    assert everything_float32["time_overhead"] == everything_float32["overhead"]
+
+
+def test_flops_and_memory_say_which_precision_they_assume(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    base = ("image_or_video_shape: [1, 21, 16, 60, 104]\nnum_frame_per_block: 3\nreal_name: Wan2.1-T2V-14B\n"
+            "trainer: score_distillation\nforesight_weight: 0.2\nmixed_precision: true\n")
+    config.write_text(base + "foresight_compute_dtype: bfloat16\n")
+    assert main(["flops", str(config), "--no-defaults"]) == 0
+    out = capsys.readouterr().out
+    assert ("precision: generator, scores and encoder in bfloat16 (mixed_precision: true); head computes in bfloat16 "
+            "over float32 weights (foresight_compute_dtype)") in out
+    assert main(["memory", str(config), "--no-defaults"]) == 0
+    assert ("precision: generator states, encoder output and replay cache bfloat16; head parameters, gradients and "
+            "AdamW moments float32; head activations bfloat16") in capsys.readouterr().out
+    config.write_text(base)  # float32 head (the key's default) ...
+    assert main(["flops", str(config), "--no-defaults"]) == 0
+    assert "head computes in float32 (TF32 matmuls)" in capsys.readouterr().out
+    config.write_text(base + "foresight_head_sharding: fsdp\n")  # ... unless FSDP casts it
+    assert main(["flops", str(config), "--no-defaults"]) == 0
+    assert "head computes in bfloat16 over float32 weights (an FSDP head: FSDP's bfloat16 param dtype)" in (
+        capsys.readouterr().out)
+    assert main(["memory", str(config), "--no-defaults"]) == 0
+    assert "head activations bfloat16" in capsys.readouterr().out

@@ -25,6 +25,12 @@ def test_gpu_check_smoke_prints_every_row():
         assert (f"fused loss, forward + backward ({dtype})", "peak above inputs") in table
     ratio = table[("generator step + foresight term", "time ratio")]
     assert math.isfinite(ratio) and ratio > 1  # the term adds the encoder, the head and its backward
+    for precision in ("float32, TF32", "float32", "bfloat16"):
+        assert table[(f"head, one segment, one pass ({precision})", "time")] > 0
+    official = [key for key in table if key[0].startswith("official projector, one segment (bf16)")]
+    assert len(official) == 1, table.keys()
+    if os.environ.get("MIRAI_VIDEO_MIRAI_DIR"):  # the archives' checkout (CI): the official row is measured
+        assert table[official[0]] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the check runs for real")

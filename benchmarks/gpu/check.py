@@ -1,6 +1,6 @@
 """The GPU check: memory and time of the head and the fused loss at the recipe's real shapes, in
 float32 and bfloat16, and of a generator step of a Wan-1.3B-shaped causal transformer with and
-without the foresight term. Prints one table.
+without the foresight term; the head's precision under a bf16 trainer. Prints one table.
 
     bash benchmarks/gpu/check.sh            # one CUDA GPU, under 5 minutes
     bash benchmarks/gpu/check.sh --smoke    # any machine, reduced sizes (the tests run this on a CPU)
@@ -14,14 +14,25 @@ blocks, width 1,536, 12 heads, FFN 8,960), encoder Wan-14B (width 5,120, 40 head
 up to block 20, the head's 3-block DiT predictor at width 1,536 with the projection to 5,120.
 Memory is ``torch.cuda.max_memory_allocated`` above what was allocated before the measured
 call (its inputs included there); times are the median of 3 runs after a warm-up.
+
+Precision rows (``precision_rows``): the head's forward and backward over one segment in one pass, at the
+recipe's shapes, in float32 with TF32 (what a float32 head computes in under the upstream trainers, which
+set ``allow_tf32``), in float32 without it, and in bfloat16 (``compute_dtype``), next to the official
+projector in bf16 (``MiraiForesightDiTBlock`` and its projection from the Video-Mirai checkout, cast to
+bf16 as the official model casts it; attention through SDPA), on the same inputs in the same run. The
+official row needs ``MIRAI_VIDEO_MIRAI_DIR`` (check.sh unpacks it from ``../shared/upstreams`` when it
+is there); without it the row says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,6 +231,72 @@ def generator_rows(sizes: Sizes, device: torch.device) -> list[tuple[str, str, f
             ("generator step + foresight term", "time ratio", term_seconds / plain_seconds, "x")]
 
 
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """``allow_tf32`` as the upstream trainers set it (``enabled``), restored afterwards."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def precision_rows(sizes: Sizes, device: torch.device) -> list[tuple[str, str, float, str]]:
+    """Forward and backward of one segment in one pass: our head in float32 (with and without TF32) and
+    in bfloat16, the official projector in bf16; the same inputs."""
+    d, e, heads = sizes.student[1], sizes.encoder[1], sizes.student[2]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(1, sizes.n, d, generator=g).to(device, torch.bfloat16).requires_grad_()  # (b n d)
+    z = torch.randn(1, sizes.n, e, generator=g).to(device, torch.bfloat16)  # (b n e)
+    rows = []
+    for name, dtype, allow in (("float32, TF32", "float32", True), ("float32", "float32", False),
+                               ("bfloat16", "bfloat16", False)):
+        config = ForesightConfig(segment_frames=sizes.segment_frames, compute_dtype=dtype, num_heads=heads,
+                                 activation_budget_mib=None, replay=False)
+        head = ForesightHead(config, d, e).to(device)
+
+        def step(head=head) -> None:
+            head([hidden], z).backward()
+            head.zero_grad(set_to_none=True)
+            hidden.grad = None
+
+        with tf32(allow):
+            rows.append((f"head, one segment, one pass ({name})", "time", timed(device, step), "s"))
+    official = official_projector(d, e, heads, device)
+    if isinstance(official, str):
+        rows.append((f"official projector, one segment (bf16): {official}", "time", float("nan"), "s"))
+    else:
+        def official_step() -> None:
+            official(hidden, z).backward()
+            hidden.grad = None
+
+        rows.append(("official projector, one segment (bf16)", "time", timed(device, official_step), "s"))
+    return rows
+
+
+def official_projector(d: int, e: int, heads: int, device: torch.device):
+    """The official projector's generator-step computation as a function of (hidden, target), or why not."""
+    if not os.environ.get("MIRAI_VIDEO_MIRAI_DIR"):
+        return "skipped, MIRAI_VIDEO_MIRAI_DIR not set"
+    from integration_tests import upstream
+    from integration_tests.checkouts import source
+
+    up = upstream.import_upstream(source("video-mirai"))
+    # As model/dmd.py builds it: the recipe's projector, cast to the trainer's dtype (bf16 weights).
+    projector = up.MiraiForesightDiTBlock(dim=d, num_heads=heads, ffn_dim=4 * d, num_layers=3, max_delta=1,
+                                          qk_norm=True, use_cross_attn=False, timestep_cond=False,
+                                          gate_init_value=0.0, delta_cond=False).to(device, torch.bfloat16)
+    dim_proj = torch.nn.Linear(d, e, bias=False).to(device, torch.bfloat16)
+    pipeline = types.SimpleNamespace(foresight_projector_type="dit")
+    loss = types.MethodType(up.SelfForcingTrainingPipeline._foresight_loss, pipeline)
+
+    def run(hidden: Tensor, target: Tensor) -> Tensor:
+        projected = dim_proj(projector(hidden, delta=0, timestep=None))  # (b n e)
+        return loss(projected.view(-1, e), target.view(-1, e)) * 0.2
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="reduced sizes on any device (CPU by default)")
@@ -233,13 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     started = time.perf_counter()
-    rows = head_rows(sizes, device) + fused_rows(sizes, device) + generator_rows(sizes, device)
+    rows = (head_rows(sizes, device) + fused_rows(sizes, device) + generator_rows(sizes, device)
+            + precision_rows(sizes, device))
     sized = "smoke sizes" if args.smoke else "real shapes"
     print(f"mirai-plugin GPU check on {name}, torch {torch.__version__}, {sized}")
-    print(f"| {'measurement':44s} | {'quantity':18s} | {'value':>9s} | unit |")
-    print(f"|{'-' * 46}|{'-' * 20}|{'-' * 11}|------|")
+    print(f"| {'measurement':58s} | {'quantity':18s} | {'value':>9s} | unit |")
+    print(f"|{'-' * 60}|{'-' * 20}|{'-' * 11}|------|")
     for what, quantity, value, unit in rows:
-        print(f"| {what:44s} | {quantity:18s} | {value:9.3f} | {unit:4s} |")
+        print(f"| {what:58s} | {quantity:18s} | {value:9.3f} | {unit:4s} |")
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -292,20 +292,26 @@ def _trainer_config(args: argparse.Namespace, *, text: bool) -> Any:
     return loaded
 
 
-def _cycle_of(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """``(loaded config or None, CycleShape, ForesightConfig)``: of the config file, else the official recipe."""
+def _cycle_of(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    """``(loaded config or None, CycleShape, ForesightConfig, why)``: of the config file, else the official
+    recipe. The config's ``compute_dtype`` is what the head computes in, and ``why`` says where it comes from: an
+    FSDP head under ``mixed_precision`` computes in FSDP's bfloat16 parameter dtype whatever the key says."""
     from mirai_plugin import ForesightConfig
     from mirai_plugin.tooling.flops import CycleShape, cycle_for
 
     if not args.config:
         if args.upstream:
             raise MiraiError("--upstream names the reader of a config file: pass the config too")
-        return None, CycleShape(), ForesightConfig()
+        return None, CycleShape(), ForesightConfig(), "the default foresight_compute_dtype"
     loaded = _trainer_config(args, text=not args.json)
     cycle, foresight = cycle_for(loaded.resolved), loaded.resolved.foresight
     if not foresight.enabled:
         foresight = foresight.replace(weight=ForesightConfig().weight)  # estimate the recipe's term anyway
-    return loaded, cycle, foresight
+    why = "foresight_compute_dtype"
+    sharding = getattr(args, "head_sharding", None) or loaded.resolved.glue.get("foresight_head_sharding")
+    if sharding == "fsdp" and cycle.mixed_precision and foresight.compute_dtype != "bfloat16":
+        foresight, why = foresight.replace(compute_dtype="bfloat16"), "an FSDP head: FSDP's bfloat16 param dtype"
+    return loaded, cycle, foresight, why
 
 
 def _flops_command(args: argparse.Namespace) -> int:
@@ -314,14 +320,14 @@ def _flops_command(args: argparse.Namespace) -> int:
 
     from mirai_plugin.tooling.flops import dmd_cycle, report
 
-    loaded, cycle, foresight = _cycle_of(args)
+    loaded, cycle, foresight, why = _cycle_of(args)
     result = dmd_cycle(cycle, foresight)
     if args.json:
         if loaded is not None:
             result.update(upstream=loaded.detection.to_dict(), resolved=loaded.resolved.to_dict(), cycle=asdict(cycle))
         print(json.dumps(result, indent=2))
     else:
-        print(report(result))
+        print(report(result, why=why))
     return 0
 
 
@@ -332,7 +338,7 @@ def _memory_command(args: argparse.Namespace) -> int:
 
     from mirai_plugin.tooling.memory import memory_for_cycle
 
-    loaded, cycle, foresight = _cycle_of(args)
+    loaded, cycle, foresight, _ = _cycle_of(args)
     sharding, batch, accumulation, mixed_precision = "replicate", 1, 1, True  # the official recipe
     if loaded is not None:
         run = loaded.resolved.trainer

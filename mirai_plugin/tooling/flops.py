@@ -14,6 +14,13 @@ width ``d``, FFN width ``f``, ``t`` text tokens (see docs/performance.md):
 A backward pass costs twice its forward; activation checkpointing adds one
 forward. One DMD cycle is one generator step and ``critic_ratio`` critic steps
 (upstream ``dfake_gen_update_ratio``; every iteration has a critic step).
+
+Precision: FLOPs do not depend on it, time does. The upstream trainers compute the
+generator, the scores and the encoder in bfloat16 under ``mixed_precision: true``
+and set ``allow_tf32``, so float32 matrix multiplications run as TF32, at half the
+bfloat16 rate on A100 and H100 tensor cores (``TF32_RATE``). ``time_overhead``
+weighs each term by the rate of the dtype it computes in: the trainer's, and the
+head's own (``ForesightConfig.compute_dtype``).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ def transformer_shape(name: str, key: str = "model") -> TransformerShape:
 WAN_1_3B = transformer_shape("Wan2.1-T2V-1.3B")
 WAN_14B = transformer_shape("Wan2.1-T2V-14B")
 WAN_2_2_5B = transformer_shape("Wan2.2-TI2V-5B")  # LongLive 2.0
+TF32_RATE = 0.5  # float32 matmuls as TF32, relative to bfloat16 (dense tensor-core peaks of A100 and H100)
 
 
 def block_flops(shape: TransformerShape, queries: int, keys: int) -> int:
@@ -82,6 +90,7 @@ class CycleShape:
     attention_frames: int | None = None
     lora: bool = False
     encoder: TransformerShape | None = None  # the model giving the targets; None: the real score
+    mixed_precision: bool = True  # generator, scores and encoder compute in bfloat16 (FSDP's param dtype)
 
     @property
     def target_model(self) -> TransformerShape:
@@ -149,13 +158,31 @@ def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> di
             "replay recomputation under the activation budget": replays * predictor * plan.checkpoint_blocks,
         }
     extra = sum(extras.values())
+    trainer_rate = 1.0 if cycle.mixed_precision else TF32_RATE
+    head_dtype = foresight.compute_dtype if foresight is not None else "float32"
+    head_rate = 1.0 if head_dtype == "bfloat16" else TF32_RATE
+    head_flops = sum(v for name, v in extras.items() if not name.startswith("encoder"))
+    extra_time = (extra - head_flops) / trainer_rate + head_flops / head_rate
     return {
         "terms": terms,
         "baseline": baseline,
         "foresight_terms": extras,
         "foresight": extra,
         "overhead": extra / baseline,
+        "precision": {"trainer": "bfloat16" if cycle.mixed_precision else "float32", "head_compute": head_dtype,
+                      "tf32_rate": TF32_RATE},
+        "time_overhead": extra_time / (baseline / trainer_rate),
     }
+
+
+def precision_line(trainer: str, head_compute: str, *, why: str = "foresight_compute_dtype") -> str:
+    """What a report assumes about precision, in one line."""
+    if trainer == "bfloat16":
+        first = "generator, scores and encoder in bfloat16 (mixed_precision: true)"
+    else:
+        first = "generator, scores and encoder in float32 (mixed_precision: false; TF32 matmuls)"
+    head = "bfloat16" if head_compute == "bfloat16" else "float32 (TF32 matmuls)"
+    return f"precision: {first}; head computes in {head} over float32 weights ({why})"
 
 
 def cycle_for(resolved: ResolvedRun) -> CycleShape:
@@ -172,16 +199,19 @@ def cycle_for(resolved: ResolvedRun) -> CycleShape:
         tokens_per_frame=run.tokens_per_frame, segment_frames=run.frames_per_block,
         denoising_steps=run.denoising_steps if run.denoising_steps is not None else CycleShape.denoising_steps,
         critic_ratio=run.critic_ratio, checkpointing=run.checkpointing, window_frames=run.window_frames,
-        attention_frames=run.attention_frames, lora=run.lora,
+        attention_frames=run.attention_frames, lora=run.lora, mixed_precision=run.mixed_precision,
     )
 
 
-def report(result: dict[str, Any]) -> str:
-    lines = [f"{'term':52s} {'TFLOP':>10s}"]
+def report(result: dict[str, Any], *, why: str = "foresight_compute_dtype") -> str:
+    precision = result["precision"]
+    lines = [precision_line(precision["trainer"], precision["head_compute"], why=why), f"{'term':52s} {'TFLOP':>10s}"]
     for name, value in result["terms"].items():
         lines.append(f"{name:52s} {value / 1e12:10.1f}")
     lines.append(f"{'baseline DMD cycle':52s} {result['baseline'] / 1e12:10.1f}")
     for name, value in result["foresight_terms"].items():
         lines.append(f"{'+ ' + name:52s} {value / 1e12:10.1f}")
     lines.append(f"{'foresight overhead per cycle':52s} {100 * result['overhead']:9.1f}%")
+    lines.append(f"{'foresight overhead per cycle, tensor-core time':52s} {100 * result['time_overhead']:9.1f}%  "
+                 f"(float32 as TF32 at {precision['tf32_rate']:g}x the bfloat16 rate)")
     return "\n".join(lines)

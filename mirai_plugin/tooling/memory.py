@@ -88,6 +88,9 @@ class ForesightMemory:
     sharded: bool = False
     accumulation_steps: int = 1
     replay_device: str | None = "cpu"
+    compute_dtype: str = "bfloat16"  # the captured generator states, the encoder output, the replay cache
+    head_dtype: str = "float32"  # the head's parameters, gradients and AdamW moments
+    head_compute_dtype: str = "float32"  # the head's activations
 
     # ----------------------------------------------------------------- totals
 
@@ -138,8 +141,12 @@ class ForesightMemory:
         head = "sharded (FSDP)" if self.sharded else "replicated"
         title = (f"foresight memory per rank: {self.parameter_count / 1e6:.1f} M head parameters, {head} head, "
                  f"{self.world_size} rank(s), {self.accumulation_steps} accumulation step(s)")
+        precision = (f"precision: generator states, encoder output and replay cache {self.compute_dtype}; head "
+                     f"parameters, gradients and AdamW moments {self.head_dtype}; head activations "
+                     f"{self.head_compute_dtype}")
         lines = [
             title,
+            precision,
             f"{'component':52s} {'where':6s} {'alive':26s} {'MiB':>10s}",
         ]
         for item in fields(self):
@@ -167,6 +174,10 @@ class ForesightMemory:
 
 def _on_gpu(device: str | None) -> bool:
     return device is None or torch.device(device).type != "cpu"  # None: kept where computed
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _mib(size: int) -> str:
@@ -207,9 +218,11 @@ def foresight_memory(
             auto-wrap policy on ``DiTBlock``, or ``fully_shard`` on each block); ``"head"``,
             the whole head as one unit (``shard_head`` without a policy), so all of it is
             gathered in forward and backward.
-        compute_dtype: dtype of the captured generator states and the encoder output.
-        head_dtype: the head's parameter dtype, also its compute dtype (``predict``
-            casts its input to it); float32 as the integration builds it.
+        compute_dtype: dtype of the captured generator states and the encoder output (bfloat16 under the
+            trainers' ``mixed_precision: true``).
+        head_dtype: the head's parameter dtype; float32 as the integration builds it. Its activations are
+            in ``config.compute_dtype`` when that is bfloat16, else in this dtype (``predict`` casts its
+            input to it).
         accumulation_steps: micro-steps per generator step; the replay cache keeps all.
         encoder_frames: frames the encoder sees when they are more than the segments' ``frames`` (a DMD
             window that starts inside a block: the frames before its first block boundary are in no segment).
@@ -221,13 +234,14 @@ def foresight_memory(
                      sharded, fsdp_units, compute_dtype, head_dtype, accumulation_steps)
     if encoder_frames is not None and (not isinstance(encoder_frames, int) or encoder_frames < frames):
         raise MiraiError(f"encoder_frames must be an int >= frames ({frames}), got {encoder_frames!r}")
+    with torch.device("meta"):  # exact parameter count, no memory, no drift from the real head
+        head = ForesightHead(config, student_dim, encoder_dim).to(head_dtype)
     context = {"world_size": world_size, "sharded": sharded, "accumulation_steps": accumulation_steps,
-               "replay_device": config.replay_device}
+               "replay_device": config.replay_device, "compute_dtype": _name(compute_dtype),
+               "head_dtype": _name(head_dtype), "head_compute_dtype": _name(head.compute_dtype)}
     if not config.enabled:
         return ForesightMemory(**context)
 
-    with torch.device("meta"):  # exact parameter count, no memory, no drift from the real head
-        head = ForesightHead(config, student_dim, encoder_dim).to(head_dtype)
     b, d, e, s = batch_per_rank, student_dim, encoder_dim, tokens_per_frame
     cb, pb, hb = compute_dtype.itemsize, head_dtype.itemsize, head.compute_dtype.itemsize
     n = config.segment_frames * s

@@ -1,0 +1,82 @@
+"""Running ``trainer_harness.py`` from the tests (each run its own process: the checkouts share top-level
+package names) and reading what it wrote; the dtypes a recipe's run must have."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+HARNESS = HERE / "trainer_harness.py"
+LAYERS = {"foresight_student_layer": 1, "foresight_teacher_layer": 2}  # tiny models have 4 blocks
+FLOAT32 = {"mixed_precision": False}  # a run in float32 where the recipe trains in bf16 (a test says why)
+
+
+def train(repo: Path, config: str, out: Path, *, steps: int, overrides=None, nproc=1, trainer="dmd",
+          grad_probe=False) -> dict:
+    args = [
+        str(HARNESS), "--checkout", str(repo), "--trainer", trainer, "--config", config,
+        "--steps", str(steps), "--out", str(out), "--overrides", json.dumps(overrides or {}),
+    ]
+    if grad_probe:
+        args.append("--grad-probe")
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc_per_node", str(nproc)]
+    result = subprocess.run(launcher + args, capture_output=True, text=True, cwd=HERE.parent, timeout=900)
+    assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return torch.load(out / "result.pt", map_location="cpu", weights_only=False)
+
+
+def inference(repo: Path, config: str, saved: Path, out: Path, *, use_ema=False) -> torch.Tensor:
+    """The checkout's inference pipeline on a checkpoint's generator (strict load), or its generator_ema."""
+    args = [sys.executable, str(HARNESS), "--mode", "inference", "--checkout", str(repo), "--config", config,
+            "--checkpoint", str(saved), "--noise-seed", "0", "--out", str(out)]
+    done = subprocess.run(args + (["--use-ema"] if use_ema else []), capture_output=True, text=True, cwd=HERE.parent,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-6000:]
+    return torch.load(out / "inference.pt", weights_only=False)["video"]
+
+
+def checkpoint_path(out: Path) -> Path:
+    return sorted((out / "logs").glob("checkpoint_model_*/model.pt"))[-1]
+
+
+def checkpoint(out: Path) -> dict:
+    return torch.load(checkpoint_path(out), map_location="cpu", weights_only=False)
+
+
+def logged(result: dict, key: str) -> list[float]:
+    return [entry[key] for entry in result["logs"] if key in entry]
+
+
+def generator_step(result: dict) -> dict:
+    return next(r for r in result["losses"] if r["train_generator"])
+
+
+def block_index(name: str) -> int | None:
+    match = re.search(r"\bblocks\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def assert_bf16_recipe_dtypes(glue: dict, saved: dict | None = None, *, compute: str = "torch.bfloat16") -> None:
+    """What a ``mixed_precision: true`` run hands the head and what it keeps (docs/scaling.md, "Precision"):
+    the rollout, the captured states and the encoder output in bf16, the predictor computing in ``compute``
+    over float32 weights, the replay cache in bf16; in the checkpoint, the head's weights and AdamW state in
+    float32."""
+    dtypes = glue["dtypes"]
+    assert dtypes["captured"] and dtypes["encoder_output"], dtypes  # the head ran
+    for key in ("video", "captured", "encoder_output", "replay_hidden", "replay_target"):
+        assert set(dtypes[key]) <= {"torch.bfloat16"}, (key, dtypes[key])
+    assert set(dtypes["prediction"]) == {compute}, dtypes["prediction"]
+    assert set(dtypes["head_parameters"]) == {"torch.float32"}, dtypes["head_parameters"]
+    if saved is not None:
+        entry = saved["foresight"]
+        assert {str(v.dtype) for v in entry["head"].values()} == {"torch.float32"}
+        moments = [v for state in entry["optimizer"]["state"].values() for v in state.values()
+                   if torch.is_tensor(v) and v.dim() > 0]
+        assert moments and {str(v.dtype) for v in moments} == {"torch.float32"}
