@@ -584,7 +584,8 @@ def run_training(checkout, *, config, steps, out, overrides=None, flat=None, see
         started = time.perf_counter()
         trainer = ll.trainer_distillation.Trainer(cfg)
         initial = {"generator": _full_state(trainer.model.generator), "step": trainer.step,
-                   "ema": None if trainer.generator_ema is None else dict(trainer.generator_ema.state_dict())}
+                   "ema": None if trainer.generator_ema is None else {
+                       k: v.clone() for k, v in trainer.generator_ema.state_dict().items()}}
         foresight = getattr(trainer.model, "foresight", None)
         if foresight is not None and getattr(foresight, "head", None) is not None:
             initial["head"] = {k: v.detach().clone() for k, v in foresight.head.state_dict().items()}

@@ -192,6 +192,7 @@ def test_longlive_lora_gradients(patched_repo, tmp_path):
     on = train(patched_repo, tmp_path / "on", steps=1, overrides=CAUSAL, grad_probe=True)
     off = train(patched_repo, tmp_path / "off", steps=1, overrides={**CAUSAL, "foresight_weight": 0}, grad_probe=True)
     assert on["grads"].keys() == off["grads"].keys()
+    assert all(torch.isfinite(g).all() for g in on["grads"].values())  # bf16 as shipped
     lora = {name for name in on["grads"] if "lora_" in name}
     assert lora and all(block_index(name) is not None for name in lora)
     for name, grad in on["grads"].items():  # FSDP shows frozen parameters' gradients as zeros
@@ -318,6 +319,15 @@ def test_longlive_resume_continues_exactly_with_ema(plain_repo, patched_repo, tm
     assert resumed["head_steps"] == straight["head_steps"] == 2
     for part in ("head", "optimizer", "replay_rng"):
         assert same(resumed["head_state"][part], straight["head_state"][part]), part
+    # the patched checkpoint at step 5 in the unpatched trainer: its auto-resume takes generator and EMA as saved
+    saved_dir = tmp_path / "patched_resumed" / "logs" / "checkpoint_model_000005"
+    written = torch.load(saved_dir / "model.pt", map_location="cpu", weights_only=False)
+    shutil.copytree(saved_dir, tmp_path / "plain_from_patched" / "logs" / saved_dir.name)
+    plain = train(plain_repo, tmp_path / "plain_from_patched", config="configs/train_dmd.yaml", steps=6,
+                  overrides=overrides, exact_resume=True)
+    assert plain["initial"]["step"] == 5 and plain["initial"]["ema"].keys() == written["generator_ema"].keys()
+    assert all(torch.equal(plain["initial"]["ema"][k], v) for k, v in written["generator_ema"].items())
+    assert all(torch.equal(plain["initial"]["generator"][k], v) for k, v in written["generator"].items())
     ckpt = max((tmp_path / "patched_resumed" / "logs").glob("checkpoint_model_*/model.pt"))
     out = tmp_path / "inf_ema"
     run(["--mode", "inference", "--checkout", str(plain_repo), "--config", "configs/train_dmd.yaml",
