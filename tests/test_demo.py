@@ -12,6 +12,8 @@ import torch
 from mirai_plugin import MiraiError
 from mirai_plugin.tooling.cli import main
 from mirai_plugin.tooling.demo import pretrained, store
+from mirai_plugin.tooling.demo import registration as registration_module
+from mirai_plugin.tooling.demo import run as run_module
 from mirai_plugin.tooling.demo.dmd import critic_loss, dmd_loss
 from mirai_plugin.tooling.demo.evaluation import consistency, encoder_gate
 from mirai_plugin.tooling.demo.experiment import evaluate_student, train_arm
@@ -269,7 +271,11 @@ def test_models_are_trained_only_when_asked(tmp_path, monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and "--train-models" in err and "hours" in err
 
 
-@pytest.mark.parametrize("registration", [1, 2])
+IN_TRAINING = pytest.mark.xfail(strict=True, raises=(AssertionError, FileNotFoundError),
+                                reason="registration 2's models are in training (tools/train_demo_models.py)")
+
+
+@pytest.mark.parametrize("registration", [1, pytest.param(2, marks=IN_TRAINING)])
 def test_shipped_models_are_the_training_scripts_output_for_this_code(registration):
     cfg = load_config(registration)
     folder = store.SHIPPED / f"registration-{registration}"
@@ -303,10 +309,28 @@ def test_registration_1_reproduces_its_reported_gate():
 
 
 @pytest.mark.slow
+@IN_TRAINING
 def test_shipped_teacher_passes_the_encoder_gate():
     cfg = load_config()
     gate = _gate(cfg.registration)
     assert gate["hidden"]["margin"] >= cfg.gate.margin_db, gate
+
+
+def test_the_demo_runs_the_newest_registration_ready_to_run_and_says_why_not_a_newer_one(monkeypatch, tmp_path, capsys):
+    shipped = {1}  # registrations whose models are shipped
+    monkeypatch.setattr(run_module, "shipped_folder", lambda settings: tmp_path if any(
+        settings == load_config(number).models for number in shipped) else None)
+    assert run_module.default_registration() == (1, "registration 2 is not ready to run (its models are not shipped "
+                                                    "yet and its pilot addendum is not committed yet): running "
+                                                    "registration 1, its predecessor")
+    monkeypatch.setattr(registration_module, "addendum_path", lambda number: tmp_path / f"{number}-pilot.json")
+    (tmp_path / "2-pilot.json").write_text(json.dumps({"chosen": {"generator_steps": 100, "eval_videos": 128,
+                                                                  "seeds": [0, 1, 2]}}))
+    assert run_module.default_registration()[0] == 1  # sized, but its models are still missing
+    shipped.add(2)
+    assert run_module.default_registration() == (2, "")
+    shipped.clear()
+    assert run_module.default_registration() == (2, "")  # nothing ready: registration 2's own error will say why
 
 
 def test_a_failed_gate_stops_a_full_run_before_any_student(tmp_path, monkeypatch, capsys):
