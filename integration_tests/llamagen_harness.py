@@ -49,7 +49,8 @@ API (the same, from Python; one checkout per process: its top-level package name
   they pickle ``args``, so load them with ``weights_only=False``);
 - ``extra``: ``argv`` (what the parser was given), ``steps``, ``final_step`` (iterations run; fewer than
   N if ``--epochs`` ran out first), ``world_size``, ``model``, ``data``, ``timings`` (seconds),
-  ``checkout``, ``commit``.
+  ``checkout``, ``commit``, ``glue`` (what a patched trainer's ``LlamaGenMirai`` held once built: its
+  config, its resolver's result, the ``steps_per_epoch`` it was given; ``{"class": None}`` unpatched).
 
 Determinism: ``main`` seeds torch with ``global_seed * world_size + rank`` before it builds the model,
 DDP broadcasts rank 0's weights, and the data are a function of ``data["seed"]`` only; the flip
@@ -178,6 +179,8 @@ def run_training(checkout, *, steps: int, out, overrides: dict | None = None, ar
         # 2-core machine with the other core busy, OpenMP's waiting threads make each step ~50x slower.
         stack.enter_context(_intra_op_threads(threads))
         _apply_patches(stack, module, run, model_cfg, data_cfg)
+        glue: dict = {"class": None}
+        stack.enter_context(_recorded_glue(glue))
         train_args, argv = _parse_train_args(root, options, raw)
         started = time.perf_counter()
         try:
@@ -193,7 +196,7 @@ def run_training(checkout, *, steps: int, out, overrides: dict | None = None, ar
     rank = dist.get_rank() if dist.is_initialized() else train_args.rank
     result["extra"] = {
         "argv": argv, "steps": steps, "final_step": run.batches, "world_size": world_size, "model": model_cfg,
-        "data": data_cfg, "timings": timings, "checkout": str(root), "commit": _commit(root),
+        "data": data_cfg, "timings": timings, "checkout": str(root), "commit": _commit(root), "glue": glue,
     }
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -605,6 +608,24 @@ class _Run:
             "args": {k: v for k, v in vars(train_args).items() if _plain(v)},
             "checkpoints": checkpoints,
         }
+
+
+@contextlib.contextmanager
+def _recorded_glue(record: dict):
+    """Record what a patched trainer's ``LlamaGenMirai`` holds once built (record only)."""
+    from mirai_plugin.integrations.llamagen import LlamaGenMirai
+
+    init = LlamaGenMirai.__init__
+
+    @functools.wraps(init)
+    def recording(self, model, args, steps_per_epoch, device):
+        init(self, model, args, steps_per_epoch, device)
+        record.update({"class": type(self).__name__, "enabled": self.enabled, "steps_per_epoch": steps_per_epoch,
+                       "config": self.config.to_dict() if self.enabled else None,
+                       "resolved": self.resolved.to_dict(), "depth": len(model.layers)})
+
+    with patched(LlamaGenMirai, "__init__", recording):
+        yield
 
 
 @contextlib.contextmanager

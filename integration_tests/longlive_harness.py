@@ -48,6 +48,10 @@ The tiny run, and why each piece stands in (the shipped configs are used as they
 ``Trainer.train`` catches every exception and only prints it: the harness records exceptions raised
 inside the step and re-raises them, and stops after N iterations with a ``BaseException`` the loop
 cannot swallow.
+
+``result.pt``'s ``extra`` holds, besides timings and the commit, the config before ``normalize_config``
+(``source_config``: the file with the tiny sizes and overrides merged in) and after it (``config``), and
+what the plug-in's glue held and saw (``glue``, see ``glue_record.py``).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+from glue_record import watch_glue  # noqa: E402  (after the sys.path insert above)
 from monkeypatch import patched  # noqa: E402  (after the sys.path insert above)
 from upstream import ensure_process_group  # noqa: E402
 
@@ -407,7 +412,8 @@ def _ensure_process_group(*args, **kwargs) -> None:
 # ----------------------------------------------------------------------------- config
 
 
-def build_config(ll, config, overrides=None, flat=None, *, logdir, auto_resume=True):
+def source_config(ll, config, overrides=None):
+    """The config file with the tiny-run sizes and ``overrides`` merged in, before ``normalize_config``."""
     from omegaconf import OmegaConf
 
     path = Path(config)
@@ -416,6 +422,11 @@ def build_config(ll, config, overrides=None, flat=None, *, logdir, auto_resume=T
     cfg = OmegaConf.merge(OmegaConf.load(path), TINY, overrides or {})
     if cfg.get("adapter", None) is not None and not cfg.adapter.get("type"):
         cfg.adapter = None  # `{"adapter": null}` in overrides removes LoRA (full fine-tuning)
+    return cfg, path
+
+
+def build_config(ll, config, overrides=None, flat=None, *, logdir, auto_resume=True):
+    cfg, path = source_config(ll, config, overrides)
     cfg = ll.utils_config.normalize_config(cfg)
     cfg.merge_with(flat or {})
     # What train.py sets from its command line (a plain launch with --logdir).
@@ -527,6 +538,7 @@ def run_training(checkout, *, config, steps, out, overrides=None, flat=None, see
     logging_keys = {"seed": seed, **(overrides or {}).get("logging", {})}
     cfg = build_config(ll, config, {**(overrides or {}), "logging": logging_keys},
                        flat, logdir=out / "logs", auto_resume=auto_resume)
+    source = _to_plain(source_config(ll, config, {**(overrides or {}), "logging": logging_keys})[0])
     shape = list(cfg.image_or_video_shape)
     tokens_per_frame = shape[3] * shape[4] // 4
     recorder = Recorder()
@@ -544,6 +556,7 @@ def run_training(checkout, *, config, steps, out, overrides=None, flat=None, see
         if foresight is not None and getattr(foresight, "head", None) is not None:
             initial["head"] = {k: v.detach().clone() for k, v in foresight.head.state_dict().items()}
             initial["head_steps"] = foresight.head.steps_taken
+        glue = watch_glue(trainer.model)
         _instrument(trainer, recorder, steps, grad_probe)
         timings["build_s"] = time.perf_counter() - started
         random.seed(seed + rank)
@@ -566,7 +579,8 @@ def run_training(checkout, *, config, steps, out, overrides=None, flat=None, see
             "grads": recorder.grads,
             "initial": initial,
             "extra": {"timings": timings, "world_size": dist.get_world_size(), "final_step": trainer.step,
-                      "commit": ll.commit, "lora": trainer.is_lora_enabled},
+                      "commit": ll.commit, "lora": trainer.is_lora_enabled, "glue": glue,
+                      "source_config": source, "config": _to_plain(cfg)},
         }
         if foresight is not None and getattr(foresight, "head", None) is not None:
             result["head"] = {k: v.detach().clone() for k, v in foresight.head.state_dict().items()}
@@ -636,6 +650,12 @@ def write_encoder_checkpoint(checkout, path, *, weights_seed=0) -> None:
 
 def load_result(out) -> dict:
     return torch.load(Path(out) / "result.pt", map_location="cpu", weights_only=False)
+
+
+def _to_plain(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def main(argv=None) -> None:

@@ -43,7 +43,8 @@ What each mode writes:
     before the first generator optimizer step (after clipping); parameters without one are absent;
   - ``extra``: ``generator_init``, ``critic_init``, ``real_score`` (weights as built), Video-Mirai's
     ``mirai_projector`` / ``foresight_dim_proj`` state dicts, the merged ``config``, the raw
-    ``wandb_calls``, ``timings`` (seconds), ``world_size``, ``steps``, ``final_step``, ``commit``, ...
+    ``wandb_calls``, ``timings`` (seconds), ``world_size``, ``steps``, ``final_step``, ``commit``, what the
+    plug-in's glue held and saw (``glue``, see ``glue_record.py``), ...
 
   And the trainer's own ``save()``: ``OUTDIR/logs/checkpoint_model_{step:06d}/model.pt``.
 - inference, ``OUTDIR/inference.pt``: ``{"video": latents [b, 21, 16, h, w], "noise_seed", "commit"}``.
@@ -118,6 +119,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 import upstream  # noqa: E402  (after the sys.path insert above)
+from glue_record import watch_glue  # noqa: E402  (after the sys.path insert above)
 from monkeypatch import patched  # noqa: E402  (after the sys.path insert above)
 
 __all__ = ["DEFAULT_MODELS", "PROMPTS", "SHAPE", "build_config", "load_result", "run_inference", "run_training"]
@@ -180,6 +182,7 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
         started = time.perf_counter()
         instance = module.Trainer(cfg)
         initial = _initial_state(module, instance.model)
+        glue = watch_glue(instance.model)
         _instrument(instance, trainer, recorder, steps, grad_probe)
         timings["build_s"] = time.perf_counter() - started
 
@@ -201,7 +204,7 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
     result["extra"].update(
         timings=timings, world_size=world_size, steps=steps, final_step=instance.step, trainer=trainer,
         checkout=str(up.checkout), commit=up.commit, seed=seed, weights_seed=weights_seed, models=sizes,
-        config=_to_container(cfg))
+        config=_to_container(cfg), glue=glue)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(result, out / "result.pt")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mirai_plugin.blocks import block_at
+from mirai_plugin.blocks import BlockList, block_at
 from mirai_plugin.checks import is_int, show
 from mirai_plugin.errors import MiraiError
 
@@ -91,7 +91,7 @@ def capture_hidden(
     model: nn.Module,
     layer: int,
     *,
-    blocks: str | nn.ModuleList | None = None,
+    blocks: str | BlockList | None = None,
     grad_only: bool = True,
     select: Callable[[Tensor], Tensor] | None = None,
     clone: bool = False,
@@ -103,7 +103,7 @@ def capture_hidden(
             Self-Forcing's ``WanDiffusionWrapper``, diffusers).
         layer: 0-based block index.
         blocks: name the block list when it is not a ``.blocks`` attribute
-            (dotted path or the ``ModuleList`` itself).
+            (dotted path, or the ``ModuleList`` / ``Sequential`` itself).
         grad_only: keep only calls made with grad enabled (in a Self-Forcing rollout,
             the one exit step per segment); calls during a backward recomputation are
             always skipped.

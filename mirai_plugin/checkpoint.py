@@ -9,7 +9,7 @@ video and the image head go through ``gather_state`` / ``restore_state``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -17,11 +17,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mirai_plugin.checks import Rule, check, check_device_available, parse_device
-from mirai_plugin.collectives import world
+from mirai_plugin.collectives import gather_messages, world
 from mirai_plugin.config import ForesightConfig
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import read_safetensors, state_problems
 from mirai_plugin.optimizer import HeadOptimizer
+from mirai_plugin.replay import rng_problems
 from mirai_plugin.schedule import check_field_names
 from mirai_plugin.version import __version__
 
@@ -58,8 +59,11 @@ def gather_state(optimization: HeadOptimizer) -> tuple[dict[str, Any], dict[str,
 
 
 def restore_state(optimization: HeadOptimizer, weights: Mapping[str, Any],
-                  optimizer_state: Mapping[str, Any] | None) -> None:
-    """Load what ``gather_state`` returned (rank 0's copy is broadcast to the others).
+                  optimizer_state: Mapping[str, Any] | None, *, what: str = "state", target: str = "this head",
+                  fix: str = "") -> None:
+    """Load what ``gather_state`` returned (rank 0's copy is broadcast to the others), all or
+    nothing: rank 0's weights and optimizer state are checked (``check_state``) before either
+    loads, and when they are refused every rank raises.
 
     An optimizer state keyed by parameter index (``optimizer.state_dict()``, as image-head
     states before 0.2.0 hold) loads as it is.
@@ -70,17 +74,58 @@ def restore_state(optimization: HeadOptimizer, weights: Mapping[str, Any],
         set_optimizer_state_dict,
     )
 
+    check_everywhere(lambda: check_state(optimization, weights, optimizer_state, what=what, target=target, fix=fix),
+                     rank0_decides=True)
     module = optimization.state_module
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world()[1] > 1)
     # The loaders write sharded tensors back into the dicts they are given: hand them copies.
     set_model_state_dict(module, copy_containers(weights), options=options)
     if optimizer_state is None:
         return
-    legacy = "param_groups" in optimizer_state and all(isinstance(key, int) for key in optimizer_state["state"])
+    groups = optimizer_state.get("param_groups", [])  # ranks other than 0 may hold a placeholder
+    legacy = bool(groups) and all(isinstance(key, int) for group in groups for key in group["params"])
     if legacy:
         optimization.optimizer.load_state_dict(copy_containers(optimizer_state))
     else:
         set_optimizer_state_dict(module, optimization.optimizer, copy_containers(optimizer_state), options=options)
+
+
+def check_state(optimization: HeadOptimizer, weights: Any, optimizer_state: Any, *, what: str = "state",
+                target: str = "this head", fix: str = "") -> None:
+    """Raise unless ``weights`` and ``optimizer_state`` (or ``None``) load into the head and its
+    optimizer: names, shapes and dtypes of the weights, the optimizer state's groups and entries.
+    The message reads "{what} does not fit {target}: ...{fix}" (``fix`` only for the weights)."""
+    if not isinstance(weights, Mapping):
+        raise MiraiError(f"{what} weights must be a state dict (name -> tensor), got {type(weights).__name__}{fix}")
+    problems = state_problems(optimization.layout, weights)
+    if problems:
+        raise MiraiError(f"{what} does not fit {target}: {problems}{fix}")
+    if optimizer_state is not None:
+        problems = optimization.state_problems(optimizer_state)
+        if problems:
+            raise MiraiError(
+                f"{what}'s optimizer state does not fit {target}'s optimizer: {problems}; pass the optimizer "
+                f"state saved with these weights (training_state()['optimizer'])"
+            )
+
+
+def check_everywhere(check: Callable[[], None], *, rank0_decides: bool) -> None:
+    """Run ``check`` (on rank 0 alone with ``rank0_decides``); when it raises on a rank, raise on
+    every rank, so no rank loads while another refuses (or waits for it in a collective)."""
+    rank, world_size = world()
+    error = None
+    if rank == 0 or not rank0_decides:
+        try:
+            check()
+        except MiraiError as caught:
+            error = caught
+    messages = gather_messages(None if error is None else str(error)) if world_size > 1 else []
+    if error is not None:
+        raise error
+    refused = [(r, message) for r, message in enumerate(messages) if message is not None]
+    if refused:
+        r, message = refused[0]
+        raise MiraiError(f"rank {r} refused the state, so no rank loaded it: {message}")
 
 
 def broadcast_header(values: list[int], device: torch.device) -> list[int]:
@@ -107,22 +152,23 @@ def head_training_state(head: Any) -> dict[str, Any]:
 
 
 def load_head_training_state(head: Any, state: Mapping[str, Any]) -> None:
-    """``ForesightHead.load_training_state``: rank 0's state, checked before anything loads."""
+    """``ForesightHead.load_training_state``: rank 0's state, all checked before anything loads."""
     rank = world()[0]
     device = next(head.parameters()).device
-    if rank == 0:
-        check_training_state(head, state)  # a bad state changes nothing
+    check_everywhere(lambda: check_training_state(head, state), rank0_decides=True)  # a bad state changes nothing
     # Rank 0 decides; the others follow (they may hold an empty dict).
     header = [int(state.get("optimizer") is not None), int(state.get("steps_taken", 0))] if rank == 0 else [0, 0]
     has_optimizer, steps_taken = broadcast_header(header, device)
-    restore_state(head.optimization, state.get("head", {}), state.get("optimizer", {}) if has_optimizer else None)
+    restore_state(head.optimization, state.get("head", {}), state.get("optimizer", {}) if has_optimizer else None,
+                  what="training state")  # checks the weights and optimizer state again before it loads them
     head.steps_taken = steps_taken
     head.replay_cache.load_rng_states(state.get("replay_rng") if rank == 0 else None, device)
     head.replay_cache.clear()
 
 
 def check_training_state(head: Any, state: Any) -> None:
-    """``state`` is a training state of a ``ForesightHead`` like ``head`` (checked before anything loads)."""
+    """``state`` is a training state of a ``ForesightHead`` like ``head``: its settings, weights,
+    optimizer state, schedule position and replay RNG (checked before anything loads)."""
     if not isinstance(state, Mapping) or state.get("format") != TRAINING_STATE_FORMAT:
         got = type(state).__name__ if not isinstance(state, Mapping) else f"a dict with keys {sorted(state)[:6]}"
         raise MiraiError(
@@ -138,6 +184,9 @@ def check_training_state(head: Any, state: Any) -> None:
     if not isinstance(state.get("head"), Mapping):
         raise MiraiError(f"training state has no 'head' weights (keys {sorted(state)}); it is incomplete")
     check("training state steps_taken", state.get("steps_taken", 0), Rule("int", minimum=0))
+    if state.get("config") is not None and not isinstance(state["config"], Mapping):
+        raise MiraiError(f"training state config must be a dict (ForesightConfig.to_dict()), got "
+                         f"{type(state['config']).__name__}")
     if isinstance(state.get("config"), Mapping):
         check_field_names(ForesightConfig, state["config"], "training state config")
         saved = ForesightConfig(**state["config"])
@@ -154,10 +203,10 @@ def check_training_state(head: Any, state: Any) -> None:
                 + ", ".join(f"{n}={b!r} (this head: {a!r})" for n, a, b in differ)
                 + "; build the head with the saved settings: ForesightConfig(**state['config'])"
             )
-    if head.optimization.strategy in ("replicate", "ddp"):  # the head's own state_dict has the saved names
-        problems = state_problems(head.state_dict(), state["head"])
-        if problems:
-            raise MiraiError(f"training state does not fit this head: {problems}")
+    check_state(head.optimization, state["head"], state.get("optimizer"), what="training state")
+    problem = rng_problems(state.get("replay_rng"))
+    if problem:
+        raise MiraiError(f"training state replay_rng {problem}: pass what training_state() returned")
 
 
 def _heads(head: Any, config: ForesightConfig) -> int:
@@ -185,10 +234,12 @@ def load_weights(cls: type[Head], path: str | os.PathLike, *, device: str | torc
     target = parse_device("device", device)
     check_device_available("device", target)
     tensors, config, student_dim, encoder_dim = read_weights(path)
-    head = cls(config, student_dim, encoder_dim)  # type: ignore[call-arg]
-    problems = state_problems(head.state_dict(), tensors)
+    with torch.device("meta"):  # names and shapes only: a refused file leaves the random state alone
+        layout = cls(config, student_dim, encoder_dim).state_dict()  # type: ignore[call-arg]
+    problems = state_problems(layout, tensors)
     if problems:
         raise MiraiError(f"{os.fspath(path)} does not fit the head its metadata describes: {problems}")
+    head = cls(config, student_dim, encoder_dim)  # type: ignore[call-arg]
     head.load_state_dict(tensors, strict=True)
     return head.to(target)
 

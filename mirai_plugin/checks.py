@@ -241,6 +241,22 @@ def check_tensor(name: str, value: Any, *, dims: int | None = None, layout: str 
     return value
 
 
+def check_finite_values(name: str, values: Any, *, dims: str = "index", fix: str = "") -> None:
+    """Raise naming how many entries of ``values`` are NaN or inf and where the first is (``dims``
+    names its coordinates). Syncs the device: for inputs checked once, not per training step."""
+    import torch
+
+    if not values.is_floating_point():
+        return
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        first = tuple(bad.nonzero()[0].tolist())
+        raise MiraiError(
+            f"{name} hold {int(bad.sum())} NaN or inf value(s), the first at {dims} {first} of shape "
+            f"{tuple(values.shape)}" + (f"; {fix}" if fix else "")
+        )
+
+
 def normalise_betas(betas: Any, *, name: str = "betas") -> tuple[float, float]:
     expected = "two numbers in [0, 1) such as (0.0, 0.999)"
     if isinstance(betas, (str, bytes, Mapping)) or not isinstance(betas, Iterable):

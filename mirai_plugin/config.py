@@ -98,7 +98,9 @@ class ForesightConfig(WeightSchedule):
             and its gradient) kept for backward at once. Segments that fit go through the
             predictor in one pass; beyond it they go in groups recomputed in the backward,
             and a segment larger than the budget also recomputes each predictor block.
-            The gradients are the same; ``None``: no bound (always one pass).
+            Gradients and every use of the term (``autograd.grad``, ``backward(inputs=...)``,
+            ``retain_graph``) are as in one pass, except a double backward
+            (``create_graph=True``), which raises. ``None``: no bound (always one pass).
         compute_dtype: ``"float32"`` (default) or ``"bfloat16"``: the predictor computes
             under bfloat16 autocast over its float32 weights; the loss stays float32.
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mirai_plugin.blocks import block_at
+from mirai_plugin.blocks import BlockList, block_at
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.wrappers import token_count, unwrap
 
@@ -100,7 +100,7 @@ class FrozenEncoder:
         model: nn.Module,
         layer: int,
         *,
-        blocks: str | nn.ModuleList | None = None,
+        blocks: str | BlockList | None = None,
         call: Callable[..., Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):

@@ -74,19 +74,43 @@ def read_safetensors(path: Any, *, what: str = "safetensors file") -> tuple[dict
 
 
 def state_problems(expected: Mapping[str, Tensor], state: Mapping[str, Any]) -> str:
-    """What keeps ``state`` from loading into a module whose state dict is ``expected`` ("" when nothing)."""
+    """What keeps ``state`` from loading into a module whose state dict is ``expected`` ("" when nothing).
+
+    Names, shapes and the kind of each dtype (floating, complex, integer, bool) must match:
+    ``load_state_dict`` casts between float precisions, but an integer tensor in a float
+    parameter, or a meta tensor (a shape without values), would load as something else.
+    """
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    not_tensors = sorted(name for name in set(state) & set(expected) if not isinstance(state[name], Tensor))
+    common = sorted(name for name in set(state) & set(expected))
+    not_tensors = [name for name in common if not isinstance(state[name], Tensor)]
+    tensors = [name for name in common if isinstance(state[name], Tensor)]
     wrong = [
         f"{name}: checkpoint {tuple(state[name].shape)} vs head {tuple(expected[name].shape)}"
-        for name in sorted(set(state) & set(expected))
-        if isinstance(state[name], Tensor) and state[name].shape != expected[name].shape
+        for name in tensors
+        if state[name].shape != expected[name].shape
     ]
+    kinds = [
+        f"{name}: checkpoint {state[name].dtype} vs head {expected[name].dtype}"
+        for name in tensors
+        if dtype_kind(state[name].dtype) != dtype_kind(expected[name].dtype)
+    ]
+    meta = [name for name in tensors if state[name].is_meta]
     parts = (
         f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}" if missing else "",
         f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}" if unexpected else "",
         f"not tensors {not_tensors[:6]}" if not_tensors else "",
         f"wrong shapes {wrong[:6]}" if wrong else "",
+        f"wrong dtypes {kinds[:6]}" if kinds else "",
+        f"meta tensors (no values) {meta[:6]}" if meta else "",
     )
     return "; ".join(part for part in parts if part)
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    """``"float"``, ``"complex"``, ``"bool"`` or ``"int"``: what a cast between dtypes keeps."""
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "int"

@@ -19,7 +19,6 @@ its parameters; nothing is added to the generator, so generator checkpoints are 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -38,13 +37,14 @@ from mirai_plugin.optimizer import HeadOptimizer
 from mirai_plugin.predictor import MLP, DiTPredictor, MultiMLP, build_predictor
 from mirai_plugin.records import (
     as_records,
+    check_attached,
     check_encoder_hidden,
     check_records,
     infer_tokens_per_frame,
     split_into_segments,
 )
 from mirai_plugin.replay import ReplayCache
-from mirai_plugin.segmented import GroupedLosses, GroupPlan, SegmentGroup, groups_of, plan_groups
+from mirai_plugin.segmented import GroupedLosses, GroupPlan, Recompute, SegmentGroup, groups_of, plan_groups
 from mirai_plugin.targets import materialise_targets, segment_layout
 
 Captured = CapturedHidden | Sequence[HiddenRecord] | Sequence[Tensor]
@@ -119,9 +119,11 @@ class ForesightHead(nn.Module):
         """The weighted foresight term for one rollout.
 
         Args:
-            captured: what ``capture_hidden`` yielded (cleared after reading), or a list
-                of ``(b n d)`` tensors, one per segment in video order. (A ``SegmentGroup``
-                is the head calling itself through its DDP/FSDP wrapper.)
+            captured: what ``capture_hidden`` yielded (cleared once the term is built; a call
+                that fails a check leaves it for the corrected call), or a list of ``(b n d)``
+                tensors, one per segment in video order. With gradients enabled, some of them
+                must require grad, else nothing would reach the generator (``MiraiError``).
+                (A ``SegmentGroup`` is the head calling itself through its DDP/FSDP wrapper.)
             encoder_hidden: ``(b t e)`` from ``FrozenEncoder`` on the detached rollout.
             tokens_per_frame: ``s``; by default each captured call is taken to cover
                 one segment, so ``s = n / segment_frames``.
@@ -140,13 +142,6 @@ class ForesightHead(nn.Module):
             return self._inactive(captured, return_breakdown)
         return self._term(captured, encoder_hidden, tokens_per_frame, prefix_frames, return_breakdown)
 
-    def term(self, captured: Captured, encoder_hidden: Tensor, **kwargs: Any) -> Any:
-        """Deprecated since 0.2.0 (goes in 0.3.0): call the head, ``head(captured, encoder_hidden, ...)``."""
-        warnings.warn("ForesightHead.term is deprecated: call the head, head(captured, encoder_hidden, ...)",
-                      DeprecationWarning, stacklevel=2)
-        return self._term(captured, encoder_hidden, kwargs.get("tokens_per_frame"), kwargs.get("prefix_frames", 0),
-                          kwargs.get("return_breakdown", False))
-
     def _term(self, captured: Captured, encoder_hidden: Tensor | None, tokens_per_frame: int | None,
               prefix_frames: int, return_breakdown: bool) -> Tensor | tuple[Tensor, dict[str, Any]]:
         records, capture = as_records(captured)
@@ -163,8 +158,6 @@ class ForesightHead(nn.Module):
         s = tokens_per_frame or infer_tokens_per_frame(records, cfg.segment_frames)
         hidden, segments = split_into_segments(records, width=self.student_dim, segment_frames=cfg.segment_frames,
                                                tokens_per_frame=s, prefix_frames=prefix_frames)
-        if capture is not None:
-            capture.clear()
         num_segments = check_encoder_hidden(encoder_hidden, hidden, segments, width=self.encoder_dim,
                                             segment_frames=cfg.segment_frames, tokens_per_frame=s,
                                             prefix_frames=prefix_frames)
@@ -177,6 +170,8 @@ class ForesightHead(nn.Module):
             )
         supervised = set(layout.segments.tolist())
         hidden = [h for h, segment in zip(hidden, segments) if segment in supervised]  # k x (b n d)
+        if torch.is_grad_enabled():
+            check_attached(hidden, capture)
 
         # The recipe's loss (mean fusion, cosine) reads each segment's target from the encoder
         # output (mean_target_cosine); the other losses get materialised targets.
@@ -197,8 +192,13 @@ class ForesightHead(nn.Module):
 
         groups = groups_of(len(hidden), plan.size)
         if plan.recompute and torch.is_grad_enabled():
-            anchor = torch.zeros((), requires_grad=True)
-            per_item = GroupedLosses.apply(run, groups, anchor, *hidden)  # (k) | (k o)
+            optimization = self.optimization
+            params = optimization.trainable()
+            how = Recompute(len(hidden), cfg.activation_budget_mib, sharded=optimization.sharded,
+                            stand_in=lambda aliases: optimization.standing_in(params, aliases))
+            # FSDP accumulates a sharded head's gradients in its own hooks: the node gets an anchor instead.
+            inputs = [torch.zeros((), requires_grad=True)] if how.sharded else params
+            per_item = GroupedLosses.apply(run, groups, how, *hidden, *inputs)  # (k) | (k o)
         else:
             per_item = torch.cat([run(rows, hidden[rows.start : rows.stop]) for rows in groups])  # (k) | (k o)
         loss = per_item.mean() if cfg.fusion == "mean" else per_item[layout.valid].mean()
@@ -209,6 +209,8 @@ class ForesightHead(nn.Module):
         if cfg.replay and self.training and torch.is_grad_enabled():
             self.replay_cache.add(hidden, layout, s, weight)
         weighted = loss * weight
+        if capture is not None:  # read: drop the graph references (kept on a failed check, for the retry)
+            capture.clear()
         if not return_breakdown:
             return weighted
         return weighted, {"foresight_loss": weighted.detach(), "foresight_loss_unweighted": loss.detach(),
@@ -283,7 +285,9 @@ class ForesightHead(nn.Module):
         ``config.replay_max_pairs`` replays a random subset. With several ranks each
         replays its own pairs and the update uses the mean over all ranks' pairs (every
         rank must call ``replay``, also one with nothing cached).
-        With ``step`` the head's optimizer is zeroed before, then clipped and stepped.
+        With ``step`` the head's optimizer is zeroed before, then clipped and stepped; gradients
+        not yet stepped (``replay`` before ``head.step()``) raise ``MiraiError`` instead of being
+        zeroed, and the cache stays for the replay after ``head.step()``.
 
         Returns:
             this rank's weighted replay loss (detached), or ``None`` when nothing is cached.

@@ -136,6 +136,21 @@ def check_encoder_hidden(encoder_hidden: Tensor, hidden: list[Tensor], segments:
     return num_segments
 
 
+def check_attached(hidden: list[Tensor], capture: CapturedHidden | None) -> None:
+    """With gradients enabled, some captured state must require grad: otherwise the term trains the
+    head alone and nothing of it reaches the generator."""
+    if any(h.requires_grad for h in hidden):
+        return
+    where = f" at {capture.location}" if capture is not None else ""
+    raise MiraiError(
+        f"none of the captured hidden states{where} requires grad, so the foresight term cannot reach the "
+        f"generator (only the head would train): capture the block output as the generator computes it, without "
+        f".detach() (check capture_hidden's select=) and with trainable generator parameters upstream of the block. "
+        f"To evaluate the term, compute it under torch.no_grad(); to train the head alone on these states, pass "
+        f"them as leaves that require grad: [h.detach().requires_grad_() for h in states]"
+    )
+
+
 def nothing_captured_message(capture: CapturedHidden | None) -> str:
     where = f" at {capture.location}" if capture is not None else ""
     skipped = capture.skipped_no_grad if capture is not None else 0

@@ -133,18 +133,29 @@ class ReplayCache:
         """Backpropagate the cached pairs through ``optimization.call`` and, with ``step``, zero
         before and step after (see ``ForesightHead.replay``). This rank's weighted loss, or
         ``None`` when nothing is cached; closes the cache."""
+        drawn_from = self.rng().get_state()
         units = self.units()
         # Replay rows are one (video, segment) each.
         grouping = plan(len(units), batch=1, tokens=self.batches[units[0][0]].hidden.shape[2]) if units else None
         size = self.config.replay_segments or (grouping.size if grouping else 1)
         groups = [units[j : j + size] for j in range(0, len(units), size)]
         local_pairs = sum(self.pairs_in(self.batches[b], [i]) for b, i in units)
+        # Gradients not yet stepped (a generator step's backward, or replay(step=False)): zeroing would lose them.
+        waiting = step and any(p.grad is not None for p in optimization.parameters())
         _rank, world_size = world()
-        total_pairs = local_pairs
+        total_pairs, any_waiting = local_pairs, waiting
         strategy = optimization.strategy
         if world_size > 1:
-            counts = gather_ints([local_pairs, len(groups)], device)  # (world 2)
-            total_pairs = int(counts[:, 0].sum())
+            counts = gather_ints([local_pairs, len(groups), waiting], device)  # (world 3)
+            total_pairs, any_waiting = int(counts[:, 0].sum()), bool(counts[:, 2].any())
+        if any_waiting and total_pairs:  # every rank raises; the cache and its draw stay for after head.step()
+            self.rng().set_state(drawn_from)
+            raise MiraiError(
+                "head.replay() would discard the head's gradients that have not been stepped (from the generator "
+                "step's backward, or replay(step=False)): call head.step() after the generator's backward and "
+                "before head.replay(); head.replay(step=False) adds the replay gradients to them instead"
+            )
+        if world_size > 1:
             if total_pairs and strategy != "replicate" and bool((counts[:, 1] != counts[0, 1]).any()):
                 self.close()
                 raise MiraiError(
@@ -192,7 +203,8 @@ class ReplayCache:
         return torch.stack(out).cpu()  # (world S)
 
     def load_rng_states(self, states: Tensor | None, device: torch.device) -> None:
-        """Restore this rank's row of ``states`` (rank 0's, broadcast); a different world size restarts."""
+        """Restore this rank's row of ``states`` (rank 0's, broadcast, checked by ``rng_problems``);
+        a different world size restarts."""
         rank, world_size = world()
         size = self.rng().get_state().numel()
         count = torch.tensor([states.shape[0] if states is not None else 0], device=device)
@@ -215,3 +227,20 @@ class ReplayCache:
         if world_size > 1:
             dist.broadcast(rows, src=0)
         self.rng().set_state(rows[rank].cpu().clone())  # its own storage: set_state reads from offset 0
+
+
+def rng_problems(states: object) -> str:
+    """What keeps ``states`` (``rng_states()``, or ``None``) from loading ("" when nothing): every
+    row must be a state ``torch.Generator.set_state`` takes, tried on a scratch generator."""
+    if states is None:
+        return ""
+    size = torch.Generator().get_state().numel()
+    if not isinstance(states, Tensor) or states.is_meta or states.dtype != torch.uint8 or states.shape[1:] != (size,):
+        got = f"{states.dtype} {tuple(states.shape)}" if isinstance(states, Tensor) else type(states).__name__
+        return f"must be a uint8 tensor (ranks, {size}), got {got}"
+    for rank, row in enumerate(states):
+        try:
+            torch.Generator().set_state(row.cpu().clone())
+        except RuntimeError as error:
+            return f"row {rank} is not a generator state ({error})"
+    return ""

@@ -109,6 +109,12 @@ def segment_layout(
     if not offsets or any(not is_int(d) or d < 0 for d in offsets):
         raise MiraiError(f"offsets must be a non-empty sequence of ints >= 0 such as (0, 1), got {offsets!r}")
     offsets = tuple(int(d) for d in offsets)
+    repeated = sorted({d for d in offsets if offsets.count(d) > 1})
+    if repeated:
+        # A repeat would weigh its segment twice in the mean (and give two equal columns with "none").
+        raise MiraiError(
+            f"offsets {offsets} repeat {repeated}; give each offset once, e.g. {tuple(dict.fromkeys(offsets))}"
+        )
     b, t, e = encoder_hidden.shape
     num_segments = segment_count(
         t, segment_frames=segment_frames, tokens_per_frame=tokens_per_frame, prefix_frames=prefix_frames
@@ -168,7 +174,7 @@ def fuse_targets(
         encoder_hidden: ``(b t e)`` with ``t = (prefix_frames + f) * s``.
         segment_frames: frames per segment.
         tokens_per_frame: ``s``.
-        offsets: segment offsets ``d``; segment ``k`` uses ``k+d`` when ``k+d < K``.
+        offsets: distinct segment offsets ``d``; segment ``k`` uses ``k+d`` when ``k+d < K``.
         fusion: ``"mean"`` (average over valid offsets, the official Stage-3 target),
             ``"none"`` (one target per offset) or ``"frame_mean"`` (each target
             segment averaged over its frames to ``(s e)``, one per offset).

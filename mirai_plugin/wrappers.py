@@ -15,16 +15,18 @@ registry, so a new wrapper type is one ``register_wrapper`` call.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from torch import nn
 
+from mirai_plugin.checks import is_int
 from mirai_plugin.errors import MiraiError
 
 __all__ = [
     "CONTAINER_ATTRIBUTES",
     "Wrapper",
+    "declared_patch_size",
     "patch_size",
     "register_wrapper",
     "strip_wrapper_prefixes",
@@ -65,19 +67,25 @@ def _from_peft(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] == "peft"
 
 
-_WRAPPERS: list[Wrapper] = [
-    Wrapper("module"),
+# Built in: the entries every part of the package relies on; unregister_wrapper never removes them.
+_BUILT_IN: tuple[Wrapper, ...] = (
+    Wrapper("module"),  # DDP, DeepSpeed
     Wrapper("_fsdp_wrapped_module"),
     Wrapper("_checkpoint_wrapped_module"),
     Wrapper("_orig_mod"),
     Wrapper("base_model", applies=_from_peft, in_state_dict=False),
     Wrapper("model", applies=_from_peft, in_state_dict=False),
-]
+)
+_WRAPPERS: list[Wrapper] = list(_BUILT_IN)  # the built-in entries, then the user's in registration order
 
 
 def register_wrapper(attribute: str, *, applies: Callable[[nn.Module], bool] | None = None,
                      in_state_dict: bool = True) -> Wrapper:
     """Teach the package a wrapper type that holds its model at ``attribute``.
+
+    ``applies(module) -> bool`` narrows it to some classes; ``in_state_dict`` says whether
+    ``attribute`` shows as a key prefix in the wrapper's state dict. Every argument is
+    checked here, not when a model is first unwrapped.
 
     Example:
         >>> import torch.nn as nn
@@ -93,19 +101,50 @@ def register_wrapper(attribute: str, *, applies: Callable[[nn.Module], bool] | N
     """
     if not isinstance(attribute, str) or not attribute.isidentifier():
         raise MiraiError(f"attribute must be a child-module name such as 'module', got {attribute!r}")
+    if isinstance(applies, type):  # a class is callable, but calling it builds an object, always truthy
+        raise MiraiError(
+            f"applies must be a test applies(module) -> bool, got the class {applies.__name__}; "
+            f"pass applies=lambda m: isinstance(m, {applies.__name__})"
+        )
+    if applies is not None and not callable(applies):
+        raise MiraiError(
+            f"applies must be None or a callable applies(module) -> bool, got {type(applies).__name__} {applies!r}; "
+            f"e.g. applies=lambda m: type(m).__name__ == 'MyEngine'"
+        )
+    if not isinstance(in_state_dict, bool):
+        raise MiraiError(
+            f"in_state_dict must be True or False, got {in_state_dict!r}; True when {attribute!r} shows as a key "
+            f"prefix ('{attribute}.') in the wrapper's state dict"
+        )
     if any(w.attribute == attribute and w.applies is applies for w in _WRAPPERS):
-        raise MiraiError(f"a wrapper at {attribute!r} is already registered")
+        where = "built in" if any(w.attribute == attribute for w in _BUILT_IN) else "registered"
+        raise MiraiError(f"a wrapper at {attribute!r} is already {where}")
     wrapper = Wrapper(attribute, applies, in_state_dict)
     _WRAPPERS.append(wrapper)
     return wrapper
 
 
-def unregister_wrapper(attribute: str) -> None:
-    """Forget the wrapper types registered at ``attribute`` by ``register_wrapper``."""
-    kept = [w for w in _WRAPPERS if w.attribute != attribute]
-    if len(kept) == len(_WRAPPERS):
-        raise MiraiError(f"no wrapper is registered at {attribute!r}")
-    _WRAPPERS[:] = kept
+def unregister_wrapper(wrapper: str | Wrapper) -> None:
+    """Forget wrapper types added by ``register_wrapper``: the one it returned, or all of them at an attribute.
+
+    The built-in entries (DDP's ``module``, FSDP, checkpointing, compile, PEFT) stay.
+    """
+    user = _WRAPPERS[len(_BUILT_IN):]
+    if isinstance(wrapper, Wrapper):
+        kept = [w for w in user if w is not wrapper]
+        name = wrapper.attribute
+    elif isinstance(wrapper, str):
+        kept = [w for w in user if w.attribute != wrapper]
+        name = wrapper
+    else:
+        raise MiraiError(
+            f"unregister_wrapper takes the attribute or the Wrapper that register_wrapper returned, "
+            f"got {type(wrapper).__name__}"
+        )
+    if len(kept) == len(user):
+        built_in = " (a built-in entry, which stays)" if any(w.attribute == name for w in _BUILT_IN) else ""
+        raise MiraiError(f"no wrapper is registered at {name!r} by register_wrapper{built_in}")
+    _WRAPPERS[len(_BUILT_IN):] = kept
 
 
 def wrapper_attributes(*, containers: bool = False) -> tuple[str, ...]:
@@ -168,19 +207,35 @@ def strip_wrapper_prefixes(key: str) -> str:
         key = stripped
 
 
+def declared_patch_size(model: nn.Module, *, fix: str = "") -> tuple[int, int, int] | None:
+    """``(p_t, p_h, p_w)`` the model declares, through wrappers and containers, or ``None``.
+
+    diffusers keeps it in ``config.patch_size`` (the attribute there is deprecated), Wan's
+    ``WanModel`` as an attribute. A declared size that is not three ints >= 1 (a ViT's
+    ``16``, CogVideoX's ``2``) is refused: the model is not a Wan transformer.
+    """
+    for module, path in wrapper_chain(model, containers=True):
+        value, where = getattr(getattr(module, "config", None), "patch_size", None), f"{path}.config.patch_size"
+        if value is None:
+            value, where = getattr(module, "patch_size", None), f"{path}.patch_size"
+        if value is None:
+            continue
+        values = tuple(value) if isinstance(value, Iterable) and not isinstance(value, (str, bytes)) else ()
+        if len(values) != 3 or not all(is_int(v) and v >= 1 for v in values):
+            raise MiraiError(
+                f"{where} is {value!r}, not Wan's (p_t, p_h, p_w) of three ints >= 1 (Wan 2.1/2.2: (1, 2, 2)): "
+                f"{type(module).__name__} is not a Wan transformer" + (f"; {fix}" if fix else "")
+            )
+        return int(values[0]), int(values[1]), int(values[2])
+    return None
+
+
 def patch_size(model: nn.Module) -> tuple[int, int, int]:
     """``(p_t, p_h, p_w)`` of a Wan-style model, through wrappers and containers.
 
-    diffusers keeps it in ``config.patch_size`` (the attribute there is deprecated), Wan's
-    ``WanModel`` as an attribute; Wan's ``(1, 2, 2)`` when none is found.
+    What the model declares (``declared_patch_size``), else Wan's ``(1, 2, 2)``.
     """
-    for module, _ in wrapper_chain(model, containers=True):
-        patch = getattr(getattr(module, "config", None), "patch_size", None)
-        if patch is None:
-            patch = getattr(module, "patch_size", None)
-        if patch is not None:
-            return tuple(int(p) for p in patch)  # type: ignore[return-value]
-    return _WAN_PATCH
+    return declared_patch_size(model) or _WAN_PATCH
 
 
 def token_count(model: nn.Module, frames: int, height: int, width: int) -> int:

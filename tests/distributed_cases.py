@@ -236,6 +236,44 @@ def nonfinite_on_one_rank(rank: int, world_size: int) -> None:
     dist.barrier()  # reached by both ranks: nobody is stuck
 
 
+def refused_state(rank: int, world_size: int, strategy: str) -> None:
+    """Rank 0's state holds another head's optimizer state: every rank raises, none hangs, no rank's
+    head changes; then the right state loads on every rank."""
+    generator, encoder, head = _models()
+    shard_head(head, strategy, **_head_wrap_kwargs(strategy, False))
+    noise, cond = make_inputs(0, batch=1, frames=FRAMES)
+    _generator_step(generator, encoder, head, noise, cond)
+    head.step()
+    state = head.training_state()
+    _, _, other = _models(seed=2, config=CONFIG.replace(predictor_depth=2))
+    _generator_step(generator, encoder, other, noise, cond)
+    other.step()
+    foreign = other.training_state()["optimizer"]
+
+    _, _, fresh = _models(seed=1)
+    shard_head(fresh, strategy, **_head_wrap_kwargs(strategy, False))
+    _generator_step(generator, encoder, fresh, noise, cond)
+    fresh.step()
+    before = fresh.training_state()
+    refused = {**state, "optimizer": foreign} if rank == 0 else {}
+    try:
+        fresh.load_training_state(refused)
+    except MiraiError as error:
+        assert "optimizer state does not fit" in str(error) or "rank 0 refused" in str(error), str(error)
+    else:
+        raise AssertionError(f"rank {rank}: rank 0's refused state loaded")
+    after = fresh.training_state()
+    if rank == 0:
+        _assert_close("head after a refused load", after["head"], before["head"], 0.0)
+        _assert_close("optimizer after a refused load", after["optimizer"]["state"], before["optimizer"]["state"], 0.0)
+        assert after["steps_taken"] == before["steps_taken"] and torch.equal(after["replay_rng"], before["replay_rng"])
+    fresh.load_training_state(state if rank == 0 else {})
+    again = fresh.training_state()
+    if rank == 0:
+        _assert_close("reloaded head", again["head"], state["head"], 0.0)
+        _assert_close("reloaded optimizer", again["optimizer"]["state"], state["optimizer"]["state"], 0.0)
+
+
 def uneven_replay(rank: int, world_size: int) -> None:
     """Rank 1 has nothing cached: replicated replay still synchronises (mean over all pairs)."""
     generator, encoder, head = _models()
@@ -254,6 +292,25 @@ def uneven_replay(rank: int, world_size: int) -> None:
     _assert_close("replayed head", head.state_dict(), ref.state_dict(), 2e-6)
     if rank == 0:
         _assert_close("replay loss", loss, ref_loss, 1e-6)
+
+
+def replay_before_step(rank: int, world_size: int) -> None:
+    """head.replay() before head.step() where only rank 0 has gradients waiting: every rank raises (none is
+    left in a collective) and keeps its cache; after head.step() the replay runs on every rank."""
+    generator, encoder, head = _models()
+    noise, cond = make_inputs(rank, batch=1, frames=FRAMES)
+    _generator_step(generator, encoder, head, noise, cond)
+    if rank == 1:
+        head.zero_grad(set_to_none=True)
+    try:
+        head.replay()
+    except MiraiError as error:
+        assert "would discard the head's gradients" in str(error), str(error)
+    else:
+        raise AssertionError(f"rank {rank}: no error for replay() before step()")
+    assert head.replay_pairs == 3
+    head.step()
+    assert head.replay() is not None
 
 
 def encoder_gathers_once(rank: int, world_size: int) -> None:

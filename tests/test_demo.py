@@ -235,6 +235,10 @@ def test_demo_options_are_validated():
         make_config(layer=4)
     with pytest.raises(MiraiError, match="offsets"):
         make_config(offsets=())
+    # a 4-segment training clip whose first segment is given: the student generates segments 1-3
+    with pytest.raises(MiraiError, match=r"--offsets 3: .* the furthest offset with a target is 2"):
+        make_config(registration=1, offsets=(0, 3))
+    assert make_config(registration=1, offsets=(0, 2)).foresight["offsets"] == (0, 2)
     with pytest.raises(MiraiError, match="--seeds must be >= 1"):
         make_config(seeds=0)
     assert make_config(registration=1, steps=7, layer=1).deviations == ("generator_steps=7", "layer=1")

@@ -37,5 +37,9 @@ def test_replay_with_nothing_cached_on_one_rank_stays_synchronised():
     cases.spawn(cases.uneven_replay)
 
 
+def test_misuse_order_replay_before_step_raises_on_every_rank():
+    cases.spawn(cases.replay_before_step)
+
+
 def test_fsdp_encoder_is_gathered_once_per_unit_up_to_its_layer():
     cases.spawn(cases.encoder_gathers_once)

@@ -141,16 +141,20 @@ def configs_added_by_patches():
 
 
 @pytest.mark.parametrize("name, text", list(configs_added_by_patches()))
-def test_the_patches_configs_are_read_as_written(name, text):
+def test_the_patches_configs_are_read_as_written(name, text, tmp_path):
     from mirai_plugin.integrations.self_forcing import upstream_config
 
     config = OmegaConf.create(text)
     stage = "ode" if name.endswith("-ode") else "dmd"
     if name == "longlive":  # LongLive 2.0: sections flattened as its normalize_config does; its generator lr
         from mirai_plugin.integrations.longlive import longlive_config
-        from mirai_plugin.tooling.flops import flatten_longlive
+        from mirai_plugin.tooling.trainer_config import normalize_longlive
 
-        cfg, lr = longlive_config(flatten_longlive(config)), 1e-5
+        with pytest.raises(MiraiError, match="needs foresight_encoder_ckpt"):  # shipped unset: the user sets it
+            longlive_config(normalize_longlive(config))
+        (tmp_path / "wan.pt").write_bytes(b"")
+        config.foresight_encoder_ckpt = str(tmp_path / "wan.pt")
+        cfg, lr = longlive_config(normalize_longlive(config)), 1e-5
         assert cfg.segment_frames == 8 and cfg.encoder_layer == 15
     else:
         cfg, lr = upstream_config(config, stage), 2e-6
@@ -567,38 +571,12 @@ def test_meta_device_inputs_are_refused_by_name():
 
 @pytest.fixture
 def toy_with_config(tmp_path, monkeypatch):
-    from dataclasses import dataclass
-
-    from mirai_plugin.tooling.patching import UpstreamPatch
-
-    @dataclass(frozen=True)
-    class Toy(UpstreamPatch):
-        body: str = ""
-
-        def text(self):
-            return self.body
-
-    def git(*args):
-        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+    from toy_upstream import WITH_CONFIG, TextPatch, git, repository
 
     repo = tmp_path / "upstream"
-    repo.mkdir()
-    git("init", "-q")
-    (repo / "train.py").write_text("import os\n\nloss = 1\n")
-    (repo / "model.py").write_text("x = 1\n")
-    git("add", ".")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
-    body = (
-        "diff --git a/configs/mirai.yaml b/configs/mirai.yaml\nnew file mode 100644\n--- /dev/null\n"
-        "+++ b/configs/mirai.yaml\n@@ -0,0 +1,2 @@\n+# mirai-plugin: recipe\n+foresight_weight: 0.2\n"
-        "diff --git a/model.py b/model.py\n--- a/model.py\n+++ b/model.py\n"
-        "@@ -1 +1,2 @@\n x = 1\n+y = 2  # mirai-plugin\n"
-        "diff --git a/train.py b/train.py\n--- a/train.py\n+++ b/train.py\n"
-        "@@ -3 +3,2 @@\n loss = 1\n+loss = loss + 0  # mirai-plugin\n"
-    )
-    commit = git("rev-parse", "HEAD").strip()
-    monkeypatch.setitem(PATCHES, "toy", Toy("toy", "example/toy", commit, "toy.patch", "toy", body))
-    return repo, git
+    commit = repository(repo)
+    monkeypatch.setitem(PATCHES, "toy", TextPatch("toy", "example/toy", commit, "toy.patch", "toy", WITH_CONFIG))
+    return repo, lambda *args: git(repo, *args)
 
 
 def test_revert_after_editing_the_patch_config_blames_only_it_and_its_advice_works(toy_with_config, capsys):

@@ -122,7 +122,7 @@ def test_frame_mean_fusion_aligns_every_frame_to_the_frame_average():
 
 def test_one_call_covering_all_segments_needs_tokens_per_frame():
     head = randomise(ForesightHead(config(), 32, 48))
-    hidden = [torch.randn(2, N * S, 32) for _ in range(3)]
+    hidden = [torch.randn(2, N * S, 32, requires_grad=True) for _ in range(3)]
     z = torch.randn(2, 9 * S, 48)
     whole = head([torch.cat(hidden, dim=1)], z, tokens_per_frame=S)
     per_segment = head(hidden, z)
@@ -150,6 +150,7 @@ def test_replay_matches_the_generator_step_and_touches_only_the_head():
     assert all(p.grad is None for p in generator.parameters())
 
     before = [p.clone() for p in head.parameters()]
+    head.zero_grad()  # the step=False gradients were only inspected
     head.replay()  # with the optimizer step
     assert any(not torch.equal(a, b) for a, b in zip(before, head.parameters()))
     assert all(p.grad is None for p in head.parameters())
@@ -197,7 +198,7 @@ def test_errors_name_the_problem():
     with pytest.raises(MiraiError, match="nothing captured at TinyWrapper.model.blocks\\[1\\].*torch.no_grad"):
         head(captured, z)
 
-    hidden = [torch.randn(2, N * S, 32) for _ in range(3)]
+    hidden = [torch.randn(2, N * S, 32, requires_grad=True) for _ in range(3)]
     with pytest.raises(MiraiError, match="expected \\(batch, tokens, 32\\).*student_dim=32"):
         head([torch.randn(2, N * S, 16)], z)
     with pytest.raises(MiraiError, match="expected \\(batch, tokens, 48\\).*encoder_dim=48"):
@@ -211,12 +212,12 @@ def test_errors_name_the_problem():
     bad[:, 3 * S * 2] = float("nan")  # inside segment 2
     with pytest.raises(MiraiError, match="encoder targets contain NaN/inf at segments \\[1, 2\\]"):
         head(hidden, bad)
-    nan_hidden = [h.clone() for h in hidden]
+    nan_hidden = [h.detach().clone() for h in hidden]
     nan_hidden[0][0, 0, 0] = float("inf")
     with pytest.raises(MiraiError, match="generator hidden states contain NaN/inf at segments \\[0\\]"):
-        head(nan_hidden, z)
+        head([h.requires_grad_() for h in nan_hidden], z)
 
-    edited = [h.clone() for h in hidden]
+    edited = [h.detach().clone() for h in hidden]
     from mirai_plugin import HiddenRecord
 
     records = [HiddenRecord(h, None, i, h._version) for i, h in enumerate(edited)]
@@ -248,7 +249,7 @@ def test_bfloat16_head_and_states_give_a_float32_term():
 
 def test_breakdown_names_segments_and_unweighted_losses():
     head = randomise(ForesightHead(config(offsets=(1,)), 32, 48))
-    hidden = [torch.randn(2, N * S, 32) for _ in range(3)]
+    hidden = [torch.randn(2, N * S, 32, requires_grad=True) for _ in range(3)]
     z = torch.randn(2, 9 * S, 48)
     loss, parts = head(hidden, z, return_breakdown=True)
     assert parts["segments"] == [0, 1]  # the last segment has no next segment

@@ -3,7 +3,6 @@
 
 import argparse
 import math
-import re
 
 import pytest
 import torch
@@ -146,47 +145,6 @@ def test_the_capture_also_works_as_a_with_block():
     assert mirai.log_values()["foresight_loss"] == pytest.approx((total - loss).item(), abs=1e-6)
     with pytest.raises(MiraiError, match="outside the Mirai capture"):
         mirai.add_term(loss, labels, codes)
-
-
-def test_the_names_before_0_2_warn_and_still_work():
-    torch.manual_seed(0)
-    model = TinyLlamaGen()
-    old = LlamaGenMirai(model, args_for(*E), steps_per_epoch=4, device=0)
-    new = LlamaGenMirai(model, args_for(*E), steps_per_epoch=4, device=0)
-    new.head.load_state_dict(old.head.state_dict())
-    new.source.load_state_dict(old.source.state_dict())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the model stays put: compare the glues only
-    codes, labels = torch.randint(0, VOCAB, (2, GRID * GRID)), torch.randint(0, CLASSES, (2,))
-
-    with pytest.warns(DeprecationWarning, match=r"begin\(model\) is deprecated .* use begin_capture\(\)"):
-        old.begin(model)
-    _, loss = model(cond_idx=labels, idx=codes[:, :-1], targets=codes)
-    old.add_term(loss, labels, codes).backward()
-    with pytest.warns(DeprecationWarning, match=r"after_step.* use after_generator_step\(\)"):
-        old.after_step(model, None)
-    optimizer.zero_grad()
-
-    new.begin_capture()
-    _, loss = model(cond_idx=labels, idx=codes[:, :-1], targets=codes)
-    new.add_term(loss, labels, codes).backward()
-    new.after_generator_step()
-    optimizer.zero_grad()
-    assert old.head.steps_taken == new.head.steps_taken == 1
-    for a, b in zip(old.head.parameters(), new.head.parameters()):
-        assert torch.equal(a, b)
-    assert torch.equal(old.source.model.layers[0].weight, new.source.model.layers[0].weight)
-
-    class Logger:
-        def __init__(self):
-            self.lines = []
-
-        def info(self, line):
-            self.lines.append(line)
-
-    logger = Logger()
-    with pytest.warns(DeprecationWarning, match=r"log\(logger\).* use log_values\(\)"):
-        old.log(logger)
-    assert len(logger.lines) == 1 and re.fullmatch(r"mirai \(ema\): term -?\d\.\d{4}, lambda 2", logger.lines[0])
 
 
 def test_a_failed_forward_leaves_no_hook_for_the_next_step():

@@ -5,11 +5,13 @@ import types
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_config import OFFICIAL_RECIPE
 
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.integrations.longlive import LongLiveForesight, _segment_prompt, longlive_config
-from mirai_plugin.tooling.flops import WAN_2_2_5B, cycle_from_upstream, dmd_cycle, flatten_longlive
+from mirai_plugin.integrations.longlive import LongLiveForesight, _segment_prompt, longlive_config, resolve_longlive
+from mirai_plugin.tooling.flops import WAN_2_2_5B, cycle_for, dmd_cycle
+from mirai_plugin.tooling.trainer_config import normalize_longlive
 
 LONGLIVE = {  # the sections of configs/train_dmd.yaml that the glue and the FLOP model read
     "infra": {"sharding_strategy": "hybrid_full", "mixed_precision": True, "gradient_checkpointing": True},
@@ -24,6 +26,11 @@ LONGLIVE = {  # the sections of configs/train_dmd.yaml that the glue and the FLO
     "foresight_teacher_layer": 15,
     "lr_foresight": 1e-5,
 }
+CAUSAL = {**LONGLIVE, "foresight_encoder": "causal_real_score"}  # the term on without an encoder checkpoint
+
+
+def flatten_longlive(config):
+    return normalize_longlive(OmegaConf.create(config))
 
 
 def glue(**keys):
@@ -33,17 +40,17 @@ def glue(**keys):
 
 
 def test_config_is_read_flat_and_nested_foresight_keys_are_refused():
-    cfg = longlive_config(flatten_longlive(LONGLIVE))
+    cfg = longlive_config(flatten_longlive(CAUSAL))
     assert (cfg.segment_frames, cfg.student_layer, cfg.encoder_layer, cfg.lr) == (8, 15, 15, 1e-5)
     # a key in one of LongLive's sections is flattened like its own keys; a section of one's own is not
-    in_training = {**LONGLIVE, "training": {**LONGLIVE["training"], "foresight_weight": 0.5}}
+    in_training = {**CAUSAL, "training": {**CAUSAL["training"], "foresight_weight": 0.5}}
     assert longlive_config(flatten_longlive(in_training)).weight == 0.5
-    with pytest.raises(MiraiError, match="inside the 'foresight' mapping.*move them to the top level"):
-        longlive_config({**flatten_longlive(LONGLIVE), "foresight": {"foresight_weight": 0.5}})
+    with pytest.raises(MiraiError, match="inside the 'foresight' mapping.*move these keys to the top level"):
+        longlive_config({**flatten_longlive(CAUSAL), "foresight": {"foresight_weight": 0.5}})
     with pytest.raises(MiraiError, match="inside the 'model_kwargs' mapping"):
-        longlive_config({**flatten_longlive(LONGLIVE), "model_kwargs": {"foresight_student_layer": 3}})
+        longlive_config({**flatten_longlive(CAUSAL), "model_kwargs": {"foresight_student_layer": 3}})
     with pytest.raises(MiraiError, match="foresight_scene_cut must be one of"):
-        longlive_config({**flatten_longlive(LONGLIVE), "foresight_scene_cut": "drop"})
+        longlive_config({**flatten_longlive(CAUSAL), "foresight_scene_cut": "drop"})
 
 
 def test_the_bidirectional_encoder_needs_a_checkpoint_and_names_the_options():
@@ -65,8 +72,8 @@ def test_window_first_block_follows_the_dmd_gradient_mask():
 
 def test_i2v_block_zero_is_supervised_unless_masked():
     condition = {"initial_latent": torch.zeros(1, 1, 4, 2, 2)}
-    assert not glue(independent_first_frame=True)._dropped(0, 0, 0, 32, condition)
-    masked = glue(foresight_i2v_first_block="mask", independent_first_frame=True)  # I2V configs set it
+    assert not glue(independent_first_frame=True, i2v=True)._dropped(0, 0, 0, 32, condition)
+    masked = glue(foresight_i2v_first_block="mask", independent_first_frame=True, i2v=True)  # I2V configs set it
     assert masked._dropped(0, 0, 0, 32, condition) and not masked._dropped(1, 0, 0, 32, condition)
     assert not masked._dropped(0, 0, 8, 40, condition)  # the window does not hold the conditioning frame
 
@@ -87,7 +94,8 @@ def test_segment_prompts_come_from_the_sliced_blockwise_embeddings():
 
 
 def test_flops_read_the_longlive_recipe():
-    cycle, foresight = cycle_from_upstream(LONGLIVE)
+    resolved = resolve_longlive(flatten_longlive(CAUSAL))
+    cycle, foresight = cycle_for(resolved), resolved.foresight
     assert cycle.generator == cycle.real_score == WAN_2_2_5B and cycle.tokens_per_frame == 22 * 40
     assert (cycle.frames, cycle.window_frames, cycle.attention_frames, cycle.lora) == (32, 32, 32, True)
     full = dmd_cycle(cycle.__class__(**{**cycle.__dict__, "lora": False}), foresight)

@@ -313,7 +313,8 @@ def fuse_ok(name, value):
     if name == "prefix_frames":
         return is_int(value) and 0 <= value < FRAMES and (FRAMES - value) % 2 == 0
     if name == "offsets":
-        return isinstance(value, list) and bool(value) and all(is_int(v) and v >= 0 for v in value)
+        return (isinstance(value, list) and bool(value) and all(is_int(v) and v >= 0 for v in value)
+                and len(set(value)) == len(value))
     if name == "fusion":
         return value in ("mean", "none", "frame_mean")
     return value is None or (is_int(value) and 0 <= value < 3) or (

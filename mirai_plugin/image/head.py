@@ -15,7 +15,6 @@ The heads own their parameters and their AdamW; nothing is added to the model.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,11 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, HiddenRecord
-from mirai_plugin.checkpoint import gather_state, restore_state
+from mirai_plugin.checkpoint import check_everywhere, check_state, gather_state, restore_state
 from mirai_plugin.checks import Rule, check, check_tensor
 from mirai_plugin.collectives import log_once
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.files import state_problems
 from mirai_plugin.image.config import ImageForesightConfig
 from mirai_plugin.image.grid import grid_pairs
 from mirai_plugin.image.sources import grid_shape
@@ -68,12 +66,8 @@ class TokenForesightHead(nn.Module):
     """
 
     def __init__(self, config: ImageForesightConfig, student_dim: int, encoder_dim: int | None = None,
-                 grid: tuple[int, int] | None = None, *, target_dim: int | None = None) -> None:
+                 grid: tuple[int, int] | None = None) -> None:
         super().__init__()
-        if target_dim is not None:  # the name before 0.2.0
-            warnings.warn("TokenForesightHead(target_dim=...) is deprecated: pass encoder_dim", DeprecationWarning,
-                          stacklevel=2)
-            encoder_dim = target_dim if encoder_dim is None else encoder_dim
         if encoder_dim is None or grid is None:
             raise MiraiError("TokenForesightHead needs (config, student_dim, encoder_dim, grid)")
         if not isinstance(config, ImageForesightConfig):
@@ -258,41 +252,29 @@ class TokenForesightHead(nn.Module):
         }
 
     def load_training_state(self, state: Mapping[str, Any]) -> None:
-        """Resume from ``training_state()``; a state that does not fit changes nothing."""
+        """Resume from ``training_state()``; a state that does not fit changes nothing (its weights,
+        optimizer state and schedule position are all checked before any loads)."""
+        check_everywhere(lambda: self._check_training_state(state), rank0_decides=False)
+        saved = state.get("config")
+        restore_state(self.optimization, state["head"], state.get("optimizer"), what="training state",
+                      target="this image head", fix=f"; it was saved with {saved}" if isinstance(saved, str) else "")
+        self.steps_taken = int(state["steps_taken"])
+
+    def _check_training_state(self, state: Any) -> None:
         if not isinstance(state, Mapping) or state.get("format") != TRAINING_STATE_FORMAT:
             got = type(state).__name__ if not isinstance(state, Mapping) else f"a dict with keys {sorted(state)[:6]}"
             raise MiraiError(
                 f"not an image head training state (got {got}): pass what TokenForesightHead.training_state() "
                 f"returned (from a file: torch.load(path, weights_only=True))"
             )
-        head = state.get("head")
-        problems = state_problems(self.state_dict(), head) if isinstance(head, Mapping) else "no 'head' weights"
-        if problems:
-            saved = state.get("config")
-            raise MiraiError(
-                f"training state does not fit this image head: {problems}"
-                + (f"; it was saved with {saved}" if isinstance(saved, str) else "")
-            )
         check("training state steps_taken", state.get("steps_taken"), Rule("int", minimum=0))
-        restore_state(self.optimization, state["head"], state.get("optimizer"))
-        self.steps_taken = int(state["steps_taken"])
+        saved = state.get("config")
+        check_state(self.optimization, state.get("head"), state.get("optimizer"), what="training state",
+                    target="this image head", fix=f"; it was saved with {saved}" if isinstance(saved, str) else "")
 
     def save_training_state(self, path: str | os.PathLike) -> None:
         """The training state as a ``torch.save`` file."""
         torch.save(self.training_state(), os.fspath(path))
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Deprecated since 0.2.0 (goes in 0.3.0): ``save_training_state`` (``save`` of the video head
-        writes weights only)."""
-        warnings.warn("TokenForesightHead.save is deprecated: use save_training_state", DeprecationWarning,
-                      stacklevel=2)
-        self.save_training_state(path)
-
-    @property
-    def target_dim(self) -> int:
-        """Deprecated since 0.2.0 (goes in 0.3.0): ``encoder_dim``, as in ``ForesightHead``."""
-        warnings.warn("TokenForesightHead.target_dim is deprecated: use encoder_dim", DeprecationWarning, stacklevel=2)
-        return self.encoder_dim
 
     def extra_repr(self) -> str:
         cfg = self.config

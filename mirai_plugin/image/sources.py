@@ -113,10 +113,14 @@ class EMASource:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load what ``state_dict`` returned; a state that does not fit changes nothing."""
+        self.check_state_dict(state)
+        self.model.load_state_dict(state, strict=True)
+
+    def check_state_dict(self, state: Any) -> None:
+        """Raise unless ``state`` loads (names, shapes, dtypes): what ``load_state_dict`` checks first."""
         problems = state_problems(self.model.state_dict(), state) if isinstance(state, Mapping) else "not a dict"
         if problems:
             raise MiraiError(f"EMA source state does not fit the EMA copy: {problems}; pass what state_dict() returned")
-        self.model.load_state_dict(state, strict=True)
 
 
 class FrozenImageEncoder:
@@ -131,8 +135,9 @@ class FrozenImageEncoder:
     The layout is checked against the feature width: ``width``, or the model's
     ``embed_dim`` / ``width`` / ``hidden_size`` (``config.hidden_size``) attribute.
     Features laid out ``(b e p)`` then raise, naming the transpose. Without a known
-    width only features whose last size is the token grid's token count give that
-    layout away; pass ``width=`` to have every layout checked.
+    width the patch axis is the one whose size can be the patch grid (the token
+    grid's count, ``encoder_grid``'s, or a square); when both sizes could be, pass
+    ``width=``.
 
     Args:
         model: the encoder (e.g. DINOv2-B); not modified.
@@ -210,11 +215,27 @@ class FrozenImageEncoder:
                 f"the encoder features have width {e}, expected {self.width} (the width given or the model's); "
                 f"check features= and width="
             )
+        # Without a known width, the patch axis is the one whose size can be the patch count:
+        # the token grid's, the encoder grid's, or (no encoder grid given) a square.
+        fix = "return (batch, patches, width) from features=, or pass width= (the feature width) when it is right"
         tokens = self.grid[0] * self.grid[1]
-        if e == tokens and p != tokens:  # without a known width, the one shape that gives the transpose away
+        if e == tokens and p != tokens:
+            raise MiraiError(f"{transposed} (the last size is the {self.grid[0]}x{self.grid[1]} grid's {tokens} "
+                             f"tokens); {fix}")
+        if p == tokens:
+            return
+        if self.encoder_grid is not None:
+            count = self.encoder_grid[0] * self.encoder_grid[1]
+            if e == count and p != count:
+                raise MiraiError(f"{transposed} (the last size is encoder_grid's {count} patches); {fix}")
+            return
+        square = lambda n: n > 1 and math.isqrt(n) ** 2 == n
+        if square(e) and not square(p):
+            raise MiraiError(f"{transposed} (only the last size, {e}, is a square patch grid); {fix}")
+        if square(e) and square(p):
             raise MiraiError(
-                f"{transposed} (the last size is the {self.grid[0]}x{self.grid[1]} grid's {tokens} tokens); return "
-                f"(batch, patches, width) from features=, or pass width= (the feature width) when the layout is right"
+                f"the encoder features are {p} x {e}: both sizes are squares, so either could be the patch grid; "
+                f"pass width= (the feature width; the model declares none as embed_dim, width or hidden_size)"
             )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.wrappers import patch_size, tokens_per_frame
+from mirai_plugin.wrappers import declared_patch_size, tokens_per_frame, wrapper_chain
 
 __all__ = ["wan_tokens_per_frame"]
 
@@ -33,7 +33,8 @@ def wan_tokens_per_frame(transformer: nn.Module, latents: Tensor) -> int:
 
     Args:
         transformer: a diffusers Wan transformer, bare or wrapped (DDP, FSDP,
-            ``torch.compile``, PEFT), or any model with a 3-d ``patch_size``.
+            ``torch.compile``, PEFT), or any model with a 3-d ``patch_size``; a model
+            that declares none, or another kind, is refused.
         latents: ``(b c f h w)`` (diffusers) or ``(b f c h w)``: only ``h, w`` are read.
 
     Example:
@@ -46,8 +47,17 @@ def wan_tokens_per_frame(transformer: nn.Module, latents: Tensor) -> int:
     if not isinstance(latents, Tensor) or latents.dim() != 5:
         shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
         raise MiraiError(f"wan_tokens_per_frame needs the 5-d latents (b c f h w) the transformer takes, got {shape}")
-    p_t, p_h, p_w = patch_size(transformer)
     h, w = latents.shape[-2:]
+    fix = "pass the head tokens_per_frame= (the tokens the model makes of one latent frame) yourself"
+    declared = declared_patch_size(transformer, fix=fix)
+    if declared is None:
+        chain = " -> ".join(path for _, path in wrapper_chain(transformer, containers=True))
+        raise MiraiError(
+            f"{chain} declares no patch size (config.patch_size or patch_size): not a Wan transformer; {fix}"
+        )
+    p_t, p_h, p_w = declared
+    if h == 0 or w == 0:
+        raise MiraiError(f"latents of shape {tuple(latents.shape)} have no pixels (height x width {h}x{w})")
     if p_t != 1:
         raise MiraiError(
             f"the transformer patches {p_t} latent frames into one token frame; count segment_frames in "

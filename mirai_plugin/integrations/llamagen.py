@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -46,6 +45,7 @@ from mirai_plugin.collectives import broadcast_module
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.image import EMASource, FrozenImageEncoder, ImageForesightConfig, TokenForesightHead
 from mirai_plugin.integrations.glue import CHECKPOINT_KEY, checkpoint_entry
+from mirai_plugin.integrations.resolve import resolve_llamagen
 
 
 def add_mirai_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +81,9 @@ class LlamaGenMirai:
     """
 
     def __init__(self, model: Any, args: Any, steps_per_epoch: int, device: torch.device | int) -> None:
-        self.enabled = getattr(args, "mirai", "none") != "none"
+        # One resolver reads the options for the glue and for `mirai-plugin config check --upstream llamagen`.
+        self.resolved = resolve_llamagen(args, model=model, steps_per_epoch=steps_per_epoch)
+        self.enabled = self.resolved.glue["mirai"] != "none"
         self.head: TokenForesightHead | None = None
         self.source: Any = None  # EMASource (E) or the decoded-image encoder (I)
         self.scaler: Any = None
@@ -94,7 +96,9 @@ class LlamaGenMirai:
         if isinstance(device, int):  # LlamaGen passes the local GPU index
             device = torch.device("cuda", device) if torch.cuda.is_available() else torch.device("cpu")
         device = torch.device(device)
-        self.config = cfg = upstream_config(args, model, steps_per_epoch)
+        cfg = self.resolved.foresight
+        assert isinstance(cfg, ImageForesightConfig)
+        self.config = cfg
         grid = round(model.block_size ** 0.5)
         width = model.config.dim
         if cfg.source == "ema":
@@ -220,58 +224,25 @@ class LlamaGenMirai:
                 keys = sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
                 raise MiraiError(f"checkpoint has no {CHECKPOINT_KEY!r} entry to resume Mirai from; keys: {keys}")
             return
+        if not isinstance(entry, Mapping) or "head" not in entry:
+            got = f"keys {sorted(entry)[:8]}" if isinstance(entry, Mapping) else type(entry).__name__
+            raise MiraiError(f"the checkpoint's {CHECKPOINT_KEY!r} entry has no 'head' state ({got}): pass a "
+                             f"checkpoint that holds what checkpoint_state() returned")
+        source = entry.get("source") if self.config.source == "ema" else None
+        if source is not None:
+            self.source.check_state_dict(source)  # before the head loads: all or nothing
         head.load_training_state(entry["head"])
-        if self.config.source == "ema" and "source" in entry:
-            self.source.load_state_dict(entry["source"])
-
-    # ------------------------------------------- deprecated names (until 0.3)
-
-    def begin(self, model: nn.Module) -> None:
-        """Deprecated since 0.2.0: use ``begin_capture()`` (or ``with capturing():``)."""
-        _deprecated("begin(model)", "begin_capture()")
-        self.begin_capture()
-
-    def after_step(self, model: nn.Module, scaler: Any = None) -> None:
-        """Deprecated since 0.2.0: set ``mirai.scaler = scaler`` once, then call ``after_generator_step()``."""
-        _deprecated("after_step(model, scaler)", "after_generator_step() (with mirai.scaler = scaler set once)")
-        self._step(model, scaler)
-
-    def log(self, logger: Any) -> None:
-        """Deprecated since 0.2.0: log ``log_values()`` yourself."""
-        _deprecated("log(logger)", "log_values()")
-        values = self.log_values()
-        if values:
-            logger.info(f"mirai ({self.config.source}): term {values.get('foresight_loss', 0.0):.4f}, "
-                        f"lambda {values['foresight_weight']:g}")
-
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"LlamaGenMirai.{old} is deprecated since 0.2.0 and goes in 0.3.0: use {new}",
-                  DeprecationWarning, stacklevel=3)
+        if source is not None:
+            self.source.load_state_dict(source)
 
 
 def upstream_config(args: Any, model: Any, steps_per_epoch: int) -> ImageForesightConfig:
     """The ``ImageForesightConfig`` the glue trains with, from the ``--mirai*`` options (``--mirai E`` or
     ``I``), LlamaGen's optimizer options and the GPT (its class-token prefix); lambda steps down after
-    ``--mirai-step-down`` of ``--epochs`` x ``steps_per_epoch`` steps."""
-    total_steps = args.epochs * max(1, steps_per_epoch)
-    return ImageForesightConfig(
-        source="ema" if args.mirai == "E" else "encoder",
-        student_layer=args.mirai_layer,
-        neighbours=args.mirai_neighbours,
-        order=args.mirai_order,
-        border=args.mirai_border,
-        prefix_tokens=model.cls_token_num,
-        projector_dim=args.mirai_projector_dim,
-        weight=args.mirai_weight,
-        weight_changes=((int(total_steps * args.mirai_step_down), args.mirai_weight_after),),
-        weight_start=args.mirai_warmup_steps,
-        ema_decay=args.mirai_ema_decay,
-        lr=args.lr,
-        betas=(args.beta1, args.beta2),
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm or None,
-    )
+    ``--mirai-step-down`` of ``--epochs`` x ``steps_per_epoch`` steps: ``resolve_llamagen(...).foresight``."""
+    config = resolve_llamagen(args, model=model, steps_per_epoch=steps_per_epoch).foresight
+    assert isinstance(config, ImageForesightConfig)
+    return config
 
 
 class _DecodedImageEncoder:
@@ -296,8 +267,6 @@ class _DecodedImageEncoder:
 def _image_source(args: Any, grid: int, device: torch.device) -> _DecodedImageEncoder:
     import importlib
 
-    if not args.mirai_vq_ckpt:
-        raise MiraiError("--mirai I decodes the codes to images: pass --mirai-vq-ckpt (the tokenizer that made them)")
     state = torch.load(args.mirai_vq_ckpt, map_location="cpu", weights_only=False)
     if isinstance(state, nn.Module):  # a whole tokenizer module
         vq = state

@@ -50,6 +50,8 @@ from mirai_plugin import ForesightConfig, FrozenEncoder, HiddenRecord
 from mirai_plugin.collectives import gather_ints
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import load_checkpoint
+from mirai_plugin.integrations.resolve import LONGLIVE_ENCODERS as ENCODERS
+from mirai_plugin.integrations.resolve import ResolvedRun, VideoRun, resolve_longlive
 from mirai_plugin.integrations.self_forcing import (
     UpstreamForesight,
     foresight_of,
@@ -57,30 +59,26 @@ from mirai_plugin.integrations.self_forcing import (
     wan_transformer,
     with_foresight_capture,
 )
-from mirai_plugin.keys import GLUE_RULES, glue_value, key_reader
+from mirai_plugin.keys import key_reader
 from mirai_plugin.wrappers import strip_wrapper_prefixes, tokens_per_frame
 
-__all__ = ["ENCODERS", "LongLiveForesight", "foresight_of", "longlive_config", "with_foresight_capture"]
+__all__ = [
+    "ENCODERS", "LongLiveForesight", "foresight_of", "longlive_config", "resolve_longlive", "with_foresight_capture",
+]
 
-ENCODERS = ("bidirectional", "causal_real_score")
 CHECKPOINT_KEYS = ("generator", "model", "critic")  # where LongLive's own loaders look for weights
 
 
 def longlive_config(args: Any) -> ForesightConfig:
-    """The ``ForesightConfig`` the LongLive glue trains with, after checking the glue keys:
-    what ``mirai-plugin config check`` prints for a LongLive config.
+    """The ``ForesightConfig`` the LongLive glue trains with: ``resolve_longlive(args).foresight``, the
+    resolver that also checks the glue keys and what the trainer runs (``mirai-plugin config check``).
 
     LongLive's ``normalize_config`` flattens only its own sections, so foresight keys must be
-    top-level (or in one of those sections); one in any other mapping is refused here (it would be
+    top-level (or in one of those sections); one in any other mapping is refused (it would be
     silently ignored).
     """
-    _refuse_nested_keys(args)
-    config = ForesightConfig.from_upstream(args)
-    for key in GLUE_RULES:
-        glue_value(args, key)
-    if glue_value(args, "foresight_encoder_name") is not None:
-        raise MiraiError("foresight_encoder_name is for Stage 2 (ODE); LongLive takes foresight_encoder "
-                         f"({' or '.join(ENCODERS)}) and foresight_encoder_ckpt: replace the key")
+    config = resolve_longlive(args).foresight
+    assert isinstance(config, ForesightConfig)
     return config
 
 
@@ -93,23 +91,24 @@ class LongLiveForesight(UpstreamForesight):
     """
 
     def __init__(self, dmd: nn.Module, args: Any) -> None:
-        config = longlive_config(args)
+        resolved = resolve_longlive(args)
         self._args = args
-        self.encoder_choice = glue_value(args, "foresight_encoder", "bidirectional")
-        self.scene_cut = glue_value(args, "foresight_scene_cut", "mask")
-        self.window_first_block = glue_value(args, "foresight_window_first_block", "as_dmd")
-        self.i2v_first_block = glue_value(args, "foresight_i2v_first_block", "supervise")
+        glue = resolved.glue
+        self.encoder_choice = glue["foresight_encoder"]
+        self.scene_cut = glue["foresight_scene_cut"]
+        self.window_first_block = glue["foresight_window_first_block"]
+        self.i2v_first_block = glue["foresight_i2v_first_block"]
         self._frozen: nn.Module | None = None
         self._terms: list[Tensor] = []
-        if not config.enabled:
-            super().__init__(dmd, args, config)
+        if not resolved.enabled:
+            super().__init__(dmd, resolved)
             return
         # Built under a forked RNG: the trainer's random streams (LoRA init, noise) stay what they
         # would be without the plug-in.
         with torch.random.fork_rng(devices=[]):
             if self.encoder_choice == "bidirectional":
-                self._frozen = _bidirectional_encoder(dmd, args)
-            super().__init__(dmd, args, config)
+                self._frozen = _bidirectional_encoder(dmd, args, resolved)
+            super().__init__(dmd, resolved)
 
     # ----------------------------------------------------------- the term
 
@@ -202,10 +201,17 @@ class LongLiveForesight(UpstreamForesight):
         first_frame = prefix + k * block  # window frame
         if self.window_first_block == "mask" and k == 0:
             return True
-        if self.window_first_block == "as_dmd" and first_frame < block and _dmd_masks_first_block(self._args, rollout):
+        if self.window_first_block == "as_dmd" and first_frame < block and self._dmd_masks_first_block(rollout):
             return True
         holds_condition = start == 0 and first_frame == 0 and conditional_dict.get("initial_latent") is not None
         return holds_condition and self.i2v_first_block == "mask"
+
+    def _dmd_masks_first_block(self, rollout: int) -> bool:
+        """LongLive's ``gradient_mask`` drops the window's first block (not only its first frame) when the
+        rollout length differs from ``min_num_training_frames`` and the first frame is not independent."""
+        run = self.resolved.trainer if self.resolved is not None else None
+        assert isinstance(run, VideoRun)
+        return not run.independent_first_frame and rollout != run.min_frames
 
     def _shots(self, supervised: list[int], count: int, grid_start: int, block: int, conditional_dict: dict):
         """``[(supervised members, (first, last)), ...]``: one entry per shot under ``mask``, one in all
@@ -255,34 +261,6 @@ class LongLiveForesight(UpstreamForesight):
 # ----------------------------------------------------------------- helpers
 
 
-# The sections LongLive's `normalize_config` flattens to the top level (utils/config.py SECTION_KEYS).
-FLATTENED = ("infra", "algorithm", "training", "data", "evaluation", "inference", "logging", "checkpoints")
-
-
-def _refuse_nested_keys(args: Any) -> None:
-    """Foresight keys in a mapping LongLive does not flatten (``model_kwargs``, ``adapter``, a section of
-    one's own such as ``foresight:``) would never reach the trainer's flat config: refuse them."""
-    try:
-        items = list(args.items())
-    except AttributeError:
-        items = list(vars(args).items())
-    for section, values in items:
-        if section in FLATTENED or not hasattr(values, "keys"):
-            continue
-        nested = [key for key in values if isinstance(key, str) and "foresight" in key]
-        if nested or section == "foresight":
-            raise MiraiError(f"foresight key(s) {nested or [section]} inside the {section!r} mapping: LongLive's "
-                             f"normalize_config flattens only {', '.join(FLATTENED)}, so they would be ignored; "
-                             f"move them to the top level")
-
-
-def _dmd_masks_first_block(args: Any, rollout: int) -> bool:
-    """LongLive's ``gradient_mask`` drops the window's first block (not only its first frame) when the
-    rollout length differs from ``min_num_training_frames`` and the first frame is not independent."""
-    read = key_reader(args)
-    return not bool(read("independent_first_frame", False)) and rollout != int(read("min_num_training_frames", 21))
-
-
 def _segment_prompt(prompt_embeds: Tensor, batch: int, first: int, count: int) -> Tensor:
     """The prompt of window segment ``first`` from LongLive's block-wise ``prompt_embeds``
     ((b*n l c), the last n blocks' prompts after DMD's slicing; n = 1: one prompt for all)."""
@@ -293,19 +271,13 @@ def _segment_prompt(prompt_embeds: Tensor, batch: int, first: int, count: int) -
     return prompt_embeds.unflatten(0, (batch, n))[:, index]  # (b l c)
 
 
-def _bidirectional_encoder(dmd: nn.Module, args: Any) -> nn.Module:
-    """Choice (a): a frozen bidirectional Wan2.2-TI2V-5B from ``foresight_encoder_ckpt``, wrapped like the
-    real score (``foresight_encoder_sharding: fsdp``, the default) or replicated on every rank."""
+def _bidirectional_encoder(dmd: nn.Module, args: Any, resolved: ResolvedRun) -> nn.Module:
+    """Choice (a): a frozen bidirectional Wan2.2-TI2V-5B from ``foresight_encoder_ckpt`` (the resolver checked
+    it is set and exists), wrapped like the real score (``foresight_encoder_sharding: fsdp``, the default) or
+    replicated on every rank."""
     import importlib
 
-    path = glue_value(args, "foresight_encoder_ckpt")
-    if not path:
-        raise MiraiError(
-            "foresight_encoder: bidirectional (the default, the paper's method) needs foresight_encoder_ckpt: "
-            "the weights of a bidirectional Wan2.2-TI2V-5B (the base model LongLive distils from). Options: set "
-            "foresight_encoder_ckpt: PATH; or foresight_encoder: causal_real_score to use LongLive's causal real "
-            "score (no extra memory; the paper's weaker causal-encoder ablation, offset 0 then sees no future); "
-            "or foresight_weight: 0 to turn the term off. See docs/longlive.md")
+    path = resolved.glue["foresight_encoder_ckpt"]
     state = load_checkpoint(path, what="foresight_encoder_ckpt")
     for key in CHECKPOINT_KEYS:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -321,11 +293,10 @@ def _bidirectional_encoder(dmd: nn.Module, args: Any) -> nn.Module:
         raise MiraiError(f"foresight_encoder_ckpt {path!r} is not a bidirectional {model_kwargs.get('model_name')} "
                          f"WanDiffusionWrapper state dict: {str(error)[:400]}") from None
     encoder.requires_grad_(False).eval()
-    sharding = glue_value(args, "foresight_encoder_sharding", "fsdp")
-    if sharding == "fsdp":
+    run = resolved.trainer
+    assert isinstance(run, VideoRun)
+    if resolved.glue["foresight_encoder_sharding"] == "fsdp":
         fsdp_wrap = importlib.import_module("utils.distributed").fsdp_wrap
-        read = key_reader(args)
-        return fsdp_wrap(encoder, sharding_strategy=read("sharding_strategy", "full"),
-                         mixed_precision=bool(read("mixed_precision", False)),
-                         wrap_strategy=read("real_score_fsdp_wrap_strategy", "size"))
+        return fsdp_wrap(encoder, sharding_strategy=run.sharding_strategy, mixed_precision=run.mixed_precision,
+                         wrap_strategy=key_reader(args)("real_score_fsdp_wrap_strategy", "size"))
     return encoder.to(device=model_device(dmd), dtype=getattr(dmd, "dtype", torch.float32))

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from mirai_plugin.capture import CapturedHidden, capture_hidden
-from mirai_plugin.checks import Rule, check
+from mirai_plugin.checkpoint import restore_state
 from mirai_plugin.collectives import broadcast_module, log_once
 from mirai_plugin.config import ForesightConfig
 from mirai_plugin.distributed import shard_head
@@ -60,7 +60,7 @@ from mirai_plugin.errors import MiraiError
 from mirai_plugin.files import load_checkpoint
 from mirai_plugin.head import ForesightHead
 from mirai_plugin.integrations.glue import CHECKPOINT_KEY, checkpoint_entry
-from mirai_plugin.keys import GLUE_RULES, glue_value, key_reader
+from mirai_plugin.integrations.resolve import ODE_ENCODER, ResolvedRun, VideoRun, resolve_self_forcing  # noqa: F401
 from mirai_plugin.wrappers import tokens_per_frame, wrapper_chain
 
 
@@ -84,27 +84,34 @@ def with_foresight_capture(generator_loss: Callable) -> Callable:
 
 
 class UpstreamForesight:
-    """Shared state and trainer hooks; subclasses say where the encoder and inputs come from."""
+    """Shared state and trainer hooks; subclasses say where the encoder and inputs come from.
 
-    def __init__(self, model: Any, args: Any, config: ForesightConfig) -> None:
+    ``resolved`` is what the upstream's resolver (``mirai_plugin.integrations.resolve``) made of the
+    trainer's config, the same object ``mirai-plugin config check`` prints; ``None``: off.
+    """
+
+    def __init__(self, model: Any, resolved: ResolvedRun | None) -> None:
         self._model = model  # the upstream DMD / ODERegression object (holds the generator)
+        self.resolved = resolved
+        config = resolved.foresight if resolved is not None else ForesightConfig(weight=0.0)
+        assert isinstance(config, ForesightConfig)  # the video resolvers give one
         self.config = config
         self.head: ForesightHead | None = None
         self._captured: CapturedHidden | None = None
         self._logged: dict[str, Tensor] = {}
-        if not config.enabled:
+        if resolved is None or not config.enabled:
             return
         student = wan_transformer(model.generator)
         self.config = config = config.replace(num_heads=config.num_heads or getattr(student, "num_heads", None))
-        sharding = glue_value(args, "foresight_head_sharding", "replicate")
-        init = glue_value(args, "foresight_head_init")
+        sharding, init = resolved.glue["foresight_head_sharding"], resolved.glue["foresight_head_init"]
         checkpoint = load_checkpoint(init, what="foresight_head_init") if init else None  # before any change
         log_once(f"mirai_plugin: foresight term on, {config}", logging.INFO)
         self.head = ForesightHead(config, student.dim, self._encoder_dim()).to(device=model_device(model))
         if sharding == "replicate":
             broadcast_module(self.head)  # ranks seed differently; the head starts identical everywhere
         else:
-            shard_head(self.head, sharding, **_head_wrap_kwargs(sharding, args, self.head))
+            assert isinstance(resolved.trainer, VideoRun)
+            shard_head(self.head, sharding, **_head_wrap_kwargs(sharding, resolved.trainer, self.head))
         if checkpoint is not None:
             self.load_checkpoint_state(checkpoint, strict=True)
 
@@ -185,7 +192,14 @@ class UpstreamForesight:
             head.load_training_state(entry)
         elif "mirai_projector" in checkpoint:
             official = ForesightHead.load_official(checkpoint, config=self.config)
-            head.load_state_dict(official.state_dict(), strict=True)
+            widths = (official.student_dim, official.encoder_dim)
+            if widths != (head.student_dim, head.encoder_dim):
+                raise MiraiError(
+                    f"the official projector is for widths {widths[0]}->{widths[1]}, the trainer's head is "
+                    f"{head.student_dim}->{head.encoder_dim}: it was trained with another generator or encoder"
+                )
+            # Through the head's state module (FSDP gathers), checked before anything loads.
+            restore_state(head.optimization, official.state_dict(), None, what="official checkpoint")
         elif strict:
             raise MiraiError(
                 f"checkpoint has neither a {CHECKPOINT_KEY!r} entry nor an official 'mirai_projector'; "
@@ -212,7 +226,7 @@ class DMDForesight(UpstreamForesight):
     """
 
     def __init__(self, dmd: Any, args: Any) -> None:
-        super().__init__(dmd, args, upstream_config(args, "dmd"))
+        super().__init__(dmd, resolve_self_forcing(args, "dmd"))
 
     def _encoder(self) -> Any:
         # Looked up on every call: the trainer replaces `real_score` by its FSDP wrapper.
@@ -244,11 +258,11 @@ class ODEForesight(UpstreamForesight):
     """
 
     def __init__(self, model: Any, args: Any) -> None:
-        config = upstream_config(args, "ode")
+        resolved = resolve_self_forcing(args, "ode")
         self._frozen: nn.Module | None = None
-        if config.enabled:
-            self._frozen = _build_frozen_wan(glue_value(args, "foresight_encoder_name", ODE_ENCODER), model)
-        super().__init__(model, args, config)
+        if resolved.enabled:
+            self._frozen = _build_frozen_wan(resolved.glue["foresight_encoder_name"], model)
+        super().__init__(model, resolved)
 
     @staticmethod
     def _select(hidden: Tensor) -> Tensor:
@@ -270,32 +284,15 @@ class ODEForesight(UpstreamForesight):
 # ----------------------------------------------------------------- helpers
 
 STAGES = ("dmd", "ode")
-ODE_ENCODER = "Wan2.1-T2V-1.3B"
 
 
 def upstream_config(args: Any, stage: str) -> ForesightConfig:
     """The ``ForesightConfig`` the glue of ``stage`` (``"dmd"``: Stage 3, ``"ode"``: Stage 2) trains
-    with, after checking the glue keys too: what ``mirai-plugin config check`` prints.
-
-    Stage 2 defaults to ``fusion="frame_mean"`` (when neither ``foresight_fusion`` nor
-    ``foresight_delta_mean_pool`` is set) and has no replay (every step is a generator step).
+    with: ``resolve_self_forcing(args, stage).foresight`` (the resolver checks the glue keys and the run too).
     """
-    check("stage", stage, Rule("choice", choices=STAGES))
-    config = ForesightConfig.from_upstream(args)
-    for key in GLUE_RULES:
-        glue_value(args, key)
-    if stage == "dmd":
-        if glue_value(args, "foresight_encoder_name") is not None:
-            raise MiraiError(
-                "foresight_encoder_name applies to Stage 2 (ODE regression); Stage 3 (DMD) takes its targets from "
-                "the real score the trainer already holds (real_name): remove the key"
-            )
-        return config
-    read = key_reader(args)
-    if read("foresight_fusion", None) is None and read("foresight_delta_mean_pool", None) is None:
-        config = config.replace(fusion="frame_mean")  # the paper's best Stage-2 target
-    return config.replace(replay=False)
-
+    config = resolve_self_forcing(args, stage).foresight
+    assert isinstance(config, ForesightConfig)
+    return config
 
 
 def wan_transformer(wrapper: nn.Module) -> Any:
@@ -316,7 +313,7 @@ def model_device(model: Any) -> torch.device:
     return next(model.generator.parameters()).device
 
 
-def _head_wrap_kwargs(sharding: str, args: Any, head: nn.Module) -> dict[str, Any]:
+def _head_wrap_kwargs(sharding: str, run: VideoRun, head: nn.Module) -> dict[str, Any]:
     """The trainer's own FSDP settings (``sharding_strategy``, ``mixed_precision``, size-based
     wrapping), as the official trainer wraps its projector."""
     device = next(head.parameters()).device
@@ -333,13 +330,9 @@ def _head_wrap_kwargs(sharding: str, args: Any, head: nn.Module) -> dict[str, An
         "hybrid_zero2": ShardingStrategy._HYBRID_SHARD_ZERO2,
         "no_shard": ShardingStrategy.NO_SHARD,
     }
-    read = key_reader(args)
-    name = check("sharding_strategy", read("sharding_strategy", "full"),
-                 Rule("choice", choices=tuple(strategies)))
-    mixed = check("mixed_precision", read("mixed_precision", False), Rule("bool"), coerce=True)
     return dict(
-        sharding_strategy=strategies[name],
-        mixed_precision=MixedPrecision(torch.bfloat16, torch.float32, torch.float32) if mixed else None,
+        sharding_strategy=strategies[run.sharding_strategy],  # checked by the resolver
+        mixed_precision=MixedPrecision(torch.bfloat16, torch.float32, torch.float32) if run.mixed_precision else None,
         auto_wrap_policy=functools.partial(size_based_auto_wrap_policy, min_num_params=int(5e7)),
         device_id=device if device.type == "cpu" else device.index,
     )
@@ -353,7 +346,7 @@ def _build_frozen_wan(model_name: str, model: nn.Module) -> nn.Module:
     return encoder.to(device=model_device(model), dtype=dtype).eval()
 
 
-_DISABLED = UpstreamForesight(None, {}, ForesightConfig(weight=0.0))
+_DISABLED = UpstreamForesight(None, None)
 
 
 def foresight_of(model: nn.Module) -> UpstreamForesight:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from mirai_plugin.config import ForesightConfig
@@ -159,10 +160,11 @@ def head_from_official(
         config, student_dim, encoder_dim, state = official_to_head_state(projector_sd, dim_proj, config)
     except MiraiError as error:
         raise MiraiError(f"{where}: {error}") from None  # the same error, naming the file
-    head = cls(config, student_dim, encoder_dim)  # type: ignore[call-arg]
-    expected = head.state_dict()
+    with torch.device("meta"):  # names and shapes only: a refused checkpoint leaves the random state alone
+        expected = cls(config, student_dim, encoder_dim).state_dict()  # type: ignore[call-arg]
     problems = state_problems(expected, state)
     if problems:
         raise MiraiError(f"{where}: official projector does not fit the head: {problems}")
+    head = cls(config, student_dim, encoder_dim)  # type: ignore[call-arg]
     head.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     return head

@@ -7,9 +7,10 @@
     mirai-plugin score RESULTS.json [...] [--json]
     mirai-plugin compare BASELINE CANDIDATE [--bootstrap 10000] [--seed 0] [--json]
     mirai-plugin vbench VIDEOS_DIR --mode standard|long [--dimensions ...] --out DIR --name NAME
-    mirai-plugin flops [CONFIG.yaml] [--json]
-    mirai-plugin memory [CONFIG.yaml] [--world-size N] [--sharded] [--batch B] [--accumulation A] [--json]
-    mirai-plugin config check CONFIG.yaml [--stage dmd|ode] [--json]
+    mirai-plugin flops [CONFIG.yaml] [--upstream NAME] [--no-defaults] [--json]
+    mirai-plugin memory [CONFIG.yaml] [--upstream NAME] [--no-defaults] [--world-size N]
+                        [--head-sharding S | --sharded] [--batch B] [--accumulation A] [--json]
+    mirai-plugin config check CONFIG.yaml [--upstream NAME] [--stage dmd|ode] [--no-defaults] [--json]
     mirai-plugin patch list
     mirai-plugin patch check  --upstream self-forcing PATH
     mirai-plugin patch apply  --upstream self-forcing PATH
@@ -43,13 +44,16 @@ def _patch_command(args: argparse.Namespace) -> int:
     print(f"{patch.repository} at {patch.commit[:12]}: {state.path}")
     if args.action == "check":
         if state.applied and state.lacking:
-            print(f"patch is applied, except in {list(state.lacking)} (restored or removed since); "
-                  "revert removes the rest")
+            print(f"patch is applied, except in {list(state.lacking)}: {state.lacking_details()}. "
+                  f"`mirai-plugin patch revert --upstream {args.upstream} {state.path}` removes the rest")
         else:
             print("patch is applied" if state.applied else "patch applies cleanly (not applied yet)")
         return 0
     verb = "added" if args.action == "apply" else "removed"
     for change in parse_patch(patch.text()):
+        if change.path in state.lacking:  # revert skipped it
+            print(f"  skipped: {change.path} ({'deleted' if change.path in state.deleted else 'restored'} since)")
+            continue
         what = "new file" if change.new_file else f"{len(change.added)} line(s)"
         print(f"  {verb}: {change.path} ({what})")
     return 0
@@ -180,8 +184,10 @@ def _read_json(path: str, what: str) -> Any:
     import json
     from pathlib import Path
 
+    from mirai_plugin.tooling.eval.results import unique_keys
+
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MiraiError(f"{path} is not {what} (not JSON: {error})") from None
 
@@ -191,12 +197,16 @@ def _read_percent_csv(path: str) -> dict[str, Any]:
     from pathlib import Path
 
     table: dict[str, Any] = {}
+    lines: dict[str, int] = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip() or line.lower().startswith("dimension"):
             continue
         cells = [cell.strip() for cell in line.split(",")]
         if len(cells) != 2:
             raise MiraiError(f"{path} line {number}: expected 'dimension,percent', got {line!r}")
+        if cells[0] in lines:
+            raise MiraiError(f"{path}: {cells[0]!r} appears twice, on lines {lines[cells[0]]} and {number}; keep one")
+        lines[cells[0]] = number
         try:
             table[cells[0]] = float(cells[1])
         except ValueError:
@@ -278,20 +288,47 @@ def _vbench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trainer_config(args: argparse.Namespace, *, text: bool) -> Any:
+    """The config file of ``args`` read by its upstream's resolver; the detection is the first line printed."""
+    from mirai_plugin.tooling.trainer_config import load_trainer_config
+
+    loaded = load_trainer_config(args.config, upstream=args.upstream, stage=getattr(args, "stage", None),
+                                 defaults=not getattr(args, "no_defaults", False))
+    if text:
+        print(loaded.detection.line())
+    return loaded
+
+
+def _cycle_of(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """``(loaded config or None, CycleShape, ForesightConfig)``: of the config file, else the official recipe."""
+    from mirai_plugin import ForesightConfig
+    from mirai_plugin.tooling.flops import CycleShape, cycle_for
+
+    if not args.config:
+        if args.upstream:
+            raise MiraiError("--upstream names the reader of a config file: pass the config too")
+        return None, CycleShape(), ForesightConfig()
+    loaded = _trainer_config(args, text=not args.json)
+    cycle, foresight = cycle_for(loaded.resolved), loaded.resolved.foresight
+    if not foresight.enabled:
+        foresight = foresight.replace(weight=ForesightConfig().weight)  # estimate the recipe's term anyway
+    return loaded, cycle, foresight
+
+
 def _flops_command(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import asdict
 
-    from mirai_plugin import ForesightConfig
-    from mirai_plugin.tooling.flops import CycleShape, cycle_from_upstream, dmd_cycle, report
+    from mirai_plugin.tooling.flops import dmd_cycle, report
 
-    if args.config:
-        cycle, foresight = cycle_from_upstream(_load_config(args.config))
-        if not foresight.enabled:
-            foresight = foresight.replace(weight=ForesightConfig().weight)  # estimate the recipe's term anyway
-    else:
-        cycle, foresight = CycleShape(), ForesightConfig()
+    loaded, cycle, foresight = _cycle_of(args)
     result = dmd_cycle(cycle, foresight)
-    print(json.dumps(result, indent=2) if args.json else report(result))
+    if args.json:
+        if loaded is not None:
+            result.update(upstream=loaded.detection.to_dict(), resolved=loaded.resolved.to_dict(), cycle=asdict(cycle))
+        print(json.dumps(result, indent=2))
+    else:
+        print(report(result))
     return 0
 
 
@@ -300,96 +337,61 @@ def _memory_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mirai_plugin import ForesightConfig
-    from mirai_plugin.checks import Rule, check
-    from mirai_plugin.tooling.flops import CycleShape, cycle_from_upstream, flatten_longlive
     from mirai_plugin.tooling.memory import memory_for_cycle
 
-    mixed_precision = True
-    if args.config:
-        upstream = flatten_longlive(_load_config(args.config))  # LongLive: its sections' keys at the top
-        cycle, foresight = cycle_from_upstream(upstream)
-        if not foresight.enabled:
-            foresight = foresight.replace(weight=ForesightConfig().weight)  # estimate the recipe's term anyway
-        value = upstream.get("mixed_precision")
-        mixed_precision = True if value is None else check("mixed_precision", value, Rule("bool"), coerce=True)
-    else:
-        cycle, foresight = CycleShape(), ForesightConfig()
+    loaded, cycle, foresight = _cycle_of(args)
+    sharding, batch, accumulation, mixed_precision = "replicate", 1, 1, True  # the official recipe
+    if loaded is not None:
+        run = loaded.resolved.trainer
+        sharding, batch, accumulation = loaded.resolved.glue["foresight_head_sharding"], run.batch_per_rank, \
+            run.accumulation_steps
+        mixed_precision = run.mixed_precision
+    sharding = "fsdp" if args.sharded else (args.head_sharding or sharding)
     compute_dtype = getattr(torch, args.compute_dtype) if args.compute_dtype else (
         torch.bfloat16 if mixed_precision else torch.float32)
     memory = memory_for_cycle(
-        cycle, foresight, batch_per_rank=args.batch, world_size=args.world_size, sharded=args.sharded,
-        compute_dtype=compute_dtype, accumulation_steps=args.accumulation,
+        cycle, foresight, batch_per_rank=args.batch if args.batch is not None else batch,
+        world_size=args.world_size, sharded=sharding == "fsdp",  # ddp keeps the whole head on every rank
+        compute_dtype=compute_dtype,
+        accumulation_steps=args.accumulation if args.accumulation is not None else accumulation,
     )
-    print(json.dumps(memory.to_dict(), indent=2) if args.json else memory.report())
+    if args.json:
+        report = memory.to_dict()
+        if loaded is not None:
+            report.update(upstream=loaded.detection.to_dict(), resolved=loaded.resolved.to_dict(),
+                          head_sharding=sharding)
+        print(json.dumps(report, indent=2))
+    else:
+        print(memory.report())
     return 0
-
-
-def _load_config(path: str) -> Any:
-    """A trainer's YAML config as OmegaConf loads it."""
-    from pathlib import Path
-
-    try:
-        from omegaconf import OmegaConf
-    except ImportError:
-        raise MiraiError("reading a YAML config needs omegaconf: pip install omegaconf") from None
-    from omegaconf.errors import OmegaConfBaseException
-    from yaml import YAMLError
-
-    file = Path(path)
-    if not file.is_file():
-        raise MiraiError(f"no such config file: {file}" if not file.exists() else f"{file} is not a file")
-    try:
-        return OmegaConf.load(file)
-    except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as error:
-        raise MiraiError(f"{file} is not a readable YAML config: {' '.join(str(error).split())}") from None
 
 
 def _config_command(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from omegaconf import OmegaConf
-
-    from mirai_plugin.integrations.self_forcing import ODE_ENCODER, upstream_config
-    from mirai_plugin.keys import GLUE_KEYS, glue_value
-    from mirai_plugin.tooling.flops import flatten_longlive
-
-    config = flatten_longlive(_load_config(args.config))  # LongLive: its sections' keys at the top
-    stage = args.stage or ("ode" if "foresight_encoder_name" in config else "dmd")
-    base = Path(args.config).with_name("default_config.yaml")
-    merged_over = None
-    if not args.no_defaults and base.is_file() and base.resolve() != Path(args.config).resolve():
-        config, merged_over = OmegaConf.merge(_load_config(str(base)), config), base  # as the trainers merge them
-    foresight = upstream_config(config, stage)
-    glue = {key: glue_value(config, key) for key in GLUE_KEYS}
-    init = glue["foresight_head_init"]
-    if foresight.enabled and init is not None and not os.path.isfile(init):
-        raise MiraiError(
-            f"foresight_head_init: no such file: {init} (a relative path is read from the folder the trainer "
-            f"runs in; run the check there)"
-        )
-    glue["foresight_head_sharding"] = glue["foresight_head_sharding"] or "replicate"
-    if stage == "ode":
-        glue["foresight_encoder_name"] = glue["foresight_encoder_name"] or ODE_ENCODER
-    else:
-        glue.pop("foresight_encoder_name")
+    loaded = _trainer_config(args, text=not args.json)
+    resolved = loaded.resolved
     if args.json:
-        report = {"stage": stage, "enabled": foresight.enabled, "config": foresight.to_dict(), "glue": glue}
-        print(json.dumps(report, indent=2))
+        print(json.dumps({**resolved.to_dict(), "upstream": loaded.detection.to_dict()}, indent=2))
         return 0
-    over = f" (merged over {merged_over}, as the trainer does)" if merged_over else ""
-    print(f"{args.config}{over}: stage {stage}")
+    over = f" (merged over {loaded.merged_over}, as the trainer does)" if loaded.merged_over else ""
+    print(f"{args.config}{over}: stage {resolved.stage}")
+    foresight = resolved.foresight
     state = f"ON, weight {foresight.weight:g}" if foresight.enabled else "OFF (foresight_weight is 0 or absent)"
     print(f"foresight term: {state}")
     for name, value in foresight.to_dict().items():
         print(f"  {name:24s} {value}")
-    for key, value in glue.items():
+    for key, value in resolved.glue.items():
+        print(f"  {key:24s} {value}")
+    print("the trainer runs:")
+    for key, value in resolved.to_dict()["trainer"].items():
         print(f"  {key:24s} {value}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mirai_plugin.tooling.patching import PATCHES  # light: the names the readers take too
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error (or set MIRAI_DEBUG=1)")
@@ -456,17 +458,30 @@ def build_parser() -> argparse.ArgumentParser:
     vb.add_argument("--device", default="cuda")
     vb.set_defaults(run=_vbench_command)
 
+    upstream_help = (f"which trainer's reader applies: {', '.join(PATCHES)} (the names `patch` takes); "
+                     f"default: detected from the config, and the detection printed")
+    no_defaults_help = ("Self-Forcing layout: do not merge default_config.yaml (./configs/, else next to the config), "
+                        "which the trainers merge")
     flops = command(commands, "flops", help="FLOPs of one DMD cycle with and without the foresight term")
     flops.add_argument("config", nargs="?", help="an upstream config (default: the official recipe)")
+    flops.add_argument("--upstream", help=upstream_help)
+    flops.add_argument("--no-defaults", action="store_true", help=no_defaults_help)
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(run=_flops_command)
 
     memory = command(commands, "memory", help="memory the foresight term adds per rank, by component")
     memory.add_argument("config", nargs="?", help="an upstream config (default: the official recipe)")
+    memory.add_argument("--upstream", help=upstream_help)
+    memory.add_argument("--no-defaults", action="store_true", help=no_defaults_help)
     memory.add_argument("--world-size", type=int, default=1, help="ranks (default 1)")
-    memory.add_argument("--sharded", action="store_true", help="the head sharded with FSDP (default: replicated)")
-    memory.add_argument("--batch", type=int, default=1, help="videos per rank per micro-step (default 1)")
-    memory.add_argument("--accumulation", type=int, default=1, help="gradient-accumulation micro-steps (default 1)")
+    memory.add_argument("--head-sharding", choices=("replicate", "ddp", "fsdp"),
+                        help="the head's sharding (default: the config's foresight_head_sharding, else replicate)")
+    memory.add_argument("--sharded", action="store_true", help="the head sharded with FSDP: --head-sharding fsdp")
+    memory.add_argument("--batch", type=int,
+                        help="videos per rank per micro-step (default: the config's batch_size, else 1)")
+    memory.add_argument("--accumulation", type=int,
+                        help="gradient-accumulation micro-steps (default: the config's gradient_accumulation_steps, "
+                             "else 1)")
     memory.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"),
                         help="dtype of the generator and encoder tensors (default: bfloat16 with mixed_precision)")
     memory.add_argument("--json", action="store_true")
@@ -476,10 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     config_actions = config.add_subparsers(dest="action", required=True)
     check = command(config_actions, "check", help="print the resolved foresight settings, or the errors")
     check.add_argument("config", help="the trainer's YAML config")
+    check.add_argument("--upstream", help=upstream_help)
     check.add_argument("--stage", choices=("dmd", "ode"),
-                       help="Stage 3 DMD or Stage 2 ODE glue (default: ode when foresight_encoder_name is set)")
-    check.add_argument("--no-defaults", action="store_true",
-                       help="do not merge the default_config.yaml next to the config (the trainers merge it)")
+                       help="Self-Forcing layout: Stage 3 DMD or Stage 2 ODE glue (default: from the config's trainer "
+                            "key, else ode when foresight_encoder_name is set)")
+    check.add_argument("--no-defaults", action="store_true", help=no_defaults_help)
     check.add_argument("--json", action="store_true")
     check.set_defaults(run=_config_command)
 

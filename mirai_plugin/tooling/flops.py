@@ -18,16 +18,15 @@ forward. One DMD cycle is one generator step and ``critic_ratio`` critic steps
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from mirai_plugin.checks import Rule, check, fail
 from mirai_plugin.config import ForesightConfig
+from mirai_plugin.errors import MiraiError
 from mirai_plugin.head import ForesightHead
-from mirai_plugin.keys import key_reader
+from mirai_plugin.integrations.resolve import ResolvedRun, VideoRun, model_shape
 
 
 @dataclass(frozen=True)
@@ -39,10 +38,15 @@ class TransformerShape:
     cross_attention: bool = True
 
 
-WAN_1_3B = TransformerShape(dim=1536, depth=30, ffn_dim=8960)
-WAN_14B = TransformerShape(dim=5120, depth=40, ffn_dim=13824)
-WAN_2_2_5B = TransformerShape(dim=3072, depth=30, ffn_dim=14336)  # Wan2.2-TI2V-5B (LongLive 2.0)
-WAN_BY_NAME = {"Wan2.1-T2V-1.3B": WAN_1_3B, "Wan2.1-T2V-14B": WAN_14B}
+def transformer_shape(name: str, key: str = "model") -> TransformerShape:
+    """The FLOP shape of a Wan model of the one table (``mirai_plugin.integrations.resolve.WAN_MODELS``)."""
+    model = model_shape(name, key)
+    return TransformerShape(dim=model.dim, depth=model.depth, ffn_dim=model.ffn_dim)
+
+
+WAN_1_3B = transformer_shape("Wan2.1-T2V-1.3B")
+WAN_14B = transformer_shape("Wan2.1-T2V-14B")
+WAN_2_2_5B = transformer_shape("Wan2.2-TI2V-5B")  # LongLive 2.0
 
 
 def block_flops(shape: TransformerShape, queries: int, keys: int) -> int:
@@ -77,6 +81,11 @@ class CycleShape:
     window_frames: int | None = None
     attention_frames: int | None = None
     lora: bool = False
+    encoder: TransformerShape | None = None  # the model giving the targets; None: the real score
+
+    @property
+    def target_model(self) -> TransformerShape:
+        return self.real_score if self.encoder is None else self.encoder
 
 
 def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> dict[str, Any]:
@@ -112,7 +121,7 @@ def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> di
         window_segments = window // cycle.segment_frames
         supervised = sum(1 for k in range(window_segments) if any(k + d < window_segments for d in foresight.offsets))
         rows = supervised * n
-        d, e = cycle.generator.dim, cycle.real_score.dim
+        d, e = cycle.generator.dim, cycle.target_model.dim
         predictor = 0
         if foresight.predictor == "dit":
             head = TransformerShape(dim=d, depth=foresight.predictor_depth, ffn_dim=int(d * foresight.ffn_ratio),
@@ -132,7 +141,7 @@ def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> di
         replays = cycle.critic_ratio - 1 if foresight.replay else 0
         extras = {
             "encoder forward to block l (one pass, t = 0)": forward_flops(
-                cycle.real_score, video, video, blocks=foresight.encoder_layer + 1
+                cycle.target_model, video, video, blocks=foresight.encoder_layer + 1
             ),
             "predictor + projection forward and backward": head_step,
             "recomputation under the activation budget": generator_recompute,
@@ -149,81 +158,22 @@ def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> di
     }
 
 
-LONGLIVE_SECTIONS = ("infra", "algorithm", "training", "data", "evaluation", "inference", "logging", "checkpoints",
-                     "model_kwargs")
-
-
-def flatten_longlive(args: Any) -> Any:
-    """A LongLive 2.0 config (sections, ``model_kwargs.model_name: Wan2.2-TI2V-5B``) as the flat keys its
-    ``normalize_config`` gives the trainer (sections' keys at the top, ``adapter`` kept); other configs
-    are returned unchanged."""
-    model_kwargs = args.get("model_kwargs") if hasattr(args, "get") else None
-    if not hasattr(model_kwargs, "get") or "Wan2.2" not in str(model_kwargs.get("model_name", "")):
-        return args
-    flat = {key: value for key, value in args.items() if key not in LONGLIVE_SECTIONS}
-    for section in LONGLIVE_SECTIONS:
-        values = args.get(section)
-        if hasattr(values, "items"):
-            flat.update({key: value for key, value in values.items() if key not in flat or section != "model_kwargs"})
-    flat["model_kwargs"] = model_kwargs
-    flat["longlive"] = True
-    return flat
-
-
-def _longlive_cycle(args: dict, get: Any) -> CycleShape:
-    """LongLive 2.0: Wan2.2-TI2V-5B for the generator, real and fake scores (and the bidirectional
-    encoder), the rollout (`num_training_frames`), the DMD window (`slice_last_frames`), local attention
-    (`local_attn_size`), `sampling_steps` denoising steps, LoRA without base weight gradients."""
-    _, frames, _, height, width = args.get("image_or_video_shape", (1, 32, 48, 44, 80))
-    rollout = get("num_training_frames", Rule("int", minimum=1), frames)
-    window = get("slice_last_frames", Rule("int", minimum=-1), rollout)
-    local = get("local_attn_size", Rule("int", minimum=-1), -1)
+def cycle_for(resolved: ResolvedRun) -> CycleShape:
+    """The DMD cycle a resolved trainer config runs (``mirai_plugin.integrations.resolve``)."""
+    run = resolved.trainer
+    if resolved.stage != "dmd" or not isinstance(run, VideoRun):
+        raise MiraiError(f"flops and memory model a DMD cycle (generator and critic steps); a {resolved.upstream} "
+                         f"({resolved.stage}) run has none: check its config with `mirai-plugin config check`")
+    assert run.real_score is not None and run.critic is not None and run.frames is not None
+    assert run.critic_ratio is not None and run.tokens_per_frame is not None
     return CycleShape(
-        generator=WAN_2_2_5B, real_score=WAN_2_2_5B, critic=WAN_2_2_5B, frames=rollout,
-        tokens_per_frame=(int(height) // 2) * (int(width) // 2),
-        segment_frames=get("num_frame_per_block", Rule("int", minimum=1), 8),
-        denoising_steps=get("sampling_steps", Rule("int", minimum=1), 4),
-        critic_ratio=get("dfake_gen_update_ratio", Rule("int", minimum=1), 5),
-        checkpointing=get("gradient_checkpointing", Rule("bool"), True),
-        window_frames=None if window == -1 else window, attention_frames=None if local == -1 else local,
-        lora=args.get("adapter") is not None,
+        generator=transformer_shape(run.generator), real_score=transformer_shape(run.real_score),
+        critic=transformer_shape(run.critic), encoder=transformer_shape(run.encoder), frames=run.frames,
+        tokens_per_frame=run.tokens_per_frame, segment_frames=run.frames_per_block,
+        denoising_steps=run.denoising_steps if run.denoising_steps is not None else CycleShape.denoising_steps,
+        critic_ratio=run.critic_ratio, checkpointing=run.checkpointing, window_frames=run.window_frames,
+        attention_frames=run.attention_frames, lora=run.lora,
     )
-
-
-def cycle_from_upstream(args: Any) -> tuple[CycleShape, ForesightConfig]:
-    """Shapes and foresight settings from an upstream (Self-Forcing / Causal-Forcing / LongLive 2.0) config."""
-    args = flatten_longlive(args)
-    foresight = ForesightConfig.from_upstream(args)  # refuses what is not a config first
-    read = key_reader(args)
-
-    def get(key: str, rule: Rule, default: Any = None) -> Any:
-        value = read(key, None)
-        return default if value is None else check(key, value, rule, coerce=True)
-
-    if isinstance(args, dict) and args.get("longlive"):
-        return _longlive_cycle(args, get), foresight
-    cycle = CycleShape()
-    shape = read("image_or_video_shape", None)
-    if shape is not None:
-        expected = "[batch, frames, channels, height, width]: five ints >= 1"
-        if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable) or len(list(shape)) != 5:
-            fail("image_or_video_shape", expected, shape)
-        _, frames, _, height, width = (check("image_or_video_shape", v, Rule("int", minimum=1, what=expected),
-                                             coerce=True) for v in shape)
-        cycle = replace(cycle, frames=frames, tokens_per_frame=(height // 2) * (width // 2))
-    real_name = get("real_name", Rule("choice", choices=tuple(WAN_BY_NAME)), "Wan2.1-T2V-1.3B")
-    steps = read("denoising_step_list", None)
-    if steps is not None and (isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable) or not list(steps)):
-        fail("denoising_step_list", "a non-empty list of timesteps", steps)
-    cycle = replace(
-        cycle,
-        real_score=WAN_BY_NAME[real_name],
-        segment_frames=get("num_frame_per_block", Rule("int", minimum=1), 1),
-        denoising_steps=len(list(steps)) if steps is not None else cycle.denoising_steps,
-        critic_ratio=get("dfake_gen_update_ratio", Rule("int", minimum=1), cycle.critic_ratio),
-        checkpointing=get("gradient_checkpointing", Rule("bool"), True),
-    )
-    return cycle, foresight
 
 
 def report(result: dict[str, Any]) -> str:

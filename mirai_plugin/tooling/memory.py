@@ -190,6 +190,7 @@ def foresight_memory(
     compute_dtype: torch.dtype = torch.bfloat16,
     head_dtype: torch.dtype = torch.float32,
     accumulation_steps: int = 1,
+    encoder_frames: int | None = None,
 ) -> ForesightMemory:
     """Bytes the foresight term adds per rank, by component.
 
@@ -210,12 +211,16 @@ def foresight_memory(
         head_dtype: the head's parameter dtype, also its compute dtype (``predict``
             casts its input to it); float32 as the integration builds it.
         accumulation_steps: micro-steps per generator step; the replay cache keeps all.
+        encoder_frames: frames the encoder sees when they are more than the segments' ``frames`` (a DMD
+            window that starts inside a block: the frames before its first block boundary are in no segment).
 
     Returns:
         a ``ForesightMemory``; all zero when the term is never on (``config.enabled`` false: no head is built).
     """
     _check_arguments(config, student_dim, encoder_dim, frames, tokens_per_frame, batch_per_rank, world_size,
                      sharded, fsdp_units, compute_dtype, head_dtype, accumulation_steps)
+    if encoder_frames is not None and (not isinstance(encoder_frames, int) or encoder_frames < frames):
+        raise MiraiError(f"encoder_frames must be an int >= frames ({frames}), got {encoder_frames!r}")
     context = {"world_size": world_size, "sharded": sharded, "accumulation_steps": accumulation_steps,
                "replay_device": config.replay_device}
     if not config.enabled:
@@ -261,7 +266,7 @@ def foresight_memory(
         "captured_states": 0,  # references to block outputs the generator's graph saves anyway
         "stacked_hidden": b * group * n * d * cb if cb != hb else 0,  # else it is block 0's input
         "hidden_gradient": b * k * n * d * cb,
-        "encoder_output": b * frames * s * e * cb,
+        "encoder_output": b * (encoder_frames or frames) * s * e * cb,
         # The fused loss reads targets from the encoder output; replay caches them one segment at a time.
         "targets": (0 if fused else b * k * target_row * cb) + (b * target_row * cb if config.replay else 0),
         "loss_buffers": _loss_buffers(config, fused, b=b, k=group, o=o, n=n, s=s, e=e,
@@ -306,10 +311,12 @@ def memory_for_cycle(cycle: CycleShape, config: ForesightConfig, **kwargs: Any) 
             f"the cycle has segments of {cycle.segment_frames} frames but the config {config.segment_frames}; "
             f"pass config.replace(segment_frames={cycle.segment_frames})"
         )
+    window = cycle.frames if cycle.window_frames is None else min(cycle.window_frames, cycle.frames)
+    whole = window // cycle.segment_frames * cycle.segment_frames  # the window's whole blocks: its segments
     return foresight_memory(
-        config, student_dim=cycle.generator.dim, encoder_dim=cycle.real_score.dim,
-        frames=cycle.frames if cycle.window_frames is None else min(cycle.window_frames, cycle.frames),
-        tokens_per_frame=cycle.tokens_per_frame, **kwargs,
+        config, student_dim=cycle.generator.dim, encoder_dim=cycle.target_model.dim, frames=whole or window,
+        tokens_per_frame=cycle.tokens_per_frame, encoder_frames=window if whole and whole != window else None,
+        **kwargs,
     )
 
 

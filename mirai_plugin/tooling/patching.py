@@ -186,7 +186,22 @@ class CheckoutState:
     path: Path
     applied: bool
     files: tuple[str, ...]
-    lacking: tuple[str, ...] = ()  # applied, but these files no longer hold the patch (restored or removed)
+    lacking: tuple[str, ...] = ()  # applied, but these files no longer hold the patch (restored or deleted)
+    deleted: tuple[str, ...] = ()  # the lacking files that no longer exist
+
+    def lacking_details(self) -> str:
+        """What became of each file that no longer holds the patch, and how to get it back."""
+        new_files = {c.path for c in parse_patch(self.patch.text()) if c.new_file}
+        parts = []
+        for file in self.lacking:
+            if file in new_files:
+                parts.append(f"{file} (added by the patch) was deleted since; revert, then apply, to add it again")
+            elif file in self.deleted:
+                parts.append(f"{file} (patched) was deleted since; git -C {self.path} checkout -- {file} brings "
+                             f"back the upstream file")
+            else:
+                parts.append(f"{file} holds none of the patch's lines (restored since)")
+        return "; ".join(parts)
 
 
 def inspect_checkout(name: str, path: str | Path) -> CheckoutState:
@@ -199,6 +214,8 @@ def inspect_checkout(name: str, path: str | Path) -> CheckoutState:
         raise MiraiError(f"{path} is not a git checkout; clone {patch.repository} and check out {patch.commit[:12]}")
     head = _git(path, "rev-parse", "HEAD").stdout.strip()
     if head != patch.commit:
+        if not _has_commit(path, patch.commit):
+            raise MiraiError(_other_repository_message(name, patch, path))
         raise MiraiError(
             f"{path} is at commit {head[:12]}, but the {name} patch targets {patch.repository} at {patch.commit[:12]}; "
             f"run: git -C {path} checkout {patch.commit}"
@@ -212,7 +229,8 @@ def inspect_checkout(name: str, path: str | Path) -> CheckoutState:
         if holding:  # applied, at least in part
             if changed:
                 raise MiraiError(_changed_since_message(name, path, changed, {c.path for c in changes if c.new_file}))
-            return CheckoutState(patch, path, True, files, tuple(lacking))
+            deleted = tuple(file for file in lacking if not (path / file).exists())
+            return CheckoutState(patch, path, True, files, tuple(lacking), deleted)
         dirty = [line[3:] for line in _git(path, "status", "--porcelain", "--", *files).stdout.splitlines()]
         if dirty:
             raise MiraiError(
@@ -225,13 +243,44 @@ def inspect_checkout(name: str, path: str | Path) -> CheckoutState:
     return CheckoutState(patch, path, False, files)
 
 
+def _has_commit(path: Path, commit: str) -> bool:
+    return _git(path, "cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode == 0
+
+
+def _other_repository_message(name: str, patch: UpstreamPatch, path: Path) -> str:
+    """Why ``patch.commit`` is missing from ``path``: another repository (named when known), or a clone
+    without that commit. ``git checkout`` cannot help in either case."""
+    remotes = _git(path, "remote", "-v", check=False).stdout.split()
+    urls = sorted({word for word in remotes[1::3]})  # "name url (fetch|push)" triples
+    wanted = patch.repository.lower()
+    same = [url for url in urls if wanted in url.lower().removesuffix(".git")]
+    if same:
+        return (
+            f"{path} is a clone of {patch.repository} ({same[0]}) without the commit the {name} patch targets, "
+            f"{patch.commit[:12]} (a shallow or partial clone?); run: git -C {path} fetch origin {patch.commit} "
+            f"&& git -C {path} checkout {patch.commit}"
+        )
+    others = [p for p in PATCHES.values() if p.repository != patch.repository and _has_commit(path, p.commit)]
+    if others:
+        what = f"a checkout of {others[0].repository}"
+        instead = f"or, to patch this one, --upstream {' or '.join(p.name for p in others)}"
+    else:
+        what = f"a checkout of {urls[0]}" if urls else "a checkout of another repository"
+        instead = "or, if it is another patched upstream, its --upstream (`mirai-plugin patch list`)"
+    return (
+        f"{path} is {what}, not of {patch.repository}: it lacks the commit the {name} patch targets "
+        f"({patch.commit[:12]}), so `git checkout` cannot fix it. Pass a checkout of {patch.repository} "
+        f"(git clone https://github.com/{patch.repository}), {instead}"
+    )
+
+
 def _file_states(path: Path, patch_path: Path, changes: list[FileChange]) -> tuple[list[str], list[str], list[str]]:
     """The patch's files that hold its version, that lack it (never patched, restored or removed), and
     that are in neither state (changed since the patch was applied)."""
     holding, lacking, changed = [], [], []
     for change in changes:
         include = f"--include={change.path}"
-        if change.new_file and not (path / change.path).exists():
+        if not (path / change.path).exists():  # deleted (a tracked file too): revert leaves it deleted
             lacking.append(change.path)
         elif _git(path, "apply", "--check", "-R", include, str(patch_path), check=False).returncode == 0:
             holding.append(change.path)
@@ -261,7 +310,7 @@ def _changed_since_message(name: str, path: Path, changed: list[str], new_files:
 def apply_patch(name: str, path: str | Path) -> CheckoutState:
     state = inspect_checkout(name, path)
     if state.applied:
-        partly = f" (in part: {list(state.lacking)} no longer hold it)" if state.lacking else ""
+        partly = f" (in part: {state.lacking_details()})" if state.lacking else ""
         raise MiraiError(
             f"the {name} patch is already applied in {state.path}{partly}; "
             f"`mirai-plugin patch revert --upstream {name} {state.path}` removes it"
@@ -279,7 +328,7 @@ def revert_patch(name: str, path: str | Path) -> CheckoutState:
     skip = [f"--exclude={file}" for file in state.lacking]
     with _patch_file(state.patch) as patch_path:
         _git(state.path, "apply", "-R", *skip, str(patch_path))
-    return CheckoutState(state.patch, state.path, False, state.files)
+    return CheckoutState(state.patch, state.path, False, state.files, state.lacking, state.deleted)
 
 
 class _patch_file:

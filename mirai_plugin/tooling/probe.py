@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mirai_plugin.checks import Rule, check, check_tensor
+from mirai_plugin.checks import Rule, check, check_finite_values, check_tensor
 from mirai_plugin.errors import MiraiError
 
 
@@ -104,6 +104,14 @@ def probe(
             f"features (videos, segments, tokens, width) and targets (videos, segments, tokens, values) must share "
             f"their first three sizes; got {tuple(features.shape)} and {tuple(targets.shape)}"
         )
+    for name, values in (("features", features), ("targets", targets)):
+        if 0 in values.shape:
+            raise MiraiError(f"{name} of shape {tuple(values.shape)} are empty; every size must be >= 1")
+        if values.is_complex() or values.dtype == torch.bool:
+            raise MiraiError(f"{name} must hold real numbers, got {values.dtype}")
+        # One NaN makes the readout's statistics, and so every PSNR, NaN.
+        check_finite_values(name, values, dims="(video, segment, token, channel)",
+                            fix="drop those videos or fix what produced them")
     v, k = features.shape[:2]
     test = test_videos if test_videos is not None else max(1, v // 4)
     if not 0 < test < v:

@@ -78,6 +78,15 @@ def make_config(*, registration: int = CURRENT, quick_run: bool = False, steps: 
         deviations.append(f"seeds={seeds}")
     foresight = dict(cfg.foresight)
     if offsets is not None:
+        # the student generates segments 1 .. K-1 of a K-segment training clip: offset d has a target for some
+        # of them only when d <= K - 2
+        furthest = cfg.train_segments - 2
+        unused = [d for d in offsets if d > furthest]
+        if unused:
+            raise MiraiError(
+                f"--offsets {' '.join(map(str, unused))}: no generated segment of a {cfg.train_segments}-segment "
+                f"training clip (the first given) has a target that far ahead; the furthest offset with a target "
+                f"is {furthest}")
         foresight["offsets"] = tuple(offsets)
         deviations.append(f"offsets={tuple(offsets)}")
     if layer is not None:

@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -117,13 +118,23 @@ def dimension_from_entries(
     return DimensionResult(name, float(reported), prompts, terms[:, 0], terms[:, 1], count)
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' ``object_pairs_hook``: a key given twice is refused (JSON keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise MiraiError(f"the key {key!r} appears twice in one JSON object; keep one of them")
+        out[key] = value
+    return out
+
+
 def _read_results(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str, str, float, list]]:
     """``(path, key, dimension, aggregate, per-video entries)`` of every dimension of every file, checked."""
-    seen: dict[str, Path] = {}
+    seen: dict[str, tuple[Path, str]] = {}
     for path in paths:
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(), object_pairs_hook=unique_keys)
         except OSError as error:
             raise MiraiError(f"cannot read VBench results {path}: {error.strerror or error}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -138,8 +149,14 @@ def _read_results(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str, str,
             if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], list)):
                 raise MiraiError(f"{path}: {key!r} must be [aggregate, [per-video results]], got {str(value)[:120]}")
             if name in seen:
-                raise MiraiError(f"{path}: dimension {name!r} appears in more than one result file (also {seen[name]})")
-            seen[name] = path
+                first, spelling = seen[name]
+                if first == path:
+                    raise MiraiError(f"{path}: dimension {name!r} appears twice, as {spelling!r} and {key!r}; keep one")
+                raise MiraiError(
+                    f"dimension {name!r} appears in more than one result file: {first} ({spelling!r}) and {path} "
+                    f"({key!r}); pass each dimension once"
+                )
+            seen[name] = (path, key)
             yield path, key, name, check_score(name, value[0], where=f" in {path}"), value[1]
 
 

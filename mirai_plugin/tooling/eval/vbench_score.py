@@ -68,6 +68,21 @@ def canonical(name: str) -> str:
     return name.strip().lower().replace(" ", "_")
 
 
+def canonical_scores(scores: Mapping[Any, Any], *, where: str = "") -> dict[Any, Any]:
+    """``scores`` keyed by canonical names; one dimension under two spellings is refused, naming both
+    (keeping either value would be a silent choice)."""
+    out: dict[Any, Any] = {}
+    spelled: dict[Any, Any] = {}
+    for key, value in scores.items():
+        name = canonical(key) if isinstance(key, str) else key
+        if name in spelled:
+            raise MiraiError(
+                f"VBench dimension {name!r} appears twice{where}, as {spelled[name]!r} and {key!r}; keep one of them"
+            )
+        spelled[name], out[name] = key, value
+    return out
+
+
 def check_dimensions(names, *, where: str = "") -> None:
     names = set(names)
     missing = [d for d in DIMENSIONS if d not in names]
@@ -90,7 +105,7 @@ def final_scores(scores: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(scores, Mapping):
         raise MiraiError(f"scores must map the 16 VBench dimensions to their scores, got {type(scores).__name__}")
-    scores = {canonical(k): v for k, v in scores.items()}
+    scores = canonical_scores(scores)
     check_dimensions(scores)
     normalised = {
         d: (scores[d] - NORMALISATION[d][0]) / (NORMALISATION[d][1] - NORMALISATION[d][0]) * WEIGHT[d]
@@ -120,8 +135,7 @@ def scores_from_percent(table: Mapping[str, float]) -> dict[str, float]:
     if not isinstance(table, Mapping):
         raise MiraiError(f"the table must map the 16 VBench dimensions to percentages, got {type(table).__name__}")
     scores = {}
-    for key, value in table.items():
-        name = canonical(key) if isinstance(key, str) else key
+    for name, value in canonical_scores(table, where=" in the table").items():
         scores[name] = check_score(name, value, where=" in the table", percent=True) / 100.0
     check_dimensions(scores, where=" in the table")
     if all(value <= 0.01 for value in scores.values()):
