@@ -12,6 +12,8 @@ import torch
 from mirai_plugin import MiraiError
 from mirai_plugin.tooling.cli import main
 from mirai_plugin.tooling.demo import pretrained, store
+from mirai_plugin.tooling.demo import registration as registration_module
+from mirai_plugin.tooling.demo import run as run_module
 from mirai_plugin.tooling.demo.dmd import critic_loss, dmd_loss
 from mirai_plugin.tooling.demo.evaluation import consistency, encoder_gate
 from mirai_plugin.tooling.demo.experiment import evaluate_student, train_arm
@@ -273,7 +275,11 @@ def test_models_are_trained_only_when_asked(tmp_path, monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and "--train-models" in err and "hours" in err
 
 
-@pytest.mark.parametrize("registration", [1, 2])
+IN_TRAINING = pytest.mark.xfail(strict=True, raises=(AssertionError, FileNotFoundError),
+                                reason="registration 2's models are in training (tools/train_demo_models.py)")
+
+
+@pytest.mark.parametrize("registration", [1, pytest.param(2, marks=IN_TRAINING)])
 def test_shipped_models_are_the_training_scripts_output_for_this_code(registration):
     cfg = load_config(registration)
     folder = store.SHIPPED / f"registration-{registration}"
@@ -307,10 +313,28 @@ def test_registration_1_reproduces_its_reported_gate():
 
 
 @pytest.mark.slow
+@IN_TRAINING
 def test_shipped_teacher_passes_the_encoder_gate():
     cfg = load_config()
     gate = _gate(cfg.registration)
     assert gate["hidden"]["margin"] >= cfg.gate.margin_db, gate
+
+
+def test_the_demo_runs_the_newest_registration_ready_to_run_and_says_why_not_a_newer_one(monkeypatch, tmp_path, capsys):
+    shipped = {1}  # registrations whose models are shipped
+    monkeypatch.setattr(run_module, "shipped_folder", lambda settings: tmp_path if any(
+        settings == load_config(number).models for number in shipped) else None)
+    assert run_module.default_registration() == (1, "registration 2 is not ready to run (its models are not shipped "
+                                                    "yet and its pilot addendum is not committed yet): running "
+                                                    "registration 1, its predecessor")
+    monkeypatch.setattr(registration_module, "addendum_path", lambda number: tmp_path / f"{number}-pilot.json")
+    (tmp_path / "2-pilot.json").write_text(json.dumps({"chosen": {"generator_steps": 100, "eval_videos": 128,
+                                                                  "seeds": [0, 1, 2]}}))
+    assert run_module.default_registration()[0] == 1  # sized, but its models are still missing
+    shipped.add(2)
+    assert run_module.default_registration() == (2, "")
+    shipped.clear()
+    assert run_module.default_registration() == (2, "")  # nothing ready: registration 2's own error will say why
 
 
 def test_a_failed_gate_stops_a_full_run_before_any_student(tmp_path, monkeypatch, capsys):
@@ -416,7 +440,7 @@ def test_quality_schedule_warms_up_holds_then_decays_from_the_check_that_met_the
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     lrs = []
     log = pretrained.fit(settings, "teacher", model, optimizer, lambda i: lrs.append(optimizer.param_groups[0]["lr"]),
-                         Progress(enabled=False))
+                         Progress(enabled=False), torch.Generator())
     # the decay lasts max(check_every, 0.2 * 40) = 10 steps
     expected = [0.5 * min(1, (i + 1) / 4) for i in range(40)] + [0.5 * (10 - j) / 10 for j in range(10)]
     assert lrs == pytest.approx(expected) and log["steps"] == 50 and log["decay_from"] == 40
@@ -431,10 +455,46 @@ def test_quality_schedule_stops_where_the_decay_still_fits_under_the_cap(monkeyp
     monkeypatch.setattr(pretrained.Validation, "render", classmethod(lambda cls, *a: None))
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    log = pretrained.fit(settings, "student", model, optimizer, lambda i: None, Progress(enabled=False))
+    log = pretrained.fit(settings, "student", model, optimizer, lambda i: None, Progress(enabled=False),
+                         torch.Generator())
     assert log["decay_from"] == 50 and log["steps"] == 60 and log["stopped"].startswith("step cap")  # 50 * 1.2 = 60
     with pytest.raises(MiraiError, match="below one check and its decay"):
         check_models(replace(settings, base_steps=11))
+
+
+@pytest.mark.parametrize("where", ["before the decay", "inside the decay"])
+def test_training_resumed_from_its_file_ends_with_the_weights_of_one_that_never_stopped(tmp_path, monkeypatch, where):
+    """A run interrupted at a training step and started again with the same resume file ends bit for bit where an
+    uninterrupted run ends: the same weights, schedule and checks (processor times aside)."""
+    settings = replace(load_config().models, teacher_dim=8, teacher_depth=1, teacher_steps=12, warmup_steps=2,
+                       check_every=2, validation_videos=2, plateau_checks=1, batch=2, teacher_quality=None)
+    monkeypatch.setattr(pretrained, "read", lambda model, *a, **k: {
+        "loss": 1.0 + 1e-3 * float(sum(p.detach().sum() for p in model.parameters())), "colour_error": {"0.25": 0.0}})
+    whole, whole_log = pretrained.train_bidirectional(settings, "teacher", Progress(enabled=False))
+    assert whole_log["decay_from"] > 2 and whole_log["steps"] == whole_log["decay_from"] + 2  # 2 steps of decay
+    stop_at = 3 if where == "before the decay" else whole_log["decay_from"] + 1
+
+    render = OccludedWorld.render
+
+    def interrupted(world, videos, frames, seed):
+        if seed == 1_000_000 + stop_at:
+            raise KeyboardInterrupt
+        return render(world, videos, frames, seed=seed)
+
+    monkeypatch.setattr(OccludedWorld, "render", interrupted)
+    resume = tmp_path / "teacher.resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        pretrained.train_bidirectional(settings, "teacher", Progress(enabled=False), resume)
+    assert torch.load(resume, weights_only=False)["i"] == stop_at // 2 * 2  # the last check before the stop
+    monkeypatch.setattr(OccludedWorld, "render", render)
+    resumed, resumed_log = pretrained.train_bidirectional(settings, "teacher", Progress(enabled=False), resume)
+    assert {k: v for k, v in resumed_log.items() if k not in ("checks", "final", "seconds")} == {
+        k: v for k, v in whole_log.items() if k not in ("checks", "final", "seconds")}
+    assert [c["loss"] for c in resumed_log["checks"]] == [c["loss"] for c in whole_log["checks"]]
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    with pytest.raises(MiraiError, match="delete it to train from the start"):
+        pretrained.train_bidirectional(replace(settings, teacher_lr=0.5), "teacher", Progress(enabled=False), resume)
 
 
 def test_validation_readings_score_a_perfect_denoiser_and_a_forgetful_one():

@@ -96,10 +96,17 @@ def _demo_command(args: argparse.Namespace) -> int:
     if args.image:
         return _image_demo_command(args)
     from mirai_plugin.tooling.demo.registration import CURRENT
-    from mirai_plugin.tooling.demo.run import make_config, run_demo
+    from mirai_plugin.tooling.demo.run import default_registration, make_config, run_demo
 
+    registration = args.registration
+    if registration is None and args.quick:
+        registration = CURRENT  # a smoke test of the current registration: its tiny models train on the spot
+    if registration is None:
+        registration, note = default_registration()
+        if note:
+            print(note)
     cfg = make_config(
-        registration=args.registration if args.registration is not None else CURRENT,
+        registration=registration,
         quick_run=args.quick,
         steps=args.steps,
         seeds=args.seeds,
@@ -409,8 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="every stage at a tiny size, its tiny models trained on the spot (about a minute; the CI "
                            "smoke test)")
     demo.add_argument("--registration", type=int,
-                      help="video: the registration whose settings and models run (default: the current, 2; "
-                           "1 reproduces the first registration's run, which stops at its encoder gate)")
+                      help="video: the registration whose settings and models run (default: the newest one "
+                           "whose models are shipped and whose size is fixed, and the newest with --quick; 1 "
+                           "reproduces the first "
+                           "registration's run, which stops at its encoder gate)")
     demo.add_argument("--train-models", action="store_true",
                       help="video: train the teacher, base and student when neither shipped nor cached models match "
                            "(hours on a CPU); without it the demo says what it would train and stops")

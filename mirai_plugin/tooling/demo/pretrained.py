@@ -15,6 +15,10 @@ All are denoisers trained on the world's videos, with one of two schedules:
   meets its criterion, or at the latest where the decay still fits under the step cap, a
   linear decay to zero over ``decay_fraction`` of the steps so far, then a final reading.
 
+Under ``quality`` a run can keep a resume file (the model, the optimiser, the noise generator
+and the schedule's state, every ``check_every`` steps); a run given the same file continues
+where it stopped and ends with the same weights as one that never stopped.
+
 ``tools/train_demo_models.py`` trains them; ``store.py`` keeps them. A stored model is used only
 when its recorded key matches ``models_key(settings)``, a hash of the settings and of the source
 of the code that produces it (this module, the world, the models, the quality readings and the
@@ -148,9 +152,18 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _save_resume(path: Path, state: dict) -> None:
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)  # a run stopped while saving keeps the previous file
+
+
 def fit(settings: ModelSettings, name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-        step: Callable[[int], None], progress: Progress) -> dict:
-    """Run ``step(i)`` (one optimiser step on training batch ``i``) under the settings' schedule; the training log."""
+        step: Callable[[int], None], progress: Progress, rng: torch.Generator, resume: Path | None = None) -> dict:
+    """Run ``step(i)`` (one optimiser step on training batch ``i``, drawing noise from ``rng``) under the
+    settings' schedule; the training log. Under ``quality``, ``resume`` (a file) is continued from when it
+    exists and was written for these settings and this code, and is kept up to date every ``check_every``
+    steps; its ``seconds`` count the processor time of the training thread, summed over the runs."""
     cap, lr, began = settings.steps(name), settings.lr(name), time.perf_counter()
     label = f"{name} ({'teacher forcing' if name == 'student' else 'bidirectional'})"
     if settings.schedule == "fixed":
@@ -163,8 +176,22 @@ def fit(settings: ModelSettings, name: str, model: nn.Module, optimizer: torch.o
     criterion, every = settings.criterion(name), settings.check_every
     last_stable = int(cap / (1 + settings.decay_fraction)) // every * every  # the decay must end by the cap
     checks: list[dict] = []
-    i, decay_from, decay_steps, stopped = 0, -1, 0, ""
+    i, decay_from, decay_steps, stopped, spent = 0, -1, 0, "", 0.0
+    key = models_key(settings)
+    if resume is not None and resume.is_file():
+        state = torch.load(resume, weights_only=False)
+        if state["key"] != key:
+            raise MiraiError(f"{resume} was written for other settings or code (key {state['key']}, now {key}): "
+                             "delete it to train from the start")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        i, decay_from, decay_steps, stopped = state["i"], state["decay_from"], state["decay_steps"], state["stopped"]
+        checks, spent = state["checks"], state["seconds"]
+    clock = time.process_time() - spent
     bar = progress.bar(cap, label)
+    bar.update(i)
     while decay_from < 0 or i < decay_from + decay_steps:
         if decay_from < 0:
             _set_lr(optimizer, lr * min(1.0, (i + 1) / settings.warmup_steps))
@@ -174,7 +201,7 @@ def fit(settings: ModelSettings, name: str, model: nn.Module, optimizer: torch.o
         i += 1
         bar.update(i)
         if decay_from < 0 and i % every == 0:
-            checks.append({"step": i, "seconds": time.perf_counter() - began,
+            checks.append({"step": i, "seconds": time.process_time() - clock,
                            **read(model, validation, student=name == "student", low_noise=settings.low_noise(name))})
             bar.note(f"{name} step {i}: {_reading(checks[-1])}")
             if criterion.met(checks):
@@ -183,11 +210,16 @@ def fit(settings: ModelSettings, name: str, model: nn.Module, optimizer: torch.o
                 stopped = f"step cap: the decay starts at step {i} without the criterion met"
             if stopped:
                 decay_from, decay_steps = i, max(every, round(settings.decay_fraction * i))
+        if resume is not None and i % every == 0:
+            _save_resume(resume, {"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "rng": rng.get_state(), "torch_rng": torch.get_rng_state(), "i": i,
+                                  "decay_from": decay_from, "decay_steps": decay_steps, "stopped": stopped,
+                                  "checks": checks, "seconds": time.process_time() - clock})
     bar.close()
     final = read(model, validation, student=name == "student", low_noise=settings.low_noise(name))
     bar.note(f"{name} final ({i} steps): {_reading(final)}")
     return {"schedule": "quality", "criterion": criterion.describe(), "stopped": stopped, "decay_from": decay_from,
-            "steps": i, "checks": checks, "final": final, "seconds": time.perf_counter() - began}
+            "steps": i, "checks": checks, "final": final, "seconds": time.process_time() - clock}
 
 
 def _reading(reading: dict) -> str:
@@ -195,7 +227,8 @@ def _reading(reading: dict) -> str:
     return f"validation loss {reading['loss']:.5f}, reappearance colour error {errors}"
 
 
-def train_bidirectional(settings: ModelSettings, which: str, progress: Progress) -> tuple[Teacher, dict]:
+def train_bidirectional(settings: ModelSettings, which: str, progress: Progress,
+                        resume: Path | None = None) -> tuple[Teacher, dict]:
     """The teacher or the base: a flow-matching x0 denoiser over training clips whose first
     segment is always given clean (t = 0 on its frames, the loss on the others)."""
     offset = {"teacher": 0, "base": 30_000}[which]
@@ -216,11 +249,11 @@ def train_bidirectional(settings: ModelSettings, which: str, progress: Progress)
         loss.backward()
         optimizer.step()
 
-    log = fit(settings, which, model, optimizer, step, progress)
+    log = fit(settings, which, model, optimizer, step, progress, g, resume)
     return model.eval().requires_grad_(False), log
 
 
-def pretrain_student(settings: ModelSettings, progress: Progress) -> tuple[Student, dict]:
+def pretrain_student(settings: ModelSettings, progress: Progress, resume: Path | None = None) -> tuple[Student, dict]:
     """Teacher-forced denoising (gradients through the clean context): the one starting point of
     every run, as a Stage-2 checkpoint is for Stage-3 DMD in the paper."""
     torch.manual_seed(settings.seed + 20_000)
@@ -239,7 +272,7 @@ def pretrain_student(settings: ModelSettings, progress: Progress) -> tuple[Stude
         loss.backward()
         optimizer.step()
 
-    log = fit(settings, "student", student, optimizer, step, progress)
+    log = fit(settings, "student", student, optimizer, step, progress, g, resume)
     return student.eval(), log
 
 
@@ -257,25 +290,31 @@ class Models:
     training: dict = field(default_factory=dict)  # each model's training log, by name
 
 
-def _train(settings: ModelSettings, name: str, verbose: bool = False) -> tuple[nn.Module, dict]:
+def _train(settings: ModelSettings, name: str, verbose: bool = False,
+           resume: Path | None = None) -> tuple[nn.Module, dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same weights whether the three run side by side or one after another
     try:
         progress = Progress(enabled=False, notes=verbose)
         if name == "student":
-            return pretrain_student(settings, progress)
-        return train_bidirectional(settings, name, progress)
+            return pretrain_student(settings, progress, resume)
+        return train_bidirectional(settings, name, progress, resume)
     finally:
         torch.set_num_threads(threads)
 
 
-def train_models(settings: ModelSettings, progress: Progress, *, workers: int = 1) -> Models:
-    """Train the three models (independent of each other), ``workers`` at a time in worker processes."""
+def train_models(settings: ModelSettings, progress: Progress, *, workers: int = 1,
+                 resume_folder: Path | None = None) -> Models:
+    """Train the three models (independent of each other), ``workers`` at a time in worker processes;
+    with ``resume_folder``, each keeps its resume file there (``<name>.resume.pt``) and continues from it."""
+    if resume_folder is not None:
+        resume_folder.mkdir(parents=True, exist_ok=True)
+    resume = {name: resume_folder / f"{name}.resume.pt" if resume_folder else None for name in NAMES}
     if workers <= 1:
-        trained = {name: _train(settings, name, progress.enabled) for name in NAMES}
+        trained = {name: _train(settings, name, progress.enabled, resume[name]) for name in NAMES}
     else:
         with ProcessPoolExecutor(max_workers=min(workers, len(NAMES)), mp_context=get_context("spawn")) as pool:
-            futures = {name: pool.submit(_train, settings, name, progress.enabled) for name in NAMES}
+            futures = {name: pool.submit(_train, settings, name, progress.enabled, resume[name]) for name in NAMES}
             trained = {}
             for name, future in futures.items():
                 trained[name] = future.result()

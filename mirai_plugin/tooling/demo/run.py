@@ -34,7 +34,28 @@ from mirai_plugin.tooling.demo.registration import (
     require_sized,
 )
 from mirai_plugin.tooling.demo.report import figure, summarise, table, verdict
-from mirai_plugin.tooling.demo.store import obtain_models
+from mirai_plugin.tooling.demo.store import obtain_models, shipped_folder
+
+
+def ready_to_run(number: int) -> str:
+    """What registration ``number`` still lacks to run as registered (empty when nothing): its models shipped
+    under their key, and its size fixed by the registration or its pilot addendum."""
+    cfg = load_config(number)
+    missing = [] if shipped_folder(cfg.models) is not None else ["its models are not shipped yet"]
+    if not cfg.sized:
+        missing.append("its pilot addendum is not committed yet")
+    return " and ".join(missing)
+
+
+def default_registration() -> tuple[int, str]:
+    """The newest registration ready to run, and why any newer one is not (empty when it is the current one)."""
+    for number in range(CURRENT, 0, -1):
+        if not ready_to_run(number):
+            note = "" if number == CURRENT else (
+                f"registration {CURRENT} is not ready to run ({ready_to_run(CURRENT)}): running registration "
+                f"{number}, its predecessor")
+            return number, note
+    return CURRENT, ""  # nothing is ready: the current registration's own error says what is missing
 
 
 def make_config(*, registration: int = CURRENT, quick_run: bool = False, steps: int | None = None,
