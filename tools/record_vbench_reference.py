@@ -65,7 +65,7 @@ def inputs() -> dict[str, torch.Tensor]:
 def _stub_unused_imports() -> None:
     """``torchvision`` and ``clip`` are imported by VBench's modules but not called on this path."""
     try:
-        import torchvision.transforms  # noqa: F401
+        import torchvision.transforms
     except Exception:  # missing, or its compiled ops do not match this torch
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
@@ -97,7 +97,7 @@ def record(tensors: dict[str, torch.Tensor]) -> dict:
 
     by_path = {path: tensors[f"features.{v}"] for v, path in enumerate(VIDEOS)}
     frames = {path: [f.numpy() for f in tensors[f"frames.{v}"]] for v, path in enumerate(VIDEOS)}
-    identity = lambda *args, **kwargs: (lambda x: x)  # noqa: E731
+    identity = lambda *args, **kwargs: (lambda x: x)
     subject.load_video = background.load_video = lambda path, *a, **k: by_path[path].clone()
     subject.dino_transform = background.clip_transform = identity
     flickering.get_frames = lambda path: frames[path]
