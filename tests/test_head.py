@@ -50,7 +50,8 @@ def reference_segment_losses(head, hidden, z, offsets):
 
 def reference_loss(head, hidden, z, offsets, weight=None):
     """The segments' mean, times ``weight`` (default: the config's)."""
-    return reference_segment_losses(head, hidden, z, offsets).mean() * (head.config.weight if weight is None else weight)
+    weight = head.config.weight if weight is None else weight
+    return reference_segment_losses(head, hidden, z, offsets).mean() * weight
 
 
 def test_term_matches_the_method_and_gradients_stop_at_the_student_layer():
