@@ -78,4 +78,11 @@ MUTATIONS: list[dict[str, object]] = [
         "new": "    to_first = (phi[..., 1:, :] * phi[..., :1, :]).sum(-1)\n",
         "tests": ["tests/test_eval.py::test_consistency_formulas_match_vbench_on_recorded_inputs"],
     },
+    {
+        "name": "Wan padding trimmed at the wrong end",
+        "file": "mirai_plugin/encoder.py",
+        "old": "            hidden = hidden[:, :tokens]  # (b t e): drop Wan's padding to seq_len\n",
+        "new": "            hidden = hidden[:, -tokens:]  # (b t e): drop Wan's padding to seq_len\n",
+        "tests": ["tests/test_encoder.py::test_wan_wrapper_trims_padding"],
+    },
 ]
