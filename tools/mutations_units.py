@@ -85,4 +85,11 @@ MUTATIONS: list[dict[str, object]] = [
         "new": "            hidden = hidden[:, -tokens:]  # (b t e): drop Wan's padding to seq_len\n",
         "tests": ["tests/test_encoder.py::test_wan_wrapper_trims_padding"],
     },
+    {
+        "name": "diffusers timestep passed as a fraction of 1000",
+        "file": "mirai_plugin/encoder.py",
+        "old": "            timestep=timestep,\n            encoder_hidden_states=encoder_hidden_states,\n",
+        "new": "            timestep=timestep / 1000,\n            encoder_hidden_states=encoder_hidden_states,\n",
+        "tests": ["tests/test_diffusers.py::test_frozen_encoder_passes_timestep_and_extra_keywords"],
+    },
 ]
