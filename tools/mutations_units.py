@@ -92,4 +92,11 @@ MUTATIONS: list[dict[str, object]] = [
         "new": "            timestep=timestep / 1000,\n            encoder_hidden_states=encoder_hidden_states,\n",
         "tests": ["tests/test_diffusers.py::test_frozen_encoder_passes_timestep_and_extra_keywords"],
     },
+    {
+        "name": "replay does not step the head",
+        "file": "mirai_plugin/replay.py",
+        "old": "        if step:\n            optimization.clip_and_step()\n        return total / local_pairs",
+        "new": "        return total / local_pairs",
+        "tests": ["tests/test_distributed.py::test_two_ranks_equal_one_process_on_the_global_batch[fsdp-fsdp-True]"],
+    },
 ]
