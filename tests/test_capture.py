@@ -80,11 +80,20 @@ def test_backward_recomputation_is_not_captured():
 
 def test_grad_only_false_keeps_every_call_keyed_by_position():
     generator, _ = make_pair()
+    outputs = []  # every output of the block, in call order, seen from outside the capture
+    block = generator.model.blocks[LAYER]
+    recorder = block.register_forward_hook(lambda module, args, output: outputs.append(output.detach().clone()))
     with capture_hidden(generator, LAYER, grad_only=False) as captured:
         run(generator)
+    recorder.remove()
     # every call of a segment shares its position: the last call (the context pass) wins
-    assert len(captured) == 3
+    assert len(captured) == 3 and len(outputs) % 3 == 0
     assert not any(r.hidden.requires_grad for r in captured)
+    calls = len(outputs) // 3  # a segment's calls run one after another
+    for k, record in enumerate(captured):
+        assert torch.equal(record.hidden, outputs[(k + 1) * calls - 1])
+        # control: the segment's other calls (its denoising steps) hold other values
+        assert not any(torch.equal(record.hidden, other) for other in outputs[k * calls : (k + 1) * calls - 1])
 
 
 def test_select_and_clone():

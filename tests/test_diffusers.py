@@ -49,14 +49,16 @@ def make_inputs(seed: int = 0, *, batch: int = 2) -> tuple[torch.Tensor, torch.T
     return latents, torch.randn(batch, 3, TEXT_DIM, generator=g)
 
 
-def block_output(model: WanTransformer3DModel, layer: int, latents, prompt_embeds) -> torch.Tensor:
-    """blocks[layer]'s output in a full eval forward at timestep 0, read by a plain forward hook."""
+def block_output(model: WanTransformer3DModel, layer: int, latents, prompt_embeds, timestep=None) -> torch.Tensor:
+    """blocks[layer]'s output in a full eval forward (timestep 0 unless given), read by a plain forward hook."""
+    if timestep is None:
+        timestep = torch.zeros(latents.shape[0], dtype=torch.int64)
     seen = []
     handle = model.blocks[layer].register_forward_hook(lambda m, a, out: seen.append(out))
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(latents, torch.zeros(latents.shape[0], dtype=torch.int64), prompt_embeds, return_dict=False)
+        model(latents, timestep, prompt_embeds, return_dict=False)
     model.train(was_training)
     handle.remove()
     return seen[0]
@@ -95,10 +97,16 @@ def test_frozen_encoder_returns_block_output_and_stops_there():
 def test_frozen_encoder_passes_timestep_and_extra_keywords():
     encoder = tiny_encoder()
     latents, prompt_embeds = make_inputs()
+    timestep = torch.tensor([900, 250])  # one per sample, on diffusers' 0..1000 scale
     noisy = FrozenEncoder(encoder, ENCODER_LAYER)(
-        latents, prompt_embeds, timestep=torch.full((2,), 900), attention_kwargs={"scale": 1.0}
+        latents, prompt_embeds, timestep=timestep, attention_kwargs={"scale": 1.0}
     )
-    assert not torch.equal(noisy, block_output(encoder, ENCODER_LAYER, latents, prompt_embeds))
+    # the model's own forward at these timesteps
+    assert torch.equal(noisy, block_output(encoder, ENCODER_LAYER, latents, prompt_embeds, timestep))
+    # controls: timestep 0, the timesteps swapped between the samples, and the timesteps as fractions of 1000
+    for other in (torch.zeros(2, dtype=torch.int64), timestep.flip(0), timestep / 1000):
+        moved = (noisy - block_output(encoder, ENCODER_LAYER, latents, prompt_embeds, other)).abs().max()
+        assert moved > 1e-2, (other, moved)
 
 
 @pytest.mark.parametrize(

@@ -117,14 +117,32 @@ def test_wan_wrapper_trims_padding():
             return self.model(noisy_image_or_video, timestep, conditional_dict["prompt_embeds"])
 
     _, encoder = make_pair()
-    padded_blocks = encoder.model.blocks
-    pad_hook = padded_blocks[0].register_forward_pre_hook(
-        lambda m, args: (torch.cat([args[0], torch.zeros_like(args[0][:, :5])], dim=1), *args[1:])
-    )
+    blocks, pad = encoder.model.blocks, 5
     video, cond = make_inputs()
+    tokens = 9 * TOKENS_PER_FRAME
+
+    # Reference: blocks 0..LAYER run by hand on the block inputs of an unpadded forward, zeros appended
+    inputs = []
+    handle = blocks[0].register_forward_pre_hook(lambda m, args: inputs.append(args))
+    unpadded = full_forward_hidden(encoder, video, cond)  # (b t e)
+    handle.remove()
+    x, e = inputs[0]  # (b t d), (b d)
+    x = torch.cat([x, torch.zeros_like(x[:, :pad])], dim=1)  # (b t+pad d)
+    with torch.no_grad():
+        for block in blocks[: LAYER + 1]:
+            x = block(x, e)
+
+    pad_hook = blocks[0].register_forward_pre_hook(
+        lambda m, args: (torch.cat([args[0], torch.zeros_like(args[0][:, :pad])], dim=1), *args[1:])
+    )
     z = FrozenEncoder(Padded(encoder.model), LAYER)(video, cond)
     pad_hook.remove()
-    assert z.shape[1] == 9 * TOKENS_PER_FRAME
+    assert z.shape == (2, tokens, 48)
+    assert torch.equal(z, x[:, :tokens])  # the real tokens, in order
+    # controls: the last t tokens (padding kept, first tokens dropped) and the unpadded forward are other values
+    # (attention over the padding moved the real tokens)
+    assert (x[:, pad:] - x[:, :tokens]).abs().max() > 0.1
+    assert (unpadded - x[:, :tokens]).abs().max() > 0.1
 
 
 def test_wan_model_convention_list_input_and_seq_len_padding():

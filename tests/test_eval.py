@@ -1,6 +1,7 @@
 """VBench scoring, the paired bootstrap, consistency formulas and the VBench runner's checks."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,9 +144,54 @@ def test_vbench_runner_fails_fast(tmp_path, monkeypatch):
         run_vbench(videos, mode="short", output=tmp_path / "out", name="x")
 
 
-def test_temporal_flickering_matches_vbench_when_installed():
-    vbench_flicker = pytest.importorskip("vbench.temporal_flickering")
+VBENCH = Path(__file__).parent / "data" / "vbench_reference.safetensors"  # tools/record_vbench_reference.py
+VBENCH_TOLERANCE = 1e-6  # VBench scores float32 cosines and float32 pixel means: about 1e-7 from float64
+
+
+def vbench_reference():
+    from safetensors import safe_open
+
+    with safe_open(VBENCH, "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        results = json.loads(f.metadata()["results"])
+    videos = len(results["temporal_flickering"][1])
+    return [tensors[f"features.{v}"] for v in range(videos)], [tensors[f"frames.{v}"] for v in range(videos)], results
+
+
+def test_consistency_formulas_match_vbench_on_recorded_inputs():
+    """VBench 0.1.5's own subject / background consistency and temporal flickering, recorded on fixed inputs."""
+    features, frames, results = vbench_reference()
+    for name in ("subject_consistency", "background_consistency"):
+        for video, entry in zip(features, results[name][1], strict=True):
+            assert feature_consistency(video).item() == pytest.approx(entry["video_results"], abs=VBENCH_TOLERANCE)
+    for video, entry in zip(frames, results["temporal_flickering"][1], strict=True):
+        assert temporal_flickering(video).item() == pytest.approx(entry["video_results"], abs=VBENCH_TOLERANCE)
+    # video 1 has negative cosines: VBench's score there is not the unclamped mean
+    phi = torch.nn.functional.normalize(features[1].double(), dim=-1)
+    unclamped = (((phi[1:] * phi[:-1]).sum(-1) + (phi[1:] * phi[:1]).sum(-1)) / 2).mean().item()
+    assert abs(unclamped - results["subject_consistency"][1][1]["video_results"]) > 100 * VBENCH_TOLERANCE
+
+    # controls: a small change of the inputs moves the score past the tolerance
     g = torch.Generator().manual_seed(0)
-    frames = (torch.rand(6, 16, 16, 3, generator=g) * 255).round()
-    expected = (255.0 - float(vbench_flicker.mae_seq(frames.numpy()).mean())) / 255.0
-    assert temporal_flickering(frames).item() == pytest.approx(expected, abs=1e-9)
+    nudged = features[0].clone()
+    nudged[2] += 1e-3 * torch.randn(nudged.shape[-1], generator=g)
+    moved = abs(feature_consistency(nudged).item() - results["subject_consistency"][1][0]["video_results"])
+    assert moved > 10 * VBENCH_TOLERANCE, moved
+    closer = frames[0].clone()  # one row of the last frame one level closer to the frame before it
+    step = (closer[-2, 0].int() - closer[-1, 0].int()).sign().to(torch.uint8)
+    closer[-1, 0] += step
+    moved = abs(temporal_flickering(closer).item() - results["temporal_flickering"][1][0]["video_results"])
+    assert moved > 10 * VBENCH_TOLERANCE, moved
+
+
+def test_result_files_reaggregate_to_vbenchs_own_aggregates(tmp_path):
+    """VBench's aggregates of the recorded runs: frame-weighted for the consistencies, a mean for flickering."""
+    features, _, results = vbench_reference()
+    path = write(tmp_path, "vbench", results)
+    frames = {Path(e["video_path"]).name: len(f) for e, f in zip(results["subject_consistency"][1], features)}
+    loaded = load_results([path], frames=frames)
+    for name in results:
+        assert loaded[name].score == pytest.approx(results[name][0], abs=VBENCH_TOLERANCE), name
+    # control: without frame counts the subject score is the mean over videos, not VBench's aggregate
+    unweighted = load_results([path])["subject_consistency"].score
+    assert abs(unweighted - results["subject_consistency"][0]) > 100 * VBENCH_TOLERANCE

@@ -33,8 +33,8 @@ def training_step(head, generator, encoder, seed=0):
     return head(captured, z), explicit, z
 
 
-def reference_loss(head, hidden, z, offsets):
-    """docs/design.md's data flow as a loop: mean of valid offsets, -mean cos per segment, mean, times weight."""
+def reference_segment_losses(head, hidden, z, offsets):
+    """docs/design.md's data flow as a loop: per segment with a valid offset, -mean cos to the mean of its targets."""
     K = z.shape[1] // (N * S)
     seg = lambda k: z[:, k * N * S : (k + 1) * N * S]
     losses = []
@@ -45,7 +45,13 @@ def reference_loss(head, hidden, z, offsets):
         y = torch.stack(parts).mean(0)
         p = head.predict(h)
         losses.append(-F.cosine_similarity(p.reshape(-1, p.shape[-1]), y.reshape(-1, y.shape[-1]), dim=-1).mean())
-    return torch.stack(losses).mean() * head.config.weight
+    return torch.stack(losses)
+
+
+def reference_loss(head, hidden, z, offsets, weight=None):
+    """The segments' mean, times ``weight`` (default: the config's)."""
+    weight = head.config.weight if weight is None else weight
+    return reference_segment_losses(head, hidden, z, offsets).mean() * weight
 
 
 def test_term_matches_the_method_and_gradients_stop_at_the_student_layer():
@@ -253,9 +259,16 @@ def test_breakdown_names_segments_and_unweighted_losses():
     z = torch.randn(2, 9 * S, 48)
     loss, parts = head(hidden, z, return_breakdown=True)
     assert parts["segments"] == [0, 1]  # the last segment has no next segment
-    assert parts["per_segment"].shape == (2,)
-    torch.testing.assert_close(parts["foresight_loss_unweighted"] * 0.2, loss.detach())
-    torch.testing.assert_close(parts["per_segment"].mean(), parts["foresight_loss_unweighted"])
+    with torch.no_grad():
+        per_segment = reference_segment_losses(head, hidden, z, (1,))  # (2)
+        own_segment = reference_segment_losses(head, hidden, z, (0,))[:2]  # control: the neighbouring target
+    # float32 rounding of the same sums in another order: about 1e-7 relative
+    close = dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts["per_segment"], per_segment, **close)
+    torch.testing.assert_close(parts["foresight_loss_unweighted"], per_segment.mean(), **close)
+    torch.testing.assert_close(loss.detach(), 0.2 * per_segment.mean(), **close)  # ForesightConfig's default weight
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(parts["per_segment"], own_segment, **close)
 
 
 def test_replay_grouping_changes_memory_not_gradients():

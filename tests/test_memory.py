@@ -188,7 +188,10 @@ def test_memory_command(tmp_path, capsys):
     assert "GPU peak added per rank" in capsys.readouterr().out
     assert main(["memory", "--world-size", "8", "--sharded", "--accumulation", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["sharded"] and result["replay_cache"] == 8 * result["replay_cache"] // 8 > 0
+    n, k = 3 * 1560, 7  # the recipe's 7 segments of 3 frames; 8 micro-steps of bf16 states and targets
+    assert result["sharded"] and result["replay_cache"] == 8 * (k * n * (1536 + 5120) * 2 + k * 2)
+    count = 92_877_312  # the recipe's head, float32, over 8 ranks
+    assert result["parameters"] == result["gradients"] == math.ceil(count / 8) * 4
     config = tmp_path / "c.yaml"
     config.write_text("image_or_video_shape: [1, 21, 16, 60, 104]\nnum_frame_per_block: 1\nreal_name: Wan2.1-T2V-14B\n"
                       "foresight_weight: 0.2\nmixed_precision: false\n")
