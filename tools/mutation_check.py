@@ -4,7 +4,8 @@ Each entry of ``MUTATIONS`` replaces one piece of text in one file of the packag
 the repository to a temporary folder (the working tree is never edited), applies the break there, runs the
 named tests against the copy (``PYTHONPATH`` = the copy; the integration tests need the ``MIRAI_*_DIR``
 checkouts, README.md in ``integration_tests/``), and reports every named test that failed (caught) or passed
-(missed). A named test that is skipped counts as missed. The exit status is 1 when any mutation was missed.
+(missed). A named test that is skipped counts as missed. First, every named test must pass on the unbroken
+copy (exit status 2 otherwise). The exit status is 1 when any mutation was missed.
 
     python tools/mutation_check.py                 # every mutation, every named test
     python tools/mutation_check.py --fast          # only the named tests under tests/ (seconds to minutes)
@@ -197,6 +198,13 @@ def main(argv=None) -> int:
         shim.mkdir()
         (shim / "sitecustomize.py").write_text(_SITECUSTOMIZE)
         pristine = copy_tree(Path(scratch) / "pristine")
+        # The control: unbroken, every named test passes on the copy (else a failure below says nothing).
+        every = tuple(dict.fromkeys(t for m in chosen for t in selected(m, opts.fast)))
+        baseline = run_tests(pristine, every, shim, opts.timeout)
+        broken = {t: r for t, r in baseline.items() if r != "passed"}
+        if broken:
+            print(f"the unbroken copy does not pass the named tests: {broken}")
+            return 2
         for m in chosen:
             tree = Path(scratch) / m.name
             shutil.copytree(pristine, tree)
