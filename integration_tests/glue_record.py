@@ -12,6 +12,11 @@ seen): ``video`` (the rollout ``add_term`` got), ``captured`` (the generator sta
 ``encoder_output`` (the targets' source), ``prediction`` (the predictor's output: its compute dtype),
 ``head_parameters``, and the replay cache's ``replay_hidden`` / ``replay_target``.
 
+``head_calls`` holds, for every call of the head that builds a term (one per ``add_term``, or one per supervised
+segment across a LongLive scene cut), the term (``term``, weighted), the unweighted loss (``loss``) and the
+per-segment losses in the order of the segments the call got (``per_segment``): the head's own breakdown
+(``return_breakdown=True``), asked for by the recorder; the term returned is the one the call computed.
+
 ``record_ema(trainer_module, events)`` records, each time the trainer builds or updates its ``EMA_FSDP``, the
 hooks of this package present on the generator then.
 """
@@ -38,7 +43,7 @@ def watch_glue(model: Any) -> dict:
                                                         "head_parameters", "replay_hidden", "replay_target")}
     record.update(config=glue.config.to_dict(), resolved=resolved.to_dict() if resolved is not None else None,
                   student_dim=getattr(head, "student_dim", None), encoder_dim=getattr(head, "encoder_dim", None),
-                  videos=[], tokens_per_frame=[], logged=[], dtypes=dtypes)
+                  videos=[], tokens_per_frame=[], logged=[], dtypes=dtypes, head_calls=[])
     add_term = glue.add_term
 
     @functools.wraps(add_term)
@@ -53,7 +58,21 @@ def watch_glue(model: Any) -> dict:
     glue.add_term = recorded
     if head is not None:
         _watch_head(head, dtypes)
+        _watch_terms(head, record["head_calls"])
     return record
+
+
+def _watch_terms(head: Any, calls: list[dict]) -> None:
+    term = head._term
+
+    @functools.wraps(term)
+    def recorded(captured, encoder_hidden, tokens_per_frame, prefix_frames, return_breakdown):
+        weighted, breakdown = term(captured, encoder_hidden, tokens_per_frame, prefix_frames, True)
+        calls.append({"term": float(weighted), "loss": float(breakdown["foresight_loss_unweighted"]),
+                      "per_segment": breakdown["per_segment"].float().tolist()})
+        return (weighted, breakdown) if return_breakdown else weighted
+
+    head._term = recorded
 
 
 def _watch_head(head: Any, dtypes: dict[str, list[str]]) -> None:

@@ -50,7 +50,8 @@ API (the same, from Python; one checkout per process: its top-level package name
 - ``extra``: ``argv`` (what the parser was given), ``steps``, ``final_step`` (iterations run; fewer than
   N if ``--epochs`` ran out first), ``world_size``, ``model``, ``data``, ``timings`` (seconds),
   ``checkout``, ``commit``, ``glue`` (what a patched trainer's ``LlamaGenMirai`` held once built: its
-  config, its resolver's result, the ``steps_per_epoch`` it was given; ``{"class": None}`` unpatched).
+  config, its resolver's result, the ``steps_per_epoch`` it was given, the head's weights as built
+  (``head_init``); ``{"class": None}`` unpatched).
 
 Determinism: ``main`` seeds torch with ``global_seed * world_size + rank`` before it builds the model,
 DDP broadcasts rank 0's weights, and the data are a function of ``data["seed"]`` only; the flip
@@ -622,7 +623,9 @@ def _recorded_glue(record: dict):
         init(self, model, args, steps_per_epoch, device)
         record.update({"class": type(self).__name__, "enabled": self.enabled, "steps_per_epoch": steps_per_epoch,
                        "config": self.config.to_dict() if self.enabled else None,
-                       "resolved": self.resolved.to_dict(), "depth": len(model.layers)})
+                       "resolved": self.resolved.to_dict(), "depth": len(model.layers),
+                       "head_init": None if self.head is None else {
+                           k: v.detach().clone() for k, v in self.head.state_dict().items()}})
 
     with patched(LlamaGenMirai, "__init__", recording):
         yield

@@ -18,6 +18,8 @@ from checkouts import checkout
 from trainer_runs import (
     LAYERS,
     assert_bf16_recipe_dtypes,
+    assert_moved,
+    assert_term_reaches_up_to,
     checkpoint,
     checkpoint_path,
     generator_step,
@@ -153,6 +155,7 @@ def test_self_forcing_ema_and_resume(tmp_path):
     assert any(e["event"] == "update" for e in events) and all(not e["mirai_hooks"] for e in events), events
     saved = checkpoint(tmp_path / "run")
     assert set(saved) == {"generator", "critic", "generator_ema", "foresight"}
+    assert_moved(run["extra"]["head_init"]["head"], saved["foresight"]["head"])
     assert set(saved["generator_ema"]) == set(saved["generator"]) == set(run["extra"]["generator_init"])
     assert {v.dtype for v in saved["generator_ema"].values()} == {torch.float32}
     assert any(not torch.equal(saved["generator_ema"][k], saved["generator"][k]) for k in saved["generator"])
@@ -179,6 +182,7 @@ def test_causal_forcing_ema_and_resume(tmp_path):
     assert any(e["event"] == "update" for e in events) and all(not e["mirai_hooks"] for e in events), events
     saved = checkpoint(tmp_path / "run")
     assert set(saved) == {"generator_ema", "foresight"}
+    assert_moved(run["extra"]["head_init"]["head"], saved["foresight"]["head"])
     assert set(saved["generator_ema"]) == set(run["extra"]["generator_init"])
 
     resume = {"generator_ckpt": str(checkpoint_path(tmp_path / "run")), **EMA_SOON}
@@ -219,10 +223,15 @@ def assert_restored(run: dict, unpatched: dict, entry: dict, *, generator: dict)
 
 def test_causal_forcing_dmd_on_two_ranks(tmp_path):
     """Causal-Forcing DMD (chunk-wise) as shipped on two ranks (bf16, hybrid_full as on one GPU node): the
-    generator and critic steps run, finite term, replay and gradients, the bf16 dtypes."""
+    generator and critic steps run, finite term, replay and gradients, the bf16 dtypes; the term's gradient
+    (same seeds at weight 0) reaches blocks 0..l only; the head moved."""
     repo = checkout("causal-forcing", tmp_path / "cf", "causal-forcing")
     result = train(repo, "configs/video_mirai_dmd_chunkwise.yaml", tmp_path / "run", steps=2, overrides=LAYERS,
                    nproc=2, grad_probe=True)
+    off = train(repo, "configs/video_mirai_dmd_chunkwise.yaml", tmp_path / "off", steps=1, nproc=2, grad_probe=True,
+                overrides={**LAYERS, "foresight_weight": 0})
+    assert_term_reaches_up_to(result["grads"], off["grads"], LAYERS["foresight_student_layer"])
+    assert_moved(result["extra"]["head_init"]["head"], checkpoint(tmp_path / "run")["foresight"]["head"])
     assert result["extra"]["world_size"] == 2 and result["extra"]["config"]["sharding_strategy"] == "hybrid_full"
     (foresight,) = logged(result, "foresight_loss")
     (replay,) = logged(result, "replay_foresight_loss")
@@ -232,10 +241,16 @@ def test_causal_forcing_dmd_on_two_ranks(tmp_path):
 
 
 def test_causal_forcing_ode_on_two_ranks(tmp_path):
-    """The Stage-2 ODE trainer as shipped on two ranks: finite term and gradients, the bf16 dtypes."""
+    """The Stage-2 ODE trainer as shipped on two ranks: finite term and gradients, the bf16 dtypes; the term's
+    part of the gradient (the ODE loss alone reaches every block: the difference to the same seeds at weight 0)
+    is in blocks 0..l only; the head moved."""
     repo = checkout("causal-forcing", tmp_path / "cf", "causal-forcing-ode")
     result = train(repo, "configs/video_mirai_ode_chunkwise.yaml", tmp_path / "run", steps=1, overrides=LAYERS,
                    nproc=2, trainer="ode", grad_probe=True)
+    off = train(repo, "configs/video_mirai_ode_chunkwise.yaml", tmp_path / "off", steps=1, nproc=2, trainer="ode",
+                grad_probe=True, overrides={**LAYERS, "foresight_weight": 0})
+    assert_term_reaches_up_to(result["grads"], off["grads"], LAYERS["foresight_student_layer"])
+    assert_moved(result["extra"]["head_init"]["head"], checkpoint(tmp_path / "run")["foresight"]["head"])
     assert result["extra"]["world_size"] == 2
     (record,) = result["losses"]
     assert math.isfinite(record["foresight_loss"]) and record["foresight_loss"] != 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkouts import UPSTREAMS, checkout
+from trainer_runs import assert_moved, assert_term_reaches_up_to
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "llamagen_harness.py"
@@ -163,6 +164,7 @@ def test_mirai_e_term_reaches_blocks_up_to_its_layer_and_is_saved(patched, tmp_p
     assert saved["model"].keys() == on["model"].keys() == off["model"].keys()  # the GPT's entries unchanged
     assert saved["foresight"]["head"]["steps_taken"] == 2 and "source" in saved["foresight"]
     assert len(saved["foresight"]["source"]) < len(saved["model"])  # the EMA copy keeps blocks 0..1 only
+    assert_moved(on["extra"]["glue"]["head_init"], saved["foresight"]["head"]["head"])
 
 
 def test_mirai_e_resumes_from_the_trainers_checkpoint(patched, tmp_path):
@@ -182,9 +184,15 @@ def test_mirai_e_resumes_from_the_trainers_checkpoint(patched, tmp_path):
 
 
 def test_mirai_e_on_two_ranks(patched, tmp_path):
-    result = train(patched, tmp_path / "run", steps=2, nproc=2, extra=MIRAI_E)
+    """DDP, two ranks: the term's gradient (step 1, where the blocks get only the term's: see above) reaches
+    blocks 0..1 and none after, against the same seeds with Mirai off; the head moved."""
+    result = train(patched, tmp_path / "run", steps=2, nproc=2, extra=MIRAI_E, grad_probe=True)
     assert result["extra"]["world_size"] == 2 and all(math.isfinite(v) for v in losses(result))
     assert any("Mirai: foresight_loss" in line for line in result["logs"])
+    off = train(patched, tmp_path / "off", steps=1, nproc=2, grad_probe=True)
+    assert_term_reaches_up_to(result["grads"], off["grads"], 1, index=block_index)
+    saved = torch.load(result["checkpoints"][0], map_location="cpu", weights_only=False)
+    assert_moved(result["extra"]["glue"]["head_init"], saved["foresight"]["head"]["head"])
 
 
 def test_mirai_i_with_a_decoded_batch_and_a_frozen_encoder(patched, tmp_path):

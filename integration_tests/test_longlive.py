@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkouts import checkout
-from trainer_runs import assert_bf16_recipe_dtypes
+from trainer_runs import assert_bf16_recipe_dtypes, assert_moved, assert_term_reaches_up_to, block_index
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "longlive_harness.py"
@@ -81,9 +80,56 @@ def same(a, b) -> bool:
     return a == b
 
 
-def block_index(name: str) -> int | None:
-    match = re.search(r"\bblocks\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
+def head_calls(result: dict) -> list[dict]:
+    """The head's calls that built a term (``glue_record.py``): term, unweighted loss, per-segment losses."""
+    return result["extra"]["glue"]["head_calls"]
+
+
+def close(a: float, b: float, effect: float) -> bool:
+    """``a`` equals ``b`` up to 1 % of ``effect``, the size of the difference the comparison is about (bf16
+    compute: the same per-segment losses come out of predictor groups of another size)."""
+    return abs(a - b) <= 0.01 * abs(effect)
+
+
+def terms(result: dict) -> list[tuple[list[float], float, float]]:
+    """Per ``add_term`` call, from the head's own calls (one for all segments, or one per segment where the
+    glue splits the window at scene cuts): the per-segment losses, the term they make (their weighted mean)
+    and the weight."""
+    calls = iter(head_calls(result))
+    out = []
+    for logged_values in result["extra"]["glue"]["logged"]:
+        count = int(logged_values["foresight_segments"])
+        values: list[float] = []
+        term = 0.0
+        while len(values) < count:
+            call = next(calls)
+            values += call["per_segment"]
+            term += call["term"] * len(call["per_segment"]) / count
+            weight = call["term"] / call["loss"]
+        assert len(values) == count, (values, count)
+        out.append((values, term, weight))
+    return out
+
+
+def first_term(result: dict) -> tuple[list[float], float]:
+    """The per-segment losses of the first generator step's term and their weight."""
+    values, _, weight = terms(result)[0]
+    return values, weight
+
+
+def assert_kept_segments(masked: dict, full: dict, dropped: int) -> None:
+    """The masked run's term is the mean of the other segments' losses in the unmasked run of the same seed
+    (the same rollout; the causal encoder's targets come from one call on the whole window), weighted as
+    there; the unmasked term (all segments) fails that tolerance: the control."""
+    everything, weight = first_term(full)
+    kept = [v for k, v in enumerate(everything) if k != dropped]
+    expected = sum(kept) / len(kept)
+    effect = expected - sum(everything) / len(everything)
+    values, _ = first_term(masked)
+    assert effect != 0 and len(values) == len(kept)
+    assert all(close(a, b, effect) for a, b in zip(values, kept)), (values, kept, effect)
+    assert close(generator_record(masked)["foresight_loss"], weight * expected, weight * effect)
+    assert not close(generator_record(full)["foresight_loss"], weight * expected, weight * effect)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +156,11 @@ def test_longlive_t2v_generator_and_critic(patched_repo, encoder_ckpt, tmp_path)
     """Default encoder (a bidirectional Wan from foresight_encoder_ckpt), LoRA as shipped: one generator and
     one critic iteration; finite foresight and replay losses; the head moves on both."""
     overrides = {**LAYERS, "foresight_encoder_ckpt": encoder_ckpt}
-    one = train(patched_repo, tmp_path / "one", steps=1, overrides=overrides)
+    one = train(patched_repo, tmp_path / "one", steps=1, overrides=overrides, grad_probe=True)
+    off = train(patched_repo, tmp_path / "off", steps=1, overrides={**overrides, "foresight_weight": 0},
+                grad_probe=True)
+    lora = [name for name in one["grads"] if "lora_" in name]
+    assert_term_reaches_up_to(one["grads"], off["grads"], LAYERS["foresight_student_layer"], names=lora)
     two = train(patched_repo, tmp_path / "two", steps=2, overrides=overrides)
     (foresight,) = logged(two, "foresight_loss")
     (replay,) = logged(two, "replay_foresight_loss")
@@ -118,7 +168,7 @@ def test_longlive_t2v_generator_and_critic(patched_repo, encoder_ckpt, tmp_path)
     assert generator_record(two)["foresight_segments"] == 4  # 32 frames in blocks of 8, no gradient mask
     heads = [two["initial"]["head"], one["head"], two["head"]]
     for before, after in itertools.pairwise(heads):
-        assert any(not torch.equal(before[k], after[k]) for k in before)
+        assert_moved(before, after)
     checkpoint = saved(tmp_path / "two")
     assert {"generator_lora", "critic_lora", "step", "foresight"} <= set(checkpoint)
     assert checkpoint["foresight"]["steps_taken"] == 1
@@ -128,8 +178,15 @@ def test_longlive_t2v_generator_and_critic(patched_repo, encoder_ckpt, tmp_path)
 
 
 def test_longlive_i2v_generator_and_critic(patched_repo, tmp_path):
-    """I2V (the clean image latent in frame 0 of block 0): finite foresight and replay losses."""
-    result = train(patched_repo, tmp_path / "i2v", config=I2V_CONFIG, steps=2, overrides=CAUSAL)
+    """I2V (the clean image latent in frame 0 of block 0): finite foresight and replay losses; the term's
+    gradient reaches blocks 0..l only, the head moves. With ``foresight_i2v_first_block: mask`` the term is the
+    mean of blocks 1..3's losses in the unmasked run (same seed)."""
+    result = train(patched_repo, tmp_path / "i2v", config=I2V_CONFIG, steps=2, overrides=CAUSAL, grad_probe=True)
+    off = train(patched_repo, tmp_path / "i2v_off", config=I2V_CONFIG, steps=1,
+                overrides={**CAUSAL, "foresight_weight": 0}, grad_probe=True)
+    lora = [name for name in result["grads"] if "lora_" in name]
+    assert_term_reaches_up_to(result["grads"], off["grads"], LAYERS["foresight_student_layer"], names=lora)
+    assert_moved(result["initial"]["head"], result["head"])
     (foresight,) = logged(result, "foresight_loss")
     (replay,) = logged(result, "replay_foresight_loss")
     assert math.isfinite(foresight) and math.isfinite(replay) and foresight != 0
@@ -138,6 +195,7 @@ def test_longlive_i2v_generator_and_critic(patched_repo, tmp_path):
     masked = train(patched_repo, tmp_path / "i2v_mask", config=I2V_CONFIG, steps=1,
                    overrides={**CAUSAL, "foresight_i2v_first_block": "mask"})
     assert generator_record(masked)["foresight_segments"] == 3
+    assert_kept_segments(masked, result, dropped=0)
 
 
 # --------------------------------------------------------------- weight 0, inference
@@ -198,14 +256,8 @@ def test_longlive_lora_gradients(patched_repo, tmp_path):
     for name, grad in on["grads"].items():  # FSDP shows frozen parameters' gradients as zeros
         if name not in lora:
             assert grad.abs().max() == 0, name
-    layer = LAYERS["foresight_student_layer"]
-    reached: dict[int, float] = {}
-    for name in lora:
-        grad = on["grads"][name]
-        index = block_index(name)
-        reached[index] = reached.get(index, 0.0) + (grad - off["grads"][name]).abs().max().item()
-    assert all(reached[i] > 0 for i in range(layer + 1)), reached
-    assert all(reached[i] == 0.0 for i in reached if i > layer), reached
+    assert_term_reaches_up_to(on["grads"], off["grads"], LAYERS["foresight_student_layer"], names=lora)
+    assert_moved(on["initial"]["head"], on["head"])
 
 
 def test_longlive_encoder_choices(patched_repo, encoder_ckpt, tmp_path):
@@ -218,6 +270,8 @@ def test_longlive_encoder_choices(patched_repo, encoder_ckpt, tmp_path):
     b = train(patched_repo, tmp_path / "b", overrides=CAUSAL)
     fa, fb = generator_record(a)["foresight_loss"], generator_record(b)["foresight_loss"]
     assert math.isfinite(fa) and math.isfinite(fb) and fa != fb
+    assert_moved(a["initial"]["head"], a["head"])
+    assert_moved(b["initial"]["head"], b["head"])
     # the DMD loss itself is the same: only the target differs
     assert generator_record(a)["dmdtrain_gradient_norm"] == generator_record(b)["dmdtrain_gradient_norm"]
 
@@ -239,8 +293,10 @@ def test_longlive_rollout_longer_than_window(patched_repo, tmp_path):
     record = generator_record(kept)
     assert math.isfinite(record["foresight_loss"]) and record["foresight_segments"] == 4
     assert record["foresight_rollout_frames"] == 48
+    assert_moved(kept["initial"]["head"], kept["head"])
     masked = train(patched_repo, tmp_path / "masked", overrides={**long, "foresight_window_first_block": "mask"})
     assert generator_record(masked)["foresight_segments"] == 3
+    assert_kept_segments(masked, kept, dropped=0)
     # rollout 48 != min 40: LongLive masks the window's first block from DMD, and so does the term (as_dmd)
     variable = {**long, "training": {**long["training"], "min_num_training_frames": 40}}
     dropped = train(patched_repo, tmp_path / "variable", overrides=variable, steps=1)
@@ -260,6 +316,19 @@ def test_longlive_scene_cut(patched_repo, tmp_path):
     assert m["foresight_segments"] == k["foresight_segments"] == 4
     assert m["dmdtrain_gradient_norm"] == k["dmdtrain_gradient_norm"]  # same rollout
     assert math.isfinite(m["foresight_loss"]) and m["foresight_loss"] != k["foresight_loss"]
+    # `mask`: one head call per segment; segments 0, 2 and 3 keep the targets they have under `keep` (one block
+    # ahead stays in their shot), segment 1's target stops at the cut: only its loss differs, and the term is
+    # the mean of the four calls; the `keep` term fails that tolerance (the control)
+    calls, (whole,) = head_calls(masked), head_calls(kept)
+    assert [len(c["per_segment"]) for c in calls] == [1, 1, 1, 1]
+    alone = [c["per_segment"][0] for c in calls]
+    effect = alone[1] - whole["per_segment"][1]
+    assert effect != 0
+    assert all(close(alone[i], whole["per_segment"][i], effect) for i in (0, 2, 3)), (alone, whole, effect)
+    weight = whole["term"] / whole["loss"]
+    assert close(m["foresight_loss"], weight * sum(alone) / 4, weight * effect / 4)
+    assert not close(k["foresight_loss"], weight * sum(alone) / 4, weight * effect / 4)
+    assert_moved(masked["initial"]["head"], masked["head"])
 
 
 def test_longlive_gradient_accumulation(patched_repo, tmp_path):
@@ -270,8 +339,14 @@ def test_longlive_gradient_accumulation(patched_repo, tmp_path):
     records = [r for r in result["losses"] if r["train_generator"]]
     assert len(records) == 2 and all(math.isfinite(r["foresight_loss"]) for r in records)
     (logged_term,) = logged(result, "foresight_loss")
-    assert logged_term == pytest.approx(sum(r["foresight_loss"] for r in records) / 2, rel=1e-6)
+    micro = [term for _, term, _ in terms(result)]  # from what the head computed on each micro-step
+    assert len(micro) == 2 and micro[0] != micro[1]
+    assert [r["foresight_loss"] for r in records] == pytest.approx(micro, rel=1e-5)
+    # the mean over the micro-steps; their sum fails the tolerance (the control)
+    assert logged_term == pytest.approx(sum(micro) / 2, rel=1e-5)
+    assert logged_term != pytest.approx(sum(micro), rel=1e-5)
     assert result["head_steps"] == 1 and math.isfinite(logged(result, "replay_foresight_loss")[0])
+    assert_moved(result["initial"]["head"], result["head"])
 
 
 # ------------------------------------------------------------------ resume, ranks
@@ -291,6 +366,7 @@ def test_longlive_resume_lora(patched_repo, tmp_path):
         assert torch.equal(resumed["initial"]["head"][name], value), name
     (foresight,) = logged(resumed, "foresight_loss")
     assert math.isfinite(foresight) and resumed["head_steps"] == 2
+    assert_moved(resumed["initial"]["head"], resumed["head"])
 
 
 def test_longlive_resume_continues_exactly_with_ema(plain_repo, patched_repo, tmp_path):
@@ -317,6 +393,7 @@ def test_longlive_resume_continues_exactly_with_ema(plain_repo, patched_repo, tm
         assert any(e["event"] == "update" for e in events) and all(not e["mirai_hooks"] for e in events), events
     assert "foresight_loss" in resumed["logs"][0]
     assert resumed["head_steps"] == straight["head_steps"] == 2
+    assert_moved(resumed["initial"]["head"], resumed["head"])
     for part in ("head", "optimizer", "replay_rng"):
         assert same(resumed["head_state"][part], straight["head_state"][part]), part
     # the patched checkpoint at step 5 in the unpatched trainer: its auto-resume takes generator and EMA as saved
@@ -341,7 +418,13 @@ def test_longlive_two_ranks(patched_repo, encoder_ckpt, tmp_path):
     (On these tiny models the encoder is one FSDP unit that the early exit leaves gathered, so unequal
     encoder call counts would not hang here; the glue pads them for the 5B model's per-block units.)"""
     overrides = {**LAYERS, "foresight_encoder_ckpt": encoder_ckpt}
-    result = train(patched_repo, tmp_path / "two", steps=2, overrides=overrides, nproc=2, scene_cut_at="2,-1")
+    result = train(patched_repo, tmp_path / "two", steps=2, overrides=overrides, nproc=2, scene_cut_at="2,-1",
+                   grad_probe=True)
+    off = train(patched_repo, tmp_path / "off", steps=1, overrides={**overrides, "foresight_weight": 0}, nproc=2,
+                scene_cut_at="2,-1", grad_probe=True)
+    lora = [name for name in result["grads"] if "lora_" in name]
+    assert_term_reaches_up_to(result["grads"], off["grads"], LAYERS["foresight_student_layer"], names=lora)
+    assert_moved(result["initial"]["head"], result["head"])
     assert result["extra"]["world_size"] == 2
     (foresight,) = logged(result, "foresight_loss")
     (replay,) = logged(result, "replay_foresight_loss")

@@ -21,6 +21,8 @@ from trainer_runs import (
     FLOAT32,
     LAYERS,
     assert_bf16_recipe_dtypes,
+    assert_moved,
+    assert_term_reaches_up_to,
     block_index,
     checkpoint,
     generator_step,
@@ -62,17 +64,9 @@ def test_self_forcing_generator_and_critic_steps(tmp_path, nproc):
         assert any(not torch.equal(before[k], after[k]) for k in before)
 
     # the foresight term's gradient (same seeds with and without it) reaches blocks 0..l only
-    layer = LAYERS["foresight_student_layer"]
-    reached = {}
-    for name, grad in on["grads"].items():
-        diff = (grad - off["grads"][name]).abs().max().item()
-        index = block_index(name)
-        if index is not None:
-            reached[index] = reached.get(index, 0.0) + diff
-        elif name.startswith("model.head."):
-            assert diff == 0.0, name
-    assert all(reached[i] > 0 for i in range(layer + 1)), reached
-    assert all(reached[i] == 0.0 for i in reached if i > layer), reached
+    assert_term_reaches_up_to(on["grads"], off["grads"], LAYERS["foresight_student_layer"])
+    for name in (n for n in on["grads"] if n.startswith("model.head.")):
+        assert torch.equal(on["grads"][name], off["grads"][name]), name
 
     if nproc == 2:
         # hybrid_full as on one GPU node (shard over the node's two ranks) reduces as FULL_SHARD does, exactly
@@ -178,8 +172,10 @@ def test_inference_is_untouched(tmp_path):
 
 @pytest.mark.parametrize("segmenting", ["chunkwise", "framewise"])
 def test_causal_forcing_dmd(tmp_path, segmenting):
-    """As shipped (bf16, hybrid_full): finite term and replay, the bf16 dtypes; with weight 0 the patched
-    trainer equals the unpatched one bit for bit (the unpatched config with the same settings)."""
+    """As shipped (bf16, hybrid_full): finite term and replay, the bf16 dtypes; the term's gradient (same seed
+    with weight 0) reaches blocks 0..l and none after, the head moves on the generator step and on replay; with
+    weight 0 the patched trainer equals the unpatched one bit for bit (the unpatched config with the same
+    settings)."""
     repo = checkout("causal-forcing", tmp_path / "cf", "causal-forcing")
     config = f"configs/video_mirai_dmd_{segmenting}.yaml"
     result = train(repo, config, tmp_path / "run", steps=2, overrides=LAYERS, grad_probe=True)
@@ -188,11 +184,15 @@ def test_causal_forcing_dmd(tmp_path, segmenting):
     assert math.isfinite(foresight) and math.isfinite(replay)
     assert all(torch.isfinite(g).all() for g in result["grads"].values())
     assert all(torch.isfinite(g).all() for g in result["head_grads"].values())
-    assert_bf16_recipe_dtypes(result["extra"]["glue"], checkpoint(tmp_path / "run"))
+    saved = checkpoint(tmp_path / "run")
+    assert_bf16_recipe_dtypes(result["extra"]["glue"], saved)
+    assert saved["foresight"]["steps_taken"] == 1
+    assert_moved(result["extra"]["head_init"]["head"], saved["foresight"]["head"])
 
     plain = checkout("causal-forcing", tmp_path / "plain")
     baseline = train(plain, f"configs/causal_forcing_dmd_{segmenting}.yaml", tmp_path / "a", steps=2)
-    off = train(repo, config, tmp_path / "off", steps=2, overrides={"foresight_weight": 0})
+    off = train(repo, config, tmp_path / "off", steps=2, overrides={"foresight_weight": 0}, grad_probe=True)
+    assert_term_reaches_up_to(result["grads"], off["grads"], LAYERS["foresight_student_layer"])
     assert baseline["extra"]["config"]["mixed_precision"] is True
     assert off["losses"] == baseline["losses"] and off["logs"] == baseline["logs"]
     for part in ("generator", "critic"):
@@ -201,8 +201,10 @@ def test_causal_forcing_dmd(tmp_path, segmenting):
 
 def test_causal_forcing_stage2_ode_with_ground_truth_future(tmp_path):
     """As shipped (bf16, hybrid_full; the ODE recipe has no EMA): finite term and gradients, the bf16 dtypes
-    (no replay in Stage 2); weight 0 equals the unpatched ODE trainer bit for bit, and that comparison ran
-    in bf16 (the float32 run differs)."""
+    (no replay in Stage 2). The ODE loss alone already gives every block a gradient: the term's part is the
+    difference to the run of the same seed at weight 0, non-zero in blocks 0..l and zero after; the head moved.
+    Weight 0 equals the unpatched ODE trainer bit for bit, and that comparison ran in bf16 (the float32 run
+    differs)."""
     plain = checkout("causal-forcing", tmp_path / "plain")
     repo = checkout("causal-forcing", tmp_path / "cf", "causal-forcing-ode")
     config = "configs/video_mirai_ode_chunkwise.yaml"
@@ -210,12 +212,17 @@ def test_causal_forcing_stage2_ode_with_ground_truth_future(tmp_path):
     (record,) = on["losses"]
     assert math.isfinite(record["foresight_loss"]) and record["foresight_loss"] != 0
     assert math.isfinite(record["generator_loss"])
-    assert any(block_index(n) == 0 and g.abs().sum() > 0 for n, g in on["grads"].items())
     assert all(torch.isfinite(g).all() for g in on["grads"].values())
-    assert_bf16_recipe_dtypes(on["extra"]["glue"], checkpoint(tmp_path / "on"))
+    saved = checkpoint(tmp_path / "on")
+    assert_bf16_recipe_dtypes(on["extra"]["glue"], saved)
+    assert saved["foresight"]["steps_taken"] == 1
+    assert_moved(on["extra"]["head_init"]["head"], saved["foresight"]["head"])
 
     baseline = train(plain, "configs/causal_ode_chunkwise.yaml", tmp_path / "a", steps=1, trainer="ode")
-    off = train(repo, config, tmp_path / "off", steps=1, overrides={**LAYERS, "foresight_weight": 0}, trainer="ode")
+    off = train(repo, config, tmp_path / "off", steps=1, overrides={**LAYERS, "foresight_weight": 0}, trainer="ode",
+                grad_probe=True)
+    assert any(block_index(n) == 0 and g.abs().max() > 0 for n, g in off["grads"].items())  # the ODE loss alone
+    assert_term_reaches_up_to(on["grads"], off["grads"], LAYERS["foresight_student_layer"])
     assert off["losses"] == baseline["losses"]
     assert all(torch.equal(off["generator"][k], baseline["generator"][k]) for k in baseline["generator"])
     float32 = train(plain, "configs/causal_ode_chunkwise.yaml", tmp_path / "f32", steps=1, trainer="ode",

@@ -1,5 +1,6 @@
 """Running ``trainer_harness.py`` from the tests (each run its own process: the checkouts share top-level
-package names) and reading what it wrote; the dtypes a recipe's run must have."""
+package names) and reading what it wrote; the dtypes a recipe's run must have; the checks every run with
+the term on makes (its gradient reaches blocks 0..l of the generator and nothing after, the head moved)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,39 @@ def generator_step(result: dict) -> dict:
 def block_index(name: str) -> int | None:
     match = re.search(r"\bblocks\.(\d+)\.", name)
     return int(match.group(1)) if match else None
+
+
+def term_reach(on: dict, off: dict, *, index=block_index, names=None) -> dict[int, float]:
+    """Per generator block: the largest ``|on - off|`` over its parameters' gradients, for two runs of the same
+    seed with and without the term (``names``: only these parameters)."""
+    assert on.keys() == off.keys(), sorted(on.keys() ^ off.keys())
+    reached: dict[int, float] = {}
+    for name in on if names is None else names:
+        block = index(name)
+        if block is not None:
+            difference = (on[name].float() - off[name].float()).abs().max().item()
+            reached[block] = max(reached.get(block, 0.0), difference)
+    return reached
+
+
+def assert_term_reaches_up_to(on: dict, off: dict, layer: int, *, index=block_index, names=None) -> dict[int, float]:
+    """The term's gradient (``on - off``, same seed) is non-zero in every block 0..``layer`` and exactly zero
+    in every block after it: it fails when the term is cut off from the generator (nothing differs) and when
+    it reaches past the student layer."""
+    reached = term_reach(on, off, index=index, names=names)
+    assert max(reached) > layer, reached  # blocks after the layer are there to be checked
+    assert all(reached.get(i, 0.0) > 0 for i in range(layer + 1)), reached
+    assert all(reached[i] == 0.0 for i in reached if i > layer), reached
+    return reached
+
+
+def assert_moved(before: dict, after: dict) -> float:
+    """The weights changed (an optimizer step was taken): returns the relative L2 size of the update."""
+    assert before.keys() == after.keys(), sorted(before.keys() ^ after.keys())
+    update = torch.cat([(after[k].float() - before[k].float()).flatten() for k in before])
+    size = torch.cat([before[k].float().flatten() for k in before]).norm()
+    assert update.abs().max() > 0, "the weights did not move"
+    return (update.norm() / size.clamp_min(1e-12)).item()
 
 
 def assert_bf16_recipe_dtypes(glue: dict, saved: dict | None = None, *, compute: str = "torch.bfloat16") -> None:
