@@ -29,9 +29,11 @@ def repo(tmp_path_factory) -> Path:
     return checkout("llamagen", tmp_path_factory.mktemp("llamagen") / "LlamaGen")
 
 
-def train(repo: Path, out: Path, *, steps: int, overrides=None, extra=(), nproc=1, expect_ok=True, grad_probe=False):
+def train(repo: Path, out: Path, *, steps: int, overrides=None, extra=(), nproc=1, expect_ok=True, grad_probe=False,
+          model=None, data=None):
     args = [str(HARNESS), "--checkout", str(repo), "--steps", str(steps), "--out", str(out),
-            "--overrides", json.dumps(overrides or {})]
+            "--overrides", json.dumps(overrides or {}), "--model", json.dumps(model or {}),
+            "--data", json.dumps(data or {})]
     if grad_probe:
         args.append("--grad-probe")
     if extra:
@@ -193,6 +195,51 @@ def test_mirai_e_on_two_ranks(patched, tmp_path):
     assert_term_reaches_up_to(result["grads"], off["grads"], 1, index=block_index)
     saved = torch.load(result["checkpoints"][0], map_location="cpu", weights_only=False)
     assert_moved(result["extra"]["glue"]["head_init"], saved["foresight"]["head"]["head"])
+
+
+# Nothing random between the batch and the loss: no dropout, no label drop, no flip; float32 throughout.
+NO_RANDOMNESS = {"overrides": {"mixed_precision": "none", "dropout_p": 0.0, "token_dropout_p": 0.0},
+                 "model": {"class_dropout_prob": 0.0}, "data": {"flip": False}}
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    """``|a - b| / |b|`` over every tensor of two state dicts with the same keys (L2 norms)."""
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    difference = torch.cat([(a[k].double() - b[k].double()).flatten() for k in b]).norm()
+    return (difference / torch.cat([b[k].double().flatten() for k in b]).norm()).item()
+
+
+def head_update(result: dict) -> dict:
+    """The head's weights after the run's last step minus its weights as built."""
+    saved = torch.load(result["checkpoints"][0], map_location="cpu", weights_only=False)
+    before = result["extra"]["glue"]["head_init"]
+    return {k: saved["foresight"]["head"]["head"][k].float() - before[k].float() for k in before}
+
+
+def test_mirai_e_two_ranks_step_the_head_as_one_process_on_the_global_batch(patched, tmp_path):
+    """Two ranks of 2 samples and one process of 4 (the same 4: the sampler's permutation does not depend on
+    the number of ranks, rank r takes every other one) start from the same GPT and head (seed 0 on rank 0,
+    broadcast) and, with nothing random in the step, must take the same step: the head's update (after -
+    before, one AdamW step) and the GPT's gradient equal the one-process run's within float32 reduction
+    order. One process on 2 samples (a rank stepping with its own gradient only) is the control."""
+    two = train(patched, tmp_path / "two", steps=1, nproc=2, extra=MIRAI_E, grad_probe=True, **NO_RANDOMNESS)
+    one = train(patched, tmp_path / "one", steps=1, extra=MIRAI_E, grad_probe=True, **NO_RANDOMNESS)
+    half_overrides = {**NO_RANDOMNESS["overrides"], "global_batch_size": 2}
+    half = train(patched, tmp_path / "half", steps=1, extra=MIRAI_E,
+                 **{**NO_RANDOMNESS, "overrides": half_overrides})
+    assert two["extra"]["world_size"] == 2 and one["extra"]["world_size"] == 1
+    assert two["args"]["global_batch_size"] == one["args"]["global_batch_size"] == 4
+    # the same start: the GPT as DDP holds it and the head as built
+    assert relative_distance(two["model_init"], one["model_init"]) == 0
+    assert relative_distance(two["extra"]["glue"]["head_init"], one["extra"]["glue"]["head_init"]) == 0
+    # the same batch: the GPT's gradient (DDP's average; the term's share included) is the global batch's
+    tolerance = 1e-4  # float32 sums in another order differ by ~1e-6 of the value
+    assert relative_distance(two["grads"], one["grads"]) < tolerance
+    expected = head_update(one)
+    assert max(v.abs().max().item() for v in expected.values()) > 0  # the head stepped
+    assert relative_distance(head_update(two), expected) < tolerance
+    # the control: the update from half the batch alone is far outside the tolerance
+    assert relative_distance(head_update(half), expected) > 100 * tolerance
 
 
 def test_mirai_i_with_a_decoded_batch_and_a_frozen_encoder(patched, tmp_path):

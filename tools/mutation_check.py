@@ -159,6 +159,18 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_diffusers.py::test_frozen_encoder_passes_timestep_and_extra_keywords",),
     ),
     Mutation(
+        "two-rank-head-gradients-not-averaged", "mirai_plugin/collectives.py",
+        "    dist.all_reduce(flat)\n    flat /= world()[1]\n",
+        "",
+        (f"{IT}test_llamagen.py::test_mirai_e_two_ranks_step_the_head_as_one_process_on_the_global_batch",),
+    ),
+    Mutation(
+        "llamagen-ema-target-not-broadcast", "mirai_plugin/integrations/llamagen.py",
+        "            broadcast_module(self.source.model)\n",
+        "",
+        (f"{IT}test_llamagen.py::test_mirai_e_two_ranks_step_the_head_as_one_process_on_the_global_batch",),
+    ),
+    Mutation(
         "replay-does-not-step-the-head", "mirai_plugin/replay.py",
         "        if step:\n            optimization.clip_and_step()\n        return total / local_pairs",
         "        return total / local_pairs",
