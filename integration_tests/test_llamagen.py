@@ -169,20 +169,52 @@ def test_mirai_e_term_reaches_blocks_up_to_its_layer_and_is_saved(patched, tmp_p
     assert_moved(on["extra"]["glue"]["head_init"], saved["foresight"]["head"]["head"])
 
 
+def mirai_lines(result: dict, after: int) -> list[str]:
+    """The logged ``Mirai:`` lines of the steps after ``after``, without the logger's time stamp."""
+    lines = [line[line.index("(step="):] for line in result["logs"] if "Mirai: " in line]
+    return [line for line in lines if int(line[len("(step="):].split(")")[0]) > after]
+
+
 def test_mirai_e_resumes_from_the_trainers_checkpoint(patched, tmp_path):
-    first = train(patched, tmp_path / "first", steps=2, extra=MIRAI_E)
+    """A run stopped after step 4 (the end of epoch 0: 16 images, 4 per step) and resumed for 2 steps equals a
+    run of 6 steps straight: the GPT, the backpropagated losses (the term included), the logged term, the head
+    and its AdamW state. Only at an epoch boundary: upstream resumes at the start of the checkpoint's epoch
+    (``train_steps`` rounded down), so a run stopped inside an epoch trains on that epoch's first batches
+    again. Nothing random in the step (``NO_RANDOMNESS``): upstream does not restore the global RNG that the
+    flip, dropout and label drop draw from."""
+    first = train(patched, tmp_path / "first", steps=4, extra=MIRAI_E, **NO_RANDOMNESS)
     checkpoint = first["checkpoints"][0]
-    resumed = train(patched, tmp_path / "resumed", steps=2, extra=[*MIRAI_E, "--gpt-ckpt", checkpoint])
+    assert Path(checkpoint).name == "0000004.pt"
+    resumed = train(patched, tmp_path / "resumed", steps=2, extra=[*MIRAI_E, "--gpt-ckpt", checkpoint], **NO_RANDOMNESS)
+    straight = train(patched, tmp_path / "straight", steps=6, extra=MIRAI_E, **NO_RANDOMNESS)
     saved = torch.load(resumed["checkpoints"][0], map_location="cpu", weights_only=False)
-    assert saved["foresight"]["head"]["steps_taken"] == 4  # 2 restored + 2 more
+    expected = torch.load(straight["checkpoints"][0], map_location="cpu", weights_only=False)
+    assert saved["steps"] == expected["steps"] == 6
+    assert saved["foresight"]["head"]["steps_taken"] == 6  # 4 restored + 2 more
+    assert losses(resumed) == losses(straight)[4:]
+    assert mirai_lines(resumed, 4) == mirai_lines(straight, 4) and len(mirai_lines(resumed, 4)) == 2
+    assert not any(changed(resumed["model"], straight["model"]).values())
+    assert not any(changed(saved["foresight"]["head"]["head"], expected["foresight"]["head"]["head"]).values())
+    moments = [(key, state[key]) for state in saved["foresight"]["head"]["optimizer"]["state"].values()
+               for key in sorted(state)]
+    expected_moments = [(key, state[key]) for state in expected["foresight"]["head"]["optimizer"]["state"].values()
+                        for key in sorted(state)]
+    assert len(moments) == len(expected_moments) > 0
+    assert all(k == j and torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+               for (k, a), (j, b) in zip(moments, expected_moments))
+    # the control: the run without its checkpoint (2 steps from scratch) is not the straight run
+    fresh = train(patched, tmp_path / "fresh", steps=2, extra=MIRAI_E, **NO_RANDOMNESS)
+    assert losses(fresh) != losses(straight)[4:]
 
     # a checkpoint written before 0.2.0 holds the same entry under "mirai": it resumes the same way
     legacy = torch.load(checkpoint, map_location="cpu", weights_only=False)
     legacy["mirai"] = legacy.pop("foresight")
     torch.save(legacy, tmp_path / "legacy.pt")
-    resumed = train(patched, tmp_path / "legacy", steps=2, extra=[*MIRAI_E, "--gpt-ckpt", str(tmp_path / "legacy.pt")])
+    resumed = train(patched, tmp_path / "legacy", steps=2, extra=[*MIRAI_E, "--gpt-ckpt", str(tmp_path / "legacy.pt")],
+                    **NO_RANDOMNESS)
     saved = torch.load(resumed["checkpoints"][0], map_location="cpu", weights_only=False)
-    assert saved["foresight"]["head"]["steps_taken"] == 4 and "mirai" not in saved
+    assert saved["foresight"]["head"]["steps_taken"] == 6 and "mirai" not in saved
+    assert not any(changed(saved["foresight"]["head"]["head"], expected["foresight"]["head"]["head"]).values())
 
 
 def test_mirai_e_on_two_ranks(patched, tmp_path):
