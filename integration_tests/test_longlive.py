@@ -440,7 +440,7 @@ def test_longlive_two_ranks(patched_repo, encoder_ckpt, tmp_path):
 
     alone = train(patched_repo, tmp_path / "alone", steps=1, overrides=overrides, scene_cut_at=2, exact_resume=True)
     uncut = train(patched_repo, tmp_path / "uncut", steps=1, overrides=overrides, exact_resume=True)
-    (ranked, ranked_term, _), (single, single_term, _) = terms(result)[0], terms(alone)[0]
+    (ranked, _, _), (single, single_term, _) = terms(result)[0], terms(alone)[0]
     (plain, plain_term, _) = terms(uncut)[0]
     effect = max(abs(a - b) for a, b in zip(single, plain))
     assert effect > 0 and len(ranked) == len(single) == len(plain)
