@@ -169,6 +169,25 @@ def test_mirai_e_term_reaches_blocks_up_to_its_layer_and_is_saved(patched, tmp_p
     assert_moved(on["extra"]["glue"]["head_init"], saved["foresight"]["head"]["head"])
 
 
+# Nothing random between the batch and the loss: no dropout, no label drop, no flip; float32 throughout.
+NO_RANDOMNESS = {"overrides": {"mixed_precision": "none", "dropout_p": 0.0, "token_dropout_p": 0.0},
+                 "model": {"class_dropout_prob": 0.0}, "data": {"flip": False}}
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    """``|a - b| / |b|`` over every tensor of two state dicts with the same keys (L2 norms)."""
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    difference = torch.cat([(a[k].double() - b[k].double()).flatten() for k in b]).norm()
+    return (difference / torch.cat([b[k].double().flatten() for k in b]).norm()).item()
+
+
+def head_update(result: dict) -> dict:
+    """The head's weights after the run's last step minus its weights as built."""
+    saved = torch.load(result["checkpoints"][0], map_location="cpu", weights_only=False)
+    before = result["extra"]["glue"]["head_init"]
+    return {k: saved["foresight"]["head"]["head"][k].float() - before[k].float() for k in before}
+
+
 def mirai_lines(result: dict, after: int) -> list[str]:
     """The logged ``Mirai:`` lines of the steps after ``after``, without the logger's time stamp."""
     lines = [line[line.index("(step="):] for line in result["logs"] if "Mirai: " in line]
@@ -227,25 +246,6 @@ def test_mirai_e_on_two_ranks(patched, tmp_path):
     assert_term_reaches_up_to(result["grads"], off["grads"], 1, index=block_index)
     saved = torch.load(result["checkpoints"][0], map_location="cpu", weights_only=False)
     assert_moved(result["extra"]["glue"]["head_init"], saved["foresight"]["head"]["head"])
-
-
-# Nothing random between the batch and the loss: no dropout, no label drop, no flip; float32 throughout.
-NO_RANDOMNESS = {"overrides": {"mixed_precision": "none", "dropout_p": 0.0, "token_dropout_p": 0.0},
-                 "model": {"class_dropout_prob": 0.0}, "data": {"flip": False}}
-
-
-def relative_distance(a: dict, b: dict) -> float:
-    """``|a - b| / |b|`` over every tensor of two state dicts with the same keys (L2 norms)."""
-    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
-    difference = torch.cat([(a[k].double() - b[k].double()).flatten() for k in b]).norm()
-    return (difference / torch.cat([b[k].double().flatten() for k in b]).norm()).item()
-
-
-def head_update(result: dict) -> dict:
-    """The head's weights after the run's last step minus its weights as built."""
-    saved = torch.load(result["checkpoints"][0], map_location="cpu", weights_only=False)
-    before = result["extra"]["glue"]["head_init"]
-    return {k: saved["foresight"]["head"]["head"][k].float() - before[k].float() for k in before}
 
 
 def test_mirai_e_two_ranks_step_the_head_as_one_process_on_the_global_batch(patched, tmp_path):
