@@ -21,7 +21,9 @@ Usage::
 default). ``--args`` (use ``--args="..."``: the value starts with ``--``) and everything after a bare
 ``--`` are raw ``train_c2i.py`` arguments appended after those, unchanged. The parser rejects unknown
 options, as upstream. ``--model`` sets the tiny GPT (``ModelArgs`` fields, see ``TINY_MODEL``),
-``--data`` the synthetic dataset (``{"num_images": 16, "seed": 0}``).
+``--data`` the synthetic dataset (``{"num_images": 16, "seed": 0}``; ``"flip": false`` stores the images
+only, so the augmentation the trainer draws per item always picks the image and the data do not depend on
+the rank's seed).
 
 API (the same, from Python; one checkout per process: its top-level package names ``utils``, ``dataset``,
 ``autoregressive`` are generic)::
@@ -472,7 +474,8 @@ class _SyntheticCodes(torch.utils.data.Dataset):
     Also has the attributes ``main`` reads: ``flip``, ``feature_dir``, ``aug_feature_dir``.
     """
 
-    def __init__(self, num_images: int, vocab_size: int, num_classes: int, tokens: int, seed: int = 0):
+    def __init__(self, num_images: int, vocab_size: int, num_classes: int, tokens: int, seed: int = 0,
+                 flip: bool = True):
         gen = torch.Generator().manual_seed(seed)
         side = math.isqrt(tokens)
         probs = 1.0 / torch.arange(1, vocab_size + 1, dtype=torch.float64)
@@ -481,20 +484,20 @@ class _SyntheticCodes(torch.utils.data.Dataset):
         ranks = torch.multinomial(probs.expand(num_images, -1), tokens, replacement=True, generator=gen)
         codes = perms[self.labels[:, 0, None], ranks]  # (n L)
         flipped = codes.view(num_images, side, side).flip(-1).reshape(num_images, tokens)
-        self.codes = torch.stack([codes, flipped], dim=1)[:, None]  # (n 1 2 L): [image, flip]
-        self.flip = True
+        self.codes = torch.stack([codes, flipped] if flip else [codes], dim=1)[:, None]  # (n 1 2 L): [image, flip]
+        self.flip = flip
         self.feature_dir = f"<in-memory flip codes: {num_images} x {tokens}, vocab {vocab_size}>"
         self.label_dir = f"<in-memory labels: {num_classes} classes>"
         self.aug_feature_dir = self.aug_label_dir = None
 
     @classmethod
-    def build(cls, args, num_images: int, seed: int, **kwargs):
+    def build(cls, args, num_images: int, seed: int, flip: bool = True, **kwargs):
         if kwargs:
             raise ValueError(f"unknown data settings {sorted(kwargs)}")
         if args.dataset != "imagenet_code":
             raise ValueError(f"the harness stands in for --dataset imagenet_code only, not {args.dataset!r}")
         return cls(num_images, args.vocab_size, args.num_classes, (args.image_size // args.downsample_size) ** 2,
-                   seed=seed)
+                   seed=seed, flip=flip)
 
     def __len__(self):
         return self.codes.shape[0]

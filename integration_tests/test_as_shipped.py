@@ -127,9 +127,16 @@ def test_same_term_and_projector_update_as_the_official_video_mirai_in_bf16(tmp_
 
 def test_official_video_mirai_as_shipped_on_two_ranks(tmp_path):
     """The official trainer with its config as shipped (bf16, FULL_SHARD, 8 accumulation micro-steps), two
-    ranks: finite term and projector gradients; the projector stepped."""
+    ranks: finite term and projector gradients; the projector and the dimension projection moved from their
+    weights as built; the term's gradient (the same seeds at ``foresight_weight: 0`` subtracted) reaches the
+    generator's blocks 0..1 and none after."""
     repo = checkout("video-mirai", tmp_path / "vm")
     result = train(repo, SF_CONFIG, tmp_path / "vm", steps=1, overrides=LAYERS, nproc=2, grad_probe=True)
+    off = train(repo, SF_CONFIG, tmp_path / "off", steps=1, overrides={**LAYERS, "foresight_weight": 0.0}, nproc=2,
+                grad_probe=True)
+    assert_term_reaches_up_to(result["grads"], off["grads"], LAYERS["foresight_student_layer"])
+    for name in ("mirai_projector", "foresight_dim_proj"):
+        assert_moved(result["extra"][f"{name}_init"], result["extra"][name])
     config = result["extra"]["config"]
     assert (config["mixed_precision"], config["gradient_accumulation_steps"]) == (True, 8)
     records = [r for r in result["losses"] if r["train_generator"]]

@@ -29,9 +29,11 @@ def repo(tmp_path_factory) -> Path:
     return checkout("llamagen", tmp_path_factory.mktemp("llamagen") / "LlamaGen")
 
 
-def train(repo: Path, out: Path, *, steps: int, overrides=None, extra=(), nproc=1, expect_ok=True, grad_probe=False):
+def train(repo: Path, out: Path, *, steps: int, overrides=None, extra=(), nproc=1, expect_ok=True, grad_probe=False,
+          model=None, data=None):
     args = [str(HARNESS), "--checkout", str(repo), "--steps", str(steps), "--out", str(out),
-            "--overrides", json.dumps(overrides or {})]
+            "--overrides", json.dumps(overrides or {}), "--model", json.dumps(model or {}),
+            "--data", json.dumps(data or {})]
     if grad_probe:
         args.append("--grad-probe")
     if extra:
@@ -167,20 +169,71 @@ def test_mirai_e_term_reaches_blocks_up_to_its_layer_and_is_saved(patched, tmp_p
     assert_moved(on["extra"]["glue"]["head_init"], saved["foresight"]["head"]["head"])
 
 
+# Nothing random between the batch and the loss: no dropout, no label drop, no flip; float32 throughout.
+NO_RANDOMNESS = {"overrides": {"mixed_precision": "none", "dropout_p": 0.0, "token_dropout_p": 0.0},
+                 "model": {"class_dropout_prob": 0.0}, "data": {"flip": False}}
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    """``|a - b| / |b|`` over every tensor of two state dicts with the same keys (L2 norms)."""
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    difference = torch.cat([(a[k].double() - b[k].double()).flatten() for k in b]).norm()
+    return (difference / torch.cat([b[k].double().flatten() for k in b]).norm()).item()
+
+
+def head_update(result: dict) -> dict:
+    """The head's weights after the run's last step minus its weights as built."""
+    saved = torch.load(result["checkpoints"][0], map_location="cpu", weights_only=False)
+    before = result["extra"]["glue"]["head_init"]
+    return {k: saved["foresight"]["head"]["head"][k].float() - before[k].float() for k in before}
+
+
+def mirai_lines(result: dict, after: int) -> list[str]:
+    """The logged ``Mirai:`` lines of the steps after ``after``, without the logger's time stamp."""
+    lines = [line[line.index("(step="):] for line in result["logs"] if "Mirai: " in line]
+    return [line for line in lines if int(line[len("(step="):].split(")")[0]) > after]
+
+
 def test_mirai_e_resumes_from_the_trainers_checkpoint(patched, tmp_path):
-    first = train(patched, tmp_path / "first", steps=2, extra=MIRAI_E)
+    """A run stopped after step 4 (the end of epoch 0: 16 images, 4 per step) and resumed for 2 steps equals a
+    run of 6 steps straight: the GPT, the backpropagated losses (the term included), the logged term, the head
+    and its AdamW state. Only at an epoch boundary: upstream resumes at the start of the checkpoint's epoch
+    (``train_steps`` rounded down), so a run stopped inside an epoch trains on that epoch's first batches
+    again. Nothing random in the step (``NO_RANDOMNESS``): upstream does not restore the global RNG that the
+    flip, dropout and label drop draw from."""
+    first = train(patched, tmp_path / "first", steps=4, extra=MIRAI_E, **NO_RANDOMNESS)
     checkpoint = first["checkpoints"][0]
-    resumed = train(patched, tmp_path / "resumed", steps=2, extra=[*MIRAI_E, "--gpt-ckpt", checkpoint])
+    assert Path(checkpoint).name == "0000004.pt"
+    resumed = train(patched, tmp_path / "resumed", steps=2, extra=[*MIRAI_E, "--gpt-ckpt", checkpoint], **NO_RANDOMNESS)
+    straight = train(patched, tmp_path / "straight", steps=6, extra=MIRAI_E, **NO_RANDOMNESS)
     saved = torch.load(resumed["checkpoints"][0], map_location="cpu", weights_only=False)
-    assert saved["foresight"]["head"]["steps_taken"] == 4  # 2 restored + 2 more
+    expected = torch.load(straight["checkpoints"][0], map_location="cpu", weights_only=False)
+    assert saved["steps"] == expected["steps"] == 6
+    assert saved["foresight"]["head"]["steps_taken"] == 6  # 4 restored + 2 more
+    assert losses(resumed) == losses(straight)[4:]
+    assert mirai_lines(resumed, 4) == mirai_lines(straight, 4) and len(mirai_lines(resumed, 4)) == 2
+    assert not any(changed(resumed["model"], straight["model"]).values())
+    assert not any(changed(saved["foresight"]["head"]["head"], expected["foresight"]["head"]["head"]).values())
+    moments = [(key, state[key]) for state in saved["foresight"]["head"]["optimizer"]["state"].values()
+               for key in sorted(state)]
+    expected_moments = [(key, state[key]) for state in expected["foresight"]["head"]["optimizer"]["state"].values()
+                        for key in sorted(state)]
+    assert len(moments) == len(expected_moments) > 0
+    assert all(k == j and torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+               for (k, a), (j, b) in zip(moments, expected_moments))
+    # the control: the run without its checkpoint (2 steps from scratch) is not the straight run
+    fresh = train(patched, tmp_path / "fresh", steps=2, extra=MIRAI_E, **NO_RANDOMNESS)
+    assert losses(fresh) != losses(straight)[4:]
 
     # a checkpoint written before 0.2.0 holds the same entry under "mirai": it resumes the same way
     legacy = torch.load(checkpoint, map_location="cpu", weights_only=False)
     legacy["mirai"] = legacy.pop("foresight")
     torch.save(legacy, tmp_path / "legacy.pt")
-    resumed = train(patched, tmp_path / "legacy", steps=2, extra=[*MIRAI_E, "--gpt-ckpt", str(tmp_path / "legacy.pt")])
+    resumed = train(patched, tmp_path / "legacy", steps=2, extra=[*MIRAI_E, "--gpt-ckpt", str(tmp_path / "legacy.pt")],
+                    **NO_RANDOMNESS)
     saved = torch.load(resumed["checkpoints"][0], map_location="cpu", weights_only=False)
-    assert saved["foresight"]["head"]["steps_taken"] == 4 and "mirai" not in saved
+    assert saved["foresight"]["head"]["steps_taken"] == 6 and "mirai" not in saved
+    assert not any(changed(saved["foresight"]["head"]["head"], expected["foresight"]["head"]["head"]).values())
 
 
 def test_mirai_e_on_two_ranks(patched, tmp_path):
@@ -193,6 +246,32 @@ def test_mirai_e_on_two_ranks(patched, tmp_path):
     assert_term_reaches_up_to(result["grads"], off["grads"], 1, index=block_index)
     saved = torch.load(result["checkpoints"][0], map_location="cpu", weights_only=False)
     assert_moved(result["extra"]["glue"]["head_init"], saved["foresight"]["head"]["head"])
+
+
+def test_mirai_e_two_ranks_step_the_head_as_one_process_on_the_global_batch(patched, tmp_path):
+    """Two ranks of 2 samples and one process of 4 (the same 4: the sampler's permutation does not depend on
+    the number of ranks, rank r takes every other one) start from the same GPT and head (seed 0 on rank 0,
+    broadcast) and, with nothing random in the step, must take the same step: the head's update (after -
+    before, one AdamW step) and the GPT's gradient equal the one-process run's within float32 reduction
+    order. One process on 2 samples (a rank stepping with its own gradient only) is the control."""
+    two = train(patched, tmp_path / "two", steps=1, nproc=2, extra=MIRAI_E, grad_probe=True, **NO_RANDOMNESS)
+    one = train(patched, tmp_path / "one", steps=1, extra=MIRAI_E, grad_probe=True, **NO_RANDOMNESS)
+    half_overrides = {**NO_RANDOMNESS["overrides"], "global_batch_size": 2}
+    half = train(patched, tmp_path / "half", steps=1, extra=MIRAI_E,
+                 **{**NO_RANDOMNESS, "overrides": half_overrides})
+    assert two["extra"]["world_size"] == 2 and one["extra"]["world_size"] == 1
+    assert two["args"]["global_batch_size"] == one["args"]["global_batch_size"] == 4
+    # the same start: the GPT as DDP holds it and the head as built
+    assert relative_distance(two["model_init"], one["model_init"]) == 0
+    assert relative_distance(two["extra"]["glue"]["head_init"], one["extra"]["glue"]["head_init"]) == 0
+    # the same batch: the GPT's gradient (DDP's average; the term's share included) is the global batch's
+    tolerance = 1e-4  # float32 sums in another order differ by ~1e-6 of the value
+    assert relative_distance(two["grads"], one["grads"]) < tolerance
+    expected = head_update(one)
+    assert max(v.abs().max().item() for v in expected.values()) > 0  # the head stepped
+    assert relative_distance(head_update(two), expected) < tolerance
+    # the control: the update from half the batch alone is far outside the tolerance
+    assert relative_distance(head_update(half), expected) > 100 * tolerance
 
 
 def test_mirai_i_with_a_decoded_batch_and_a_frozen_encoder(patched, tmp_path):

@@ -416,12 +416,16 @@ def test_longlive_two_ranks(patched_repo, encoder_ckpt, tmp_path):
     """torchrun, 2 ranks (gloo, FULL_SHARD), LoRA, the head and the bidirectional encoder sharded with FSDP as
     the config ships them, and a scene cut on rank 0 only (two shots there, one on rank 1): both ranks train.
     (On these tiny models the encoder is one FSDP unit that the early exit leaves gathered, so unequal
-    encoder call counts would not hang here; the glue pads them for the 5B model's per-block units.)"""
+    encoder call counts would not hang here; the glue pads them for the 5B model's per-block units.)
+    Rank 0's term is the one a single process computes on the same sample and seeds (``--one-prompt
+    --seed-every-step``: rank 0's streams are the single process's) with the same scene cut: the per-segment
+    losses and the term within 1 % of the scene cut's effect on them; the same process without the cut is
+    the control."""
     overrides = {**LAYERS, "foresight_encoder_ckpt": encoder_ckpt}
     result = train(patched_repo, tmp_path / "two", steps=2, overrides=overrides, nproc=2, scene_cut_at="2,-1",
-                   grad_probe=True)
+                   grad_probe=True, exact_resume=True)
     off = train(patched_repo, tmp_path / "off", steps=1, overrides={**overrides, "foresight_weight": 0}, nproc=2,
-                scene_cut_at="2,-1", grad_probe=True)
+                scene_cut_at="2,-1", grad_probe=True, exact_resume=True)
     lora = [name for name in result["grads"] if "lora_" in name]
     assert_term_reaches_up_to(result["grads"], off["grads"], LAYERS["foresight_student_layer"], names=lora)
     assert_moved(result["initial"]["head"], result["head"])
@@ -433,6 +437,18 @@ def test_longlive_two_ranks(patched_repo, encoder_ckpt, tmp_path):
     assert saved(tmp_path / "two")["foresight"]["steps_taken"] == 1
     assert result["extra"]["config"]["sharding_strategy"] == "hybrid_full"
     assert_bf16_recipe_dtypes(result["extra"]["glue"], saved(tmp_path / "two"))
+
+    alone = train(patched_repo, tmp_path / "alone", steps=1, overrides=overrides, scene_cut_at=2, exact_resume=True)
+    uncut = train(patched_repo, tmp_path / "uncut", steps=1, overrides=overrides, exact_resume=True)
+    (ranked, _, _), (single, single_term, _) = terms(result)[0], terms(alone)[0]
+    (plain, plain_term, _) = terms(uncut)[0]
+    effect = max(abs(a - b) for a, b in zip(single, plain))
+    assert effect > 0 and len(ranked) == len(single) == len(plain)
+    assert all(close(a, b, effect) for a, b in zip(ranked, single)), (ranked, single, effect)
+    assert close(generator_record(result)["foresight_loss"], generator_record(alone)["foresight_loss"],
+                 single_term - plain_term)
+    assert not close(generator_record(result)["foresight_loss"], generator_record(uncut)["foresight_loss"],
+                     single_term - plain_term)
 
 
 @pytest.fixture(autouse=True)

@@ -46,7 +46,8 @@ What each mode writes:
     keyed ``{"mirai_projector": {...}, "foresight_dim_proj": {...}}``);
   - ``extra``: ``generator_init``, ``critic_init``, ``real_score`` (weights as built), ``head_init`` (the
     foresight head's training state once the trainer is built, e.g. resumed), Video-Mirai's
-    ``mirai_projector`` / ``foresight_dim_proj`` state dicts, the merged ``config``, the raw
+    ``mirai_projector`` / ``foresight_dim_proj`` state dicts after training and as built (``..._init``), the
+    merged ``config``, the raw
     ``wandb_calls``, ``timings`` (seconds), ``world_size``, ``steps``, ``final_step``, ``commit``, what the
     plug-in's glue held and saw (``glue``, see ``glue_record.py``), ``ema`` (the trainer's ``generator_ema``
     at the end: ``None``, or its ``shadow`` dict, and for each time the trainer built or updated it the
@@ -749,6 +750,9 @@ def _initial_state(module, model) -> dict:
     if hasattr(model, "fake_score"):
         initial["critic_init"] = _state_dict(module, model.fake_score)
         initial["real_score"] = _state_dict(module, model.real_score)
+    for name in ("mirai_projector", "foresight_dim_proj"):  # Video-Mirai's foresight modules
+        if getattr(model, name, None) is not None:
+            initial[f"{name}_init"] = _state_dict(module, getattr(model, name))
     return initial
 
 

@@ -159,6 +159,30 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_diffusers.py::test_frozen_encoder_passes_timestep_and_extra_keywords",),
     ),
     Mutation(
+        "two-rank-head-gradients-not-averaged", "mirai_plugin/collectives.py",
+        "    dist.all_reduce(flat)\n    flat /= world()[1]\n",
+        "",
+        (f"{IT}test_llamagen.py::test_mirai_e_two_ranks_step_the_head_as_one_process_on_the_global_batch",),
+    ),
+    Mutation(
+        "llamagen-ema-target-not-broadcast", "mirai_plugin/integrations/llamagen.py",
+        "            broadcast_module(self.source.model)\n",
+        "",
+        (f"{IT}test_llamagen.py::test_mirai_e_two_ranks_step_the_head_as_one_process_on_the_global_batch",),
+    ),
+    Mutation(
+        "image-head-adamw-state-not-restored", "mirai_plugin/image/head.py",
+        'restore_state(self.optimization, state["head"], state.get("optimizer"), what="training state",',
+        'restore_state(self.optimization, state["head"], None, what="training state",',
+        (f"{IT}test_llamagen.py::test_mirai_e_resumes_from_the_trainers_checkpoint",),
+    ),
+    Mutation(
+        "llamagen-ema-target-not-restored", "mirai_plugin/integrations/llamagen.py",
+        "        if source is not None:\n            self.source.load_state_dict(source)\n",
+        "",
+        (f"{IT}test_llamagen.py::test_mirai_e_resumes_from_the_trainers_checkpoint",),
+    ),
+    Mutation(
         "replay-does-not-step-the-head", "mirai_plugin/replay.py",
         "        if step:\n            optimization.clip_and_step()\n        return total / local_pairs",
         "        return total / local_pairs",

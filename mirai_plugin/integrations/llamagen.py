@@ -103,6 +103,8 @@ class LlamaGenMirai:
         width = model.config.dim
         if cfg.source == "ema":
             self.source = EMASource(model, cfg.student_layer, decay=cfg.ema_decay, blocks="layers")
+            # a copy of this rank's weights as seeded; DDP gives every rank rank 0's model only later
+            broadcast_module(self.source.model)
             target_dim = width
         else:
             self.source = _image_source(args, grid, device)
