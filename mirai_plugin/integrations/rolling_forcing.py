@@ -1,0 +1,107 @@
+"""Glue for Rolling Forcing and Causal-Forcing's ``long_video/`` (one trainer): what the patch lines call.
+
+Legend: b batch, u tokens of one generator call, n tokens per block, s tokens per frame, d student width.
+
+docs/rolling-forcing.md is the design. A rolling rollout denoises a window of up to L blocks in one
+generator call (``current_start`` is the window's first block); the grad-enabled calls do not overlap and
+hold every block of the DMD window once. ``window_blocks`` splits each captured call into its blocks and
+places them in the DMD window, the frames the encoder reads (``pred_image``): block k of the window is
+paired with the encoder's targets at k and k + 1. A plain self-forcing rollout makes one-block calls and
+goes through the same split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mirai_plugin.capture import HiddenRecord
+from mirai_plugin.errors import MiraiError
+
+__all__ = ["CallBlock", "window_blocks"]
+
+
+@dataclass(frozen=True)
+class CallBlock:
+    """One block of a captured grad-enabled generator call, placed in the DMD window.
+
+    Attributes:
+        segment: the block's index in the DMD window (its last ``window_frames`` frames), 0-based.
+        record: the block's ``(b n d)`` view of the call's capture, still attached to the graph, with the
+            token position of the block in the window (``segment * n``): what the head reads.
+        index_in_call: the block's place among the call's blocks (0: the call's first, oldest block).
+        call_blocks: how many blocks the call holds (1 in a self-forcing rollout).
+    """
+
+    segment: int
+    record: HiddenRecord
+    index_in_call: int
+    call_blocks: int
+
+    @property
+    def last_in_call(self) -> bool:
+        """No later block in the same call: the block saw no newer frames of its window."""
+        return self.index_in_call == self.call_blocks - 1
+
+
+def window_blocks(
+    records: Sequence[HiddenRecord], *, tokens_per_frame: int, frames_per_block: int, window_frames: int
+) -> list[CallBlock]:
+    """The captured calls of one rollout split into blocks, one per block of the DMD window, in order.
+
+    Each record is one grad-enabled call: ``(b u d)`` with ``current_start`` (tokens) as its position. Its
+    j-th block of ``n = frames_per_block * tokens_per_frame`` tokens is rollout block
+    ``position / n + j``. The rollout ends where the last call ends (a rollout's last block always runs
+    with gradients); the window is its last ``window_frames`` frames. Blocks before the window (a call
+    that straddles the window's start) are dropped; every block of the window must be captured once.
+
+    Example:
+        >>> import torch
+        >>> call = torch.arange(6.0).reshape(1, 6, 1)  # (b u d): 3 blocks of 2 tokens, from block 1
+        >>> blocks = window_blocks([HiddenRecord(call, 2, 0, call._version)],
+        ...                        tokens_per_frame=1, frames_per_block=2, window_frames=4)
+        >>> [(b.segment, b.record.position, b.record.hidden.flatten().tolist()) for b in blocks]
+        [(0, 0, [2.0, 3.0]), (1, 2, [4.0, 5.0])]
+    """
+    s, f = tokens_per_frame, frames_per_block
+    n = f * s
+    if window_frames <= 0 or window_frames % f:
+        raise MiraiError(f"the DMD window has {window_frames} frames, not a whole number of blocks of {f} frames")
+    if not records:
+        raise MiraiError("no grad-enabled generator call was captured during the rollout; the rollout runs the "
+                         "blocks of the DMD window with gradients: check that generator_loss runs in capturing()")
+    spans = []  # (first rollout block, blocks, record) per call
+    for i, record in enumerate(records):
+        h = record.hidden
+        if record.position is None:
+            raise MiraiError(f"captured call {i} carries no current_start: the rollout passes one to every block")
+        if h.dim() != 3 or h.shape[1] == 0 or h.shape[1] % n:
+            raise MiraiError(
+                f"captured call {i} at token {record.position} has shape {tuple(h.shape)}: not (batch, tokens, "
+                f"width) with whole blocks of {n} tokens ({f} frames x {s} tokens); check tokens_per_frame")
+        if record.position % n:
+            raise MiraiError(f"captured call {i} starts at token {record.position}, frame {record.position / s:g}: "
+                             f"not a block boundary of {f} frames x {s} tokens")
+        spans.append((record.position // n, h.shape[1] // n, record))
+    rollout_blocks = max(first + count for first, count, _ in spans)
+    first_block = rollout_blocks - window_frames // f  # rollout block of window segment 0
+    if first_block < 0:
+        raise MiraiError(f"the DMD window has {window_frames} frames but the captured rollout only "
+                         f"{rollout_blocks * f}")
+    placed: dict[int, CallBlock] = {}
+    for first, count, record in spans:
+        for j, view in enumerate(record.hidden.split(n, dim=1)):  # count x (b n d), views of the capture
+            k = first + j - first_block
+            if k < 0:
+                continue  # before the window: no target, and DMD does not score it
+            if k in placed:
+                raise MiraiError(
+                    f"window block {k} (rollout frames {(first + j) * f}..{(first + j + 1) * f - 1}) was "
+                    f"captured by two grad-enabled calls; a rollout runs each block with gradients once")
+            placed[k] = CallBlock(k, HiddenRecord(view, k * n, record.call_index, record.version), j, count)
+    missing = sorted(set(range(window_frames // f)) - set(placed))
+    if missing:
+        raise MiraiError(f"window blocks {missing} of {window_frames // f} were not captured with gradients "
+                         f"(rollout of {rollout_blocks * f} frames); every block of the DMD window needs one "
+                         f"grad-enabled call")
+    return [placed[k] for k in sorted(placed)]
