@@ -107,6 +107,7 @@ def _check_against_joint_calls(model, blocks, calls, frames):
         assert torch.equal(b.record.hidden, joint[:, j * N:(j + 1) * N])
         assert (b.index_in_call, b.call_blocks, b.last_in_call) == (j, count, j == count - 1)
         assert b.record.position == b.segment * N
+        assert b.rollout_block == block
         assert b.record.hidden.requires_grad
 
 

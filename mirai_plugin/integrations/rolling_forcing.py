@@ -27,6 +27,8 @@ class CallBlock:
 
     Attributes:
         segment: the block's index in the DMD window (its last ``window_frames`` frames), 0-based.
+        rollout_block: the block's index in the rollout; ``rollout_block - segment`` blocks precede the
+            window (the rollout is longer than the window).
         record: the block's ``(b n d)`` view of the call's capture, still attached to the graph, with the
             token position of the block in the window (``segment * n``): what the head reads.
         index_in_call: the block's place among the call's blocks (0: the call's first, oldest block).
@@ -34,6 +36,7 @@ class CallBlock:
     """
 
     segment: int
+    rollout_block: int
     record: HiddenRecord
     index_in_call: int
     call_blocks: int
@@ -98,7 +101,7 @@ def window_blocks(
                 raise MiraiError(
                     f"window block {k} (rollout frames {(first + j) * f}..{(first + j + 1) * f - 1}) was "
                     f"captured by two grad-enabled calls; a rollout runs each block with gradients once")
-            placed[k] = CallBlock(k, HiddenRecord(view, k * n, record.call_index, record.version), j, count)
+            placed[k] = CallBlock(k, first + j, HiddenRecord(view, k * n, record.call_index, record.version), j, count)
     missing = sorted(set(range(window_frames // f)) - set(placed))
     if missing:
         raise MiraiError(f"window blocks {missing} of {window_frames // f} were not captured with gradients "
