@@ -15,7 +15,7 @@ from torch import nn
 
 from mirai_plugin import HiddenRecord, capture_hidden
 from mirai_plugin.errors import MiraiError
-from mirai_plugin.integrations.rolling_forcing import window_blocks
+from mirai_plugin.integrations.rolling_forcing import supervised_blocks, window_blocks
 from mirai_plugin.records import split_into_segments
 
 FRAMES_PER_BLOCK, TOKENS_PER_FRAME, WIDTH, LAYER, WINDOW = 3, 2, 4, 1, 21
@@ -185,3 +185,47 @@ def test_errors_name_the_call(records, message):
 def test_a_window_of_partial_blocks_is_refused():
     with pytest.raises(MiraiError, match="not a whole number of blocks"):
         _place([_record(7, 0)], window=20)
+
+
+@pytest.mark.parametrize("frames", [21, 24, 27])
+@pytest.mark.parametrize("steps", [4, 5])
+def test_last_keeps_the_newest_block_of_each_grad_call(frames, steps):
+    model = _Generator()
+    first_window_block = (frames - WINDOW) // FRAMES_PER_BLOCK
+    for exit_flag in range(steps):
+        blocks, calls = _split(model, _rolling, frames=frames, steps=steps, exit_flag=exit_flag)
+        newest = sorted(first + count - 1 - first_window_block for first, count, _ in calls)  # window blocks
+        kept = supervised_blocks(blocks, rule="last", first_block="supervise")
+        assert [b.segment for b in kept] == [k for k in newest if k >= 0]
+
+
+@pytest.mark.parametrize(("frames", "first_block", "dropped"), [
+    (21, "as_dmd", False), (24, "as_dmd", True), (27, "as_dmd", True),
+    (21, "mask", True), (27, "supervise", False),
+])
+def test_the_first_window_block_follows_dmds_gradient_mask(frames, first_block, dropped):
+    model = _Generator()
+    blocks, _ = _split(model, _rolling, frames=frames, steps=5, exit_flag=3)
+    kept = [b.segment for b in supervised_blocks(blocks, first_block=first_block)]
+    assert kept == list(range(int(dropped), WINDOW // FRAMES_PER_BLOCK))
+
+
+def test_noise_below_keeps_the_blocks_at_or_under_the_timestep():
+    model = _Generator()
+    blocks, _ = _split(model, _self_forcing, frames=27, steps=4, exit_step=1)
+    timesteps = {b.rollout_block: float(100 * b.rollout_block) for b in blocks}
+    kept = supervised_blocks(blocks, rule="noise_below", first_block="supervise", max_timestep=500, timesteps=timesteps)
+    assert [b.rollout_block for b in kept] == [2, 3, 4, 5]
+    with pytest.raises(MiraiError, match=r"no timestep recorded for rollout block 3 \(window block 1\)"):
+        supervised_blocks(blocks, rule="noise_below", max_timestep=500, timesteps={2: 0.0})
+    with pytest.raises(MiraiError, match="needs foresight_window_max_timestep"):
+        supervised_blocks(blocks, rule="noise_below")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"rule": "first"}, "foresight_window_blocks='first'; choose one of all, last, noise_below"),
+    ({"first_block": "drop"}, "foresight_window_first_block='drop'; choose one of as_dmd, supervise, mask"),
+])
+def test_unknown_choices_name_the_key_and_the_choices(kwargs, message):
+    with pytest.raises(MiraiError, match=message):
+        supervised_blocks([], **kwargs)

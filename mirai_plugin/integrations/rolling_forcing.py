@@ -7,18 +7,22 @@ generator call (``current_start`` is the window's first block); the grad-enabled
 hold every block of the DMD window once. ``window_blocks`` splits each captured call into its blocks and
 places them in the DMD window, the frames the encoder reads (``pred_image``): block k of the window is
 paired with the encoder's targets at k and k + 1. A plain self-forcing rollout makes one-block calls and
-goes through the same split.
+goes through the same split. ``supervised_blocks`` keeps the blocks the term trains
+(``foresight_window_blocks``, ``foresight_window_first_block``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mirai_plugin.capture import HiddenRecord
 from mirai_plugin.errors import MiraiError
 
-__all__ = ["CallBlock", "window_blocks"]
+__all__ = ["WINDOW_BLOCKS", "WINDOW_FIRST_BLOCK", "CallBlock", "supervised_blocks", "window_blocks"]
+
+WINDOW_BLOCKS = ("all", "last", "noise_below")  # foresight_window_blocks: which blocks of a call are supervised
+WINDOW_FIRST_BLOCK = ("as_dmd", "supervise", "mask")  # foresight_window_first_block
 
 
 @dataclass(frozen=True)
@@ -108,3 +112,49 @@ def window_blocks(
                          f"(rollout of {rollout_blocks * f} frames); every block of the DMD window needs one "
                          f"grad-enabled call")
     return [placed[k] for k in sorted(placed)]
+
+
+def supervised_blocks(
+    blocks: Sequence[CallBlock], *, rule: str = "all", first_block: str = "as_dmd",
+    max_timestep: float | None = None, timesteps: Mapping[int, float] | None = None,
+) -> list[CallBlock]:
+    """The blocks the term supervises, from ``window_blocks``' split (docs/rolling-forcing.md, "Decisions").
+
+    ``rule`` (``foresight_window_blocks``): ``all`` every block; ``last`` only each call's newest
+    block; ``noise_below`` only blocks whose timestep in their grad call (``timesteps``, keyed by rollout
+    block) is at most ``max_timestep``. ``first_block`` (``foresight_window_first_block``): ``as_dmd`` drops
+    window block 0 when DMD's ``gradient_mask`` does (the rollout is longer than the window), ``supervise``
+    keeps it, ``mask`` drops it.
+
+    Example:
+        >>> import torch
+        >>> call = torch.zeros(1, 6, 1)  # (b u d): 3 blocks of 2 tokens, the whole rollout
+        >>> blocks = window_blocks([HiddenRecord(call, 0, 0, call._version)],
+        ...                        tokens_per_frame=1, frames_per_block=2, window_frames=6)
+        >>> [b.segment for b in supervised_blocks(blocks, rule="last")]
+        [2]
+    """
+    if rule not in WINDOW_BLOCKS:
+        raise MiraiError(f"foresight_window_blocks={rule!r}; choose one of {', '.join(WINDOW_BLOCKS)}")
+    if first_block not in WINDOW_FIRST_BLOCK:
+        raise MiraiError(f"foresight_window_first_block={first_block!r}; choose one of "
+                         f"{', '.join(WINDOW_FIRST_BLOCK)}")
+    if rule == "noise_below" and (max_timestep is None or timesteps is None):
+        raise MiraiError("foresight_window_blocks: noise_below needs foresight_window_max_timestep and the "
+                         "timestep of each block's grad call")
+    longer = any(b.rollout_block != b.segment for b in blocks)  # blocks precede the window
+    kept = []
+    for b in blocks:
+        if b.segment == 0 and (first_block == "mask" or (first_block == "as_dmd" and longer)):
+            continue
+        if rule == "last" and not b.last_in_call:
+            continue
+        if rule == "noise_below":
+            assert timesteps is not None and max_timestep is not None  # checked above
+            if b.rollout_block not in timesteps:
+                raise MiraiError(f"no timestep recorded for rollout block {b.rollout_block} (window block "
+                                 f"{b.segment}); recorded: {sorted(timesteps)}")
+            if timesteps[b.rollout_block] > max_timestep:
+                continue
+        kept.append(b)
+    return kept
