@@ -9,17 +9,51 @@ places them in the DMD window, the frames the encoder reads (``pred_image``): bl
 paired with the encoder's targets at k and k + 1. A plain self-forcing rollout makes one-block calls and
 goes through the same split. ``supervised_blocks`` keeps the blocks the term trains
 (``foresight_window_blocks``, ``foresight_window_first_block``).
+
+``RollingForcingForesight`` is the glue (the ``TrainerGlue`` contract), for both checkouts; the patches add the
+Self-Forcing patch's marked lines (``mirai_plugin.integrations.self_forcing``), with this glue::
+
+    self.foresight = RollingForcingForesight(self, args)          # end of DMD.__init__
+    @with_foresight_capture                                        # on DMD.generator_loss
+    dmd_loss = self.foresight.add_term(dmd_loss, dmd_log_dict, pred_image, conditional_dict)  # before it returns
+
+    foresight_of(self.model).load_checkpoint_state(state_dict)     # after torch.load(config.generator_ckpt)
+    state_dict.update(foresight_of(self.model).checkpoint_state())  # Trainer.save, on every rank
+    foresight_of(self.model).after_generator_step()                # after generator_optimizer.step()
+    foresight_of(self.model).after_critic_step(TRAIN_GENERATOR)    # after critic_optimizer.step(): replay
+    for name, value in foresight_of(self.model).log_values().items():  # main process, next to the DMD losses
+        self.writer.add_scalar(name, value, self.step)
+
+Per generator step every rank runs one encoder pass and, with a supervised block, one head call, in either
+rollout mode; the critic step's rollout is not captured (replay uses the last generator step's pairs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from mirai_plugin.capture import HiddenRecord
+import torch
+from torch import Tensor, nn
+
+from mirai_plugin.capture import CapturedHidden, HiddenRecord
+from mirai_plugin.encoder import FrozenEncoder
 from mirai_plugin.errors import MiraiError
+from mirai_plugin.integrations.resolve import resolve_rolling_forcing
+from mirai_plugin.integrations.self_forcing import (
+    DMDForesight,
+    UpstreamForesight,
+    foresight_of,
+    with_foresight_capture,
+)
+from mirai_plugin.wrappers import tokens_per_frame
 
-__all__ = ["WINDOW_BLOCKS", "WINDOW_FIRST_BLOCK", "CallBlock", "supervised_blocks", "window_blocks"]
+__all__ = [
+    "WINDOW_BLOCKS", "WINDOW_FIRST_BLOCK", "CallBlock", "RollingForcingForesight", "foresight_of",
+    "resolve_rolling_forcing", "supervised_blocks", "window_blocks", "with_foresight_capture",
+]
 
 WINDOW_BLOCKS = ("all", "last", "noise_below")  # foresight_window_blocks: which blocks of a call are supervised
 WINDOW_FIRST_BLOCK = ("as_dmd", "supervise", "mask")  # foresight_window_first_block
@@ -158,3 +192,80 @@ def supervised_blocks(
                 continue
         kept.append(b)
     return kept
+
+
+class RollingForcingForesight(DMDForesight):
+    """Rolling Forcing / Causal-Forcing ``long_video/`` DMD: the term on the blocks of each rollout's grad calls.
+
+    The encoder (the real score) and the replay on critic steps are Self-Forcing's (``DMDForesight``); the
+    config reader, the split of window calls into blocks and the choice of supervised blocks are this one's.
+
+    Args:
+        dmd: the upstream ``DMD`` model (``generator``, ``real_score`` wrappers).
+        args: the trainer's config; read by ``resolve_rolling_forcing`` (the ``foresight_*`` keys,
+            ``foresight_window_blocks``, ``foresight_window_first_block``, ``foresight_window_max_timestep``).
+        upstream: ``rolling-forcing`` or ``causal-forcing-long-video`` (the same trainer; the name is reported).
+    """
+
+    def __init__(self, dmd: Any, args: Any, *, upstream: str = "rolling-forcing") -> None:
+        resolved = resolve_rolling_forcing(args, upstream=upstream)
+        self.window_rule = resolved.glue["foresight_window_blocks"]
+        self.window_first_block = resolved.glue["foresight_window_first_block"]
+        self.max_timestep = resolved.glue["foresight_window_max_timestep"]
+        self._call_timesteps: dict[int, Tensor] = {}  # current_start (tokens) -> (f) timesteps of a grad call
+        UpstreamForesight.__init__(self, dmd, resolved)  # DMDForesight.__init__ would read it as Self-Forcing
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[CapturedHidden | None]:
+        """The capture; under ``noise_below`` also each grad call's ``timestep`` (a pre-hook on the generator
+        wrapper, removed on exit)."""
+        with super().capturing() as captured:
+            if captured is None or self.window_rule != "noise_below":
+                yield captured
+                return
+            self._call_timesteps.clear()
+            handle = self._model.generator.register_forward_pre_hook(self._record_timestep, with_kwargs=True)
+            try:
+                yield captured
+            finally:
+                handle.remove()
+
+    def _record_timestep(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        timestep, start = kwargs.get("timestep"), kwargs.get("current_start")
+        if torch.is_grad_enabled() and isinstance(timestep, Tensor) and start is not None:
+            self._call_timesteps[int(start)] = timestep.detach()[0].reshape(-1).float().cpu()  # (f), batch 0
+
+    def add_term(self, loss: Tensor, log_dict: dict, video: Tensor, conditional_dict: dict) -> Tensor:
+        """``loss`` plus the foresight term of the DMD window ``video`` (``pred_image``, b f c h w)
+        (unchanged when disabled or off by the schedule)."""
+        head = self.head
+        if head is None or not self.active:
+            return loss
+        records = self._take_records()
+        f = self.config.segment_frames
+        s = tokens_per_frame(self._model.generator, *video.shape[-2:])
+        blocks = window_blocks(records, tokens_per_frame=s, frames_per_block=f, window_frames=video.shape[1])
+        kept = supervised_blocks(blocks, rule=self.window_rule, first_block=self.window_first_block,
+                                 max_timestep=self.max_timestep,
+                                 timesteps=self._block_timesteps(f * s, f) if self.window_rule == "noise_below"
+                                 else None)
+        # Every rank runs the encoder (an FSDP real score gathers its weights in the call), supervised or not.
+        encoder = FrozenEncoder(self._encoder(), self.config.encoder_layer)
+        target = encoder(video.detach(), conditional_dict)  # (b t e), stop-gradient target
+        log_dict["foresight_segments"] = len(kept)
+        log_dict["foresight_rollout_frames"] = (blocks[-1].rollout_block + 1) * f
+        if not kept:  # last / noise_below on a rank without such a block: zero gradients (replicated head)
+            return loss
+        term = head([b.record for b in kept], target, tokens_per_frame=s)
+        log_dict["foresight_loss"] = term.detach()
+        self._logged["foresight_loss"] = term.detach()
+        return loss + term
+
+    def _block_timesteps(self, n: int, f: int) -> dict[int, float]:
+        """The timestep of each rollout block in its grad call, from the recorded calls (``noise_below``)."""
+        timesteps = {}
+        for start, levels in self._call_timesteps.items():
+            for j in range(levels.numel() // f):
+                timesteps[start // n + j] = float(levels[j * f])
+        self._call_timesteps.clear()
+        return timesteps
