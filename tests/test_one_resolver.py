@@ -285,7 +285,8 @@ def test_the_detection_is_the_first_line_and_a_guess_says_so(tmp_path, capsys):
         assert capsys.readouterr().out.splitlines()[0] == "upstream: causal-forcing (--upstream causal-forcing)"
     assert main(["config", "check", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["upstream"]["alternatives"] == ["causal-forcing"] and report["upstream"]["name"] == "self-forcing"
+    assert report["upstream"]["alternatives"] == ["causal-forcing", *ROLLING_UPSTREAMS]
+    assert report["upstream"]["name"] == "self-forcing"
     # the same file read by the LongLive reader is refused by that reader's rules
     assert main(["config", "check", str(path), "--upstream", "longlive"]) == 2
     assert "read as longlive (--upstream)" in capsys.readouterr().err

@@ -205,6 +205,7 @@ LONGLIVE_KEYS = ("foresight_encoder", "foresight_encoder_ckpt", "foresight_encod
                  "foresight_window_first_block", "foresight_i2v_first_block")
 ROLLING_KEYS = ("foresight_window_blocks", "foresight_window_first_block", "foresight_window_max_timestep")
 ROLLING_SHARE = 0.5  # model/base.py draws the rolling or the self-forcing rollout with probability 1/2 each
+ROLLING_ATTENTION = 21  # frames a call attends to at most, its own included (causal_model.py max_attention_size)
 ODE_ENCODER = "Wan2.1-T2V-1.3B"
 SF_WINDOW = 21  # Self-Forcing / Causal-Forcing's model/base.py keeps the rollout's last 21 frames for DMD
 SF_MIN_FRAMES = 21  # ... and draws the rollout in [21, num_training_frames] frames
@@ -373,7 +374,8 @@ def resolve_self_forcing(args: Any, stage: str = "dmd", *, upstream: str | None 
                        min_frames=SF_MIN_FRAMES, window_frames=min(SF_WINDOW, frames),
                        critic_ratio=read.get("dfake_gen_update_ratio", _INT1, 5),
                        rolling_window_blocks=common["denoising_steps"] if rolling else None,
-                       rolling_share=ROLLING_SHARE if rolling else 0.0, **common)
+                       rolling_share=ROLLING_SHARE if rolling else 0.0,
+                       **{**common, "attention_frames": ROLLING_ATTENTION if rolling else None})
         encoder, encoder_key = real, "real_name"
     else:
         glue = _glue(read, ("foresight_head_sharding", "foresight_head_init", "foresight_encoder_name"),

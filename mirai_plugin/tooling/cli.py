@@ -464,8 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     vb.add_argument("--device", default="cuda")
     vb.set_defaults(run=_vbench_command)
 
-    upstream_help = (f"which trainer's reader applies: {', '.join(PATCHES)} (the names `patch` takes); "
-                     f"default: detected from the config, and the detection printed")
+    rolling = ("rolling-forcing", "causal-forcing-long-video")  # resolve.ROLLING_UPSTREAMS (resolve imports torch)
+    readers = dict.fromkeys([*PATCHES, *rolling])
+    upstream_help = (f"which trainer's reader applies: {', '.join(readers)} (the names `patch` takes); "
+                     f"default: detected from the config, and the detection printed (never rolling-forcing or "
+                     f"causal-forcing-long-video, whose configs look like Self-Forcing's: name them)")
     no_defaults_help = ("Self-Forcing layout: do not merge default_config.yaml (./configs/, else next to the config), "
                         "which the trainers merge")
     flops = command(commands, "flops", help="FLOPs of one DMD cycle with and without the foresight term")
