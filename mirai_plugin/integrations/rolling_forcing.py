@@ -255,6 +255,8 @@ class RollingForcingForesight(DMDForesight):
         log_dict["foresight_segments"] = len(kept)
         log_dict["foresight_rollout_frames"] = (blocks[-1].rollout_block + 1) * f
         if not kept:  # last / noise_below on a rank without such a block: zero gradients (replicated head)
+            # The same keys in every micro-step's dict: the trainer's merge_dict_list stacks them by key.
+            log_dict["foresight_loss"] = torch.zeros((), device=loss.device)
             return loss
         term = head([b.record for b in kept], target, tokens_per_frame=s)
         log_dict["foresight_loss"] = term.detach()
