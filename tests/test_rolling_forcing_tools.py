@@ -167,3 +167,9 @@ def test_config_check_refuses_what_the_glue_refuses(config, capsys, extra, messa
 def test_stage_does_not_apply_to_the_rolling_readers(config):
     with pytest.raises(MiraiError, match="--stage applies to the Self-Forcing layout"):
         load_trainer_config(config(), upstream="rolling-forcing", stage="dmd")
+
+
+def test_without_the_defaults_the_rollout_is_the_trainers_own_21_frames(config, capsys):
+    status, out, _ = run(capsys, "flops", config(), "--upstream", "rolling-forcing", "--no-defaults", "--json")
+    cycle = json.loads(out)["cycle"]
+    assert status == 0 and cycle["frames"] == 21 and cycle["rolling_window_blocks"] == 5
