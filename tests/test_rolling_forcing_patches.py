@@ -1,4 +1,4 @@
-"""The rolling-forcing and causal-forcing-long-video patches (docs/rolling-forcing.md, "Plan for the patches"):
+"""The rolling-forcing and causal-forcing-long-video patches (docs/rolling-forcing.md, "The patches"):
 marked lines in model/dmd.py and trainer/distillation.py only, a ready config the glue's reader takes, and
 `mirai-plugin patch check|apply|revert` on sparse copies of the pinned checkouts (skipped without
 MIRAI_ROLLING_FORCING_DIR / MIRAI_CAUSAL_FORCING_DIR; CI sets both)."""
