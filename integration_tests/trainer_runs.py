@@ -19,13 +19,15 @@ FLOAT32 = {"mixed_precision": False}  # a run in float32 where the recipe trains
 
 
 def train(repo: Path, config: str, out: Path, *, steps: int, overrides=None, nproc=1, trainer="dmd",
-          grad_probe=False) -> dict:
+          grad_probe=False, rollout=None) -> dict:
     args = [
         str(HARNESS), "--checkout", str(repo), "--trainer", trainer, "--config", config,
         "--steps", str(steps), "--out", str(out), "--overrides", json.dumps(overrides or {}),
     ]
     if grad_probe:
         args.append("--grad-probe")
+    if rollout is not None:  # Rolling Forcing: this rollout mode instead of the trainer's coin
+        args += ["--rollout", rollout]
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--nproc_per_node", str(nproc)]
     result = subprocess.run(launcher + args, capture_output=True, text=True, cwd=HERE.parent, timeout=900)
