@@ -11,7 +11,7 @@ Usage::
 
     python integration_tests/trainer_harness.py --checkout DIR --trainer dmd|ode --config CONFIG.yaml \\
         --steps N --out OUTDIR [--overrides JSON] [--seed S] [--models JSON] [--weights-seed W] [--grad-probe] \
-        [--rollout rolling|self_forcing]
+        [--rollout rolling|self_forcing] [--rollout-frames F]
     torchrun --nproc_per_node 2 integration_tests/trainer_harness.py ...        # same arguments
     python integration_tests/trainer_harness.py --mode inference --checkout DIR --config CONFIG.yaml \\
         --checkpoint OUTDIR/result.pt --noise-seed 0 --out OUTDIR2 [--overrides JSON] [--models JSON] [--use-ema]
@@ -25,7 +25,8 @@ API (the same, from Python; each run wants its own process: checkouts share top-
 names and one process can import only one)::
 
     run_training(checkout, trainer="dmd", config=..., steps=2, out=..., overrides=None, seed=1,
-                 models=None, weights_seed=0, grad_probe=False, rollout=None) -> dict | None   # the result, rank 0
+                 models=None, weights_seed=0, grad_probe=False, rollout=None,
+                 rollout_frames=None) -> dict | None   # the result, rank 0
     run_inference(checkout, generator_state_dict, noise_seed, config=..., overrides=None,
                   models=None, weights_seed=0, prompt=PROMPTS[0]) -> Tensor [b, f, c, h, w]
     load_result(out) -> dict
@@ -115,6 +116,11 @@ Workarounds (besides those of ``upstream.import_upstream``; each is commented wh
     pipeline's other rollout method is pointed at the one asked for. The coin is still drawn and
     broadcast, so the random streams are those of a run whose coin fell that way. Every run records the
     mode of each rollout (``extra["rollouts"]``).
+16. ``--rollout-frames F`` (Rolling Forcing only; default: the trainer's draw): each step's rollout length
+    is drawn by ``torch.randint`` from the blocks between 21 frames and ``num_training_frames``, the
+    first ``torch.randint`` of ``_run_generator``. It is still drawn (same random streams), then
+    replaced by ``F // num_frame_per_block`` blocks before rank 0 broadcasts it. ``F`` must be a whole
+    number of blocks in that range.
 """
 from __future__ import annotations
 
@@ -180,7 +186,8 @@ class _StopTraining(Exception):
 
 def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, overrides: dict | None = None,
                  seed: int = 1, models: dict | None = None, weights_seed: int = 0,
-                 grad_probe: bool = False, rollout: str | None = None) -> dict | None:
+                 grad_probe: bool = False, rollout: str | None = None,
+                 rollout_frames: int | None = None) -> dict | None:
     """Train ``steps`` iterations of the checkout's own Trainer; write ``out/result.pt`` (rank 0).
 
     Returns the result dict on rank 0, None on other ranks.
@@ -204,6 +211,8 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
         _apply_tiny_model_patches(stack, up, cfg, sizes, weights_seed)
         _apply_trainer_patches(stack, up, module, recorder, trainer, seed)
         _record_rollouts(stack, recorder, rollout)
+        if rollout_frames is not None:
+            _force_rollout_frames(stack, rollout_frames)
         stack.enter_context(record_ema(module, recorder.ema_events))
 
         started = time.perf_counter()
@@ -232,7 +241,7 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
     result["extra"].update(
         timings=timings, world_size=world_size, steps=steps, final_step=instance.step, trainer=trainer,
         checkout=str(up.checkout), commit=up.commit, seed=seed, weights_seed=weights_seed, models=sizes,
-        config=_to_container(cfg), glue=glue, rollout=rollout)
+        config=_to_container(cfg), glue=glue, rollout=rollout, rollout_frames=rollout_frames)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(result, out / "result.pt")
@@ -330,6 +339,8 @@ def main(argv=None) -> None:
                                                                   "the first generator optimizer step")
     parser.add_argument("--rollout", choices=ROLLOUTS, help="Rolling Forcing: this rollout mode on every "
                                                             "step instead of the trainer's coin")
+    parser.add_argument("--rollout-frames", type=int, help="Rolling Forcing: rollouts of this many frames "
+                                                               "instead of the trainer's draw")
     parser.add_argument("--checkpoint", help="inference: model.pt or result.pt holding a 'generator' state dict")
     parser.add_argument("--noise-seed", type=int, default=0)
     parser.add_argument("--use-ema", action="store_true", help="inference: the checkpoint's generator_ema "
@@ -340,7 +351,8 @@ def main(argv=None) -> None:
     if args.mode == "train":
         result = run_training(args.checkout, trainer=args.trainer, config=args.config, steps=args.steps,
                               out=args.out, overrides=overrides, seed=args.seed, models=models,
-                              weights_seed=args.weights_seed, grad_probe=args.grad_probe, rollout=args.rollout)
+                              weights_seed=args.weights_seed, grad_probe=args.grad_probe, rollout=args.rollout,
+                              rollout_frames=args.rollout_frames)
         if result is not None:
             extra = result["extra"]
             print(f"[trainer_harness] {extra['final_step']} iteration(s) (asked {args.steps}) on "
@@ -596,6 +608,37 @@ def _record_rollouts(stack: contextlib.ExitStack, recorder: _Recorder, rollout: 
 
     for mode in ROLLOUTS:
         stack.enter_context(patched(pipeline_cls, names[mode], recorded(rollout or mode)))
+
+
+def _force_rollout_frames(stack: contextlib.ExitStack, frames: int) -> None:
+    """Rolling Forcing's `_run_generator` draws the rollout's block count with its first `torch.randint`
+    (then broadcasts rank 0's): draw it as upstream does, then answer ``frames`` worth of blocks."""
+    model_cls = getattr(sys.modules.get("model.base"), "RollingForcingModel", None)
+    if model_cls is None:
+        raise ValueError(f"--rollout-frames {frames}: this checkout has no RollingForcingModel "
+                         "(only Rolling Forcing draws its rollout length)")
+    run_generator = model_cls._run_generator
+
+    @functools.wraps(run_generator)
+    def run_generator_of_length(self, *args, **kwargs):
+        per_block, longest = self.num_frame_per_block, self.num_training_frames
+        if frames % per_block or not 21 <= frames <= longest:
+            raise ValueError(f"--rollout-frames {frames}: not a whole number of {per_block}-frame blocks "
+                             f"from 21 to num_training_frames = {longest}")
+        randint = torch.randint
+        drawn = []
+
+        def block_count_then_upstream(*a, **k):
+            value = randint(*a, **k)
+            if drawn:
+                return value
+            drawn.append(value)
+            return torch.full_like(value, frames // per_block)
+
+        with patched(torch, "randint", block_count_then_upstream):
+            return run_generator(self, *args, **kwargs)
+
+    stack.enter_context(patched(model_cls, "_run_generator", run_generator_of_length))
 
 
 def _import_trainer(kind: str, recorder: _Recorder) -> types.ModuleType:
