@@ -333,13 +333,11 @@ def devices_per_node_as_on_gpus():
     the all-reduce across nodes while still dividing by the world size, and each rank keeps its own
     gradient / world size (``test_cpu_stand_ins.py`` reproduces it with plain torch). A GPU node runs one
     rank per device: answer torchrun's ranks per node, as ``torch.cuda.device_count()`` does there."""
+    from monkeypatch import patched  # a sibling module: integration_tests/ is on the path wherever this runs
+
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    device_count = torch.cpu.device_count
-    torch.cpu.device_count = lambda: per_node
-    try:
+    with patched(torch.cpu, "device_count", lambda: per_node):
         yield
-    finally:
-        torch.cpu.device_count = device_count
 
 
 @contextlib.contextmanager

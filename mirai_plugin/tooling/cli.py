@@ -419,8 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--registration", type=int,
                       help="video: the registration whose settings and models run (default: the newest one "
                            "whose models are shipped and whose size is fixed, and the newest with --quick; 1 "
-                           "reproduces the first "
-                           "registration's run, which stops at its encoder gate)")
+                           "reproduces the first registration's run, which stops at its encoder gate)")
     demo.add_argument("--train-models", action="store_true",
                       help="video: train the teacher, base and student when neither shipped nor cached models match "
                            "(hours on a CPU); without it the demo says what it would train and stops")

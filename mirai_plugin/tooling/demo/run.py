@@ -49,12 +49,13 @@ def ready_to_run(number: int) -> str:
 
 def default_registration() -> tuple[int, str]:
     """The newest registration ready to run, and why any newer one is not (empty when it is the current one)."""
-    for number in range(CURRENT, 0, -1):
+    missing = ready_to_run(CURRENT)
+    if not missing:
+        return CURRENT, ""
+    for number in range(CURRENT - 1, 0, -1):
         if not ready_to_run(number):
-            note = "" if number == CURRENT else (
-                f"registration {CURRENT} is not ready to run ({ready_to_run(CURRENT)}): running registration "
-                f"{number}, its predecessor")
-            return number, note
+            return number, (f"registration {CURRENT} is not ready to run ({missing}): running registration "
+                            f"{number}, its predecessor")
     return CURRENT, ""  # nothing is ready: the current registration's own error says what is missing
 
 
