@@ -11,7 +11,7 @@ Usage::
 
     python integration_tests/trainer_harness.py --checkout DIR --trainer dmd|ode --config CONFIG.yaml \\
         --steps N --out OUTDIR [--overrides JSON] [--seed S] [--models JSON] [--weights-seed W] [--grad-probe] \
-        [--rollout rolling|self_forcing] [--rollout-frames F]
+        [--rollout rolling|self_forcing] [--rollout-frames F] [--split-probe]
     torchrun --nproc_per_node 2 integration_tests/trainer_harness.py ...        # same arguments
     python integration_tests/trainer_harness.py --mode inference --checkout DIR --config CONFIG.yaml \\
         --checkpoint OUTDIR/result.pt --noise-seed 0 --out OUTDIR2 [--overrides JSON] [--models JSON] [--use-ema]
@@ -26,7 +26,7 @@ names and one process can import only one)::
 
     run_training(checkout, trainer="dmd", config=..., steps=2, out=..., overrides=None, seed=1,
                  models=None, weights_seed=0, grad_probe=False, rollout=None,
-                 rollout_frames=None) -> dict | None   # the result, rank 0
+                 rollout_frames=None, split_probe=False) -> dict | None   # the result, rank 0
     run_inference(checkout, generator_state_dict, noise_seed, config=..., overrides=None,
                   models=None, weights_seed=0, prompt=PROMPTS[0]) -> Tensor [b, f, c, h, w]
     load_result(out) -> dict
@@ -57,9 +57,13 @@ What each mode writes:
     hooks of this package left on the generator then: ``events``), ...
 
   And the trainer's own ``save()``: ``OUTDIR/logs/checkpoint_model_{step:06d}/model.pt``.
+  With more than one rank, every rank also writes ``OUTDIR/rank{r}.pt``: its foresight head's training
+  state at the end (``head``), what its glue saw (``glue``) and its rollouts' modes (``rollouts``).
 - inference, ``OUTDIR/inference.pt``: ``{"video": latents [b, 21, 16, h, w], "noise_seed", "commit"}``;
   ``--use-ema`` loads the checkpoint's ``generator_ema`` instead of ``generator``, as ``inference.py
-  --use_ema`` does.
+  --use_ema`` does. A checkout with ``pipeline/rolling_forcing_inference.py`` (Rolling Forcing,
+  Causal-Forcing ``long_video/``) generates with that pipeline's ``inference_rolling_forcing``, as its
+  ``inference.py`` does; the others with ``pipeline/causal_inference.py``.
 
 Determinism: model weights depend only on the model's role (generator / real_score / fake_score)
 and ``weights_seed``, never on construction order or on what else a trainer builds (each model is
@@ -121,6 +125,13 @@ Workarounds (besides those of ``upstream.import_upstream``; each is commented wh
     first ``torch.randint`` of ``_run_generator``. It is still drawn (same random streams), then
     replaced by ``F // num_frame_per_block`` blocks before rank 0 broadcasts it. ``F`` must be a whole
     number of blocks in that range.
+17. ``--split-probe`` (Rolling Forcing only): every grad-enabled generator call of a captured rollout is
+    run a second time right after it returns, with the same arguments, under ``torch.no_grad()`` and with
+    this package's hooks taken off the student layer (a call writes the same KV-cache entries as before,
+    so the rerun leaves the cache as it found it): its student-layer output, the whole call's tokens, is
+    recorded with the call's ``current_start`` (``extra["split"]["calls"]``), next to the blocks the glue's
+    ``window_blocks`` made of the capture (``extra["split"]["blocks"]``: segment, rollout block, the block's
+    tokens). A test slices each joint call by ``current_start`` and frame counts and compares.
 """
 from __future__ import annotations
 
@@ -187,7 +198,7 @@ class _StopTraining(Exception):
 def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, overrides: dict | None = None,
                  seed: int = 1, models: dict | None = None, weights_seed: int = 0,
                  grad_probe: bool = False, rollout: str | None = None,
-                 rollout_frames: int | None = None) -> dict | None:
+                 rollout_frames: int | None = None, split_probe: bool = False) -> dict | None:
     """Train ``steps`` iterations of the checkout's own Trainer; write ``out/result.pt`` (rank 0).
 
     Returns the result dict on rank 0, None on other ranks.
@@ -221,6 +232,8 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
         initial["head_init"] = _head_state(instance.model)
         glue = watch_glue(instance.model)
         _instrument(instance, trainer, recorder, steps, grad_probe)
+        if split_probe:
+            _install_split_probe(stack, instance.model, recorder)
         timings["build_s"] = time.perf_counter() - started
 
         # Both runs of a comparison consume identical random streams from here on,
@@ -236,29 +249,37 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
         started = time.perf_counter()
         instance.save()
         result = _collect(module, instance, recorder, initial)
+        head = _head_state(instance.model)  # a collective under FSDP: every rank
         timings["save_s"] = time.perf_counter() - started
 
     result["extra"].update(
         timings=timings, world_size=world_size, steps=steps, final_step=instance.step, trainer=trainer,
         checkout=str(up.checkout), commit=up.commit, seed=seed, weights_seed=weights_seed, models=sizes,
         config=_to_container(cfg), glue=glue, rollout=rollout, rollout_frames=rollout_frames)
+    out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         torch.save(result, out / "result.pt")
+    if world_size > 1:  # what each rank's head and glue ended with (rank 0's result holds rank 0's only)
+        torch.save({"head": head, "glue": glue, "rollouts": recorder.rollouts}, out / f"rank{rank}.pt")
     dist.barrier()
     return result if rank == 0 else None
 
 
 def run_inference(checkout, generator_state_dict: dict, noise_seed: int, *, config, overrides: dict | None = None,
                   models: dict | None = None, weights_seed: int = 0, prompt: str = PROMPTS[0]) -> torch.Tensor:
-    """The checkout's `CausalInferencePipeline` on the tiny generator with the given weights.
+    """The checkout's `CausalInferencePipeline` on the tiny generator with the given weights: from
+    ``pipeline/rolling_forcing_inference.py`` with its ``inference_rolling_forcing`` where the checkout has it
+    (Rolling Forcing, Causal-Forcing ``long_video/``: what their ``inference.py`` runs), else from
+    ``pipeline/causal_inference.py`` with ``inference``.
 
     The state dict loads with ``strict=True`` after stripping FSDP prefixes (as a user's checkpoint
     would). Noise and every later draw come from ``noise_seed``. Returns the generated latents
     ``[b, f, c, h, w]`` (the VAE is a stand-in, so pixels would say nothing more).
     """
     up = upstream.import_upstream(checkout)
-    (causal_inference,) = upstream.import_modules("pipeline.causal_inference")
+    rolling = (up.checkout / "pipeline" / "rolling_forcing_inference.py").is_file()
+    (causal_inference,) = upstream.import_modules(
+        "pipeline.rolling_forcing_inference" if rolling else "pipeline.causal_inference")
     cfg = build_config(up.checkout, config, overrides, seed=1, logdir=Path(tempfile.mkdtemp(prefix="mirai-inf-")),
                        data_path=_write_prompt_file())
     sizes = _model_sizes(models)
@@ -269,7 +290,8 @@ def run_inference(checkout, generator_state_dict: dict, noise_seed: int, *, conf
         noise = torch.randn(list(cfg.image_or_video_shape), generator=torch.Generator().manual_seed(noise_seed))
         torch.manual_seed(noise_seed)  # the re-noising between denoising steps draws from the global RNG
         with torch.no_grad():
-            _, latents = pipe.inference(noise=noise, text_prompts=[prompt] * noise.shape[0], return_latents=True)
+            generate = pipe.inference_rolling_forcing if rolling else pipe.inference
+            _, latents = generate(noise=noise, text_prompts=[prompt] * noise.shape[0], return_latents=True)
     return latents
 
 
@@ -341,6 +363,9 @@ def main(argv=None) -> None:
                                                             "step instead of the trainer's coin")
     parser.add_argument("--rollout-frames", type=int, help="Rolling Forcing: rollouts of this many frames "
                                                                "instead of the trainer's draw")
+    parser.add_argument("--split-probe", action="store_true", help="Rolling Forcing: rerun every captured "
+                                                                   "generator call without the capture and record "
+                                                                   "it next to the glue's per-block split")
     parser.add_argument("--checkpoint", help="inference: model.pt or result.pt holding a 'generator' state dict")
     parser.add_argument("--noise-seed", type=int, default=0)
     parser.add_argument("--use-ema", action="store_true", help="inference: the checkpoint's generator_ema "
@@ -352,7 +377,7 @@ def main(argv=None) -> None:
         result = run_training(args.checkout, trainer=args.trainer, config=args.config, steps=args.steps,
                               out=args.out, overrides=overrides, seed=args.seed, models=models,
                               weights_seed=args.weights_seed, grad_probe=args.grad_probe, rollout=args.rollout,
-                              rollout_frames=args.rollout_frames)
+                              rollout_frames=args.rollout_frames, split_probe=args.split_probe)
         if result is not None:
             extra = result["extra"]
             print(f"[trainer_harness] {extra['final_step']} iteration(s) (asked {args.steps}) on "
@@ -718,6 +743,7 @@ class _Recorder:
         self.head_grads: dict | None = None
         self.ema_events: list[dict] = []
         self.rollouts: list[str] = []  # Rolling Forcing: the mode of each rollout, in call order
+        self.split: dict | None = None  # Rolling Forcing's --split-probe: joint calls and the glue's blocks
         self.wandb = self._wandb_module()
         self.tensorboard = self._tensorboard_module()
 
@@ -851,6 +877,50 @@ def _install_head_grad_probe(trainer, recorder: _Recorder) -> None:
     handle = optimizer.register_step_pre_hook(probe)
 
 
+def _install_split_probe(stack: contextlib.ExitStack, model, recorder: _Recorder) -> None:
+    """``--split-probe`` (workaround list, 17): the glue's per-block split and each captured call rerun whole."""
+    glue_module = sys.modules.get("mirai_plugin.integrations.rolling_forcing")
+    glue = getattr(model, "foresight", None)
+    if glue_module is None or not isinstance(glue, glue_module.RollingForcingForesight):
+        raise ValueError("--split-probe: the model has no Rolling Forcing glue (patched Rolling Forcing only)")
+    from mirai_plugin.capture import block_at
+
+    block, _ = block_at(model.generator, glue.config.student_layer)
+    split: dict = {"calls": [], "blocks": []}
+    recorder.split = split
+    window_blocks = glue_module.window_blocks
+
+    @functools.wraps(window_blocks)
+    def blocks_recorded(records, **kwargs):
+        blocks = window_blocks(records, **kwargs)
+        split["blocks"] += [{"segment": b.segment, "rollout_block": b.rollout_block, "call": b.record.call_index,
+                             "hidden": b.record.hidden.detach().clone()} for b in blocks]
+        return blocks
+
+    stack.enter_context(patched(glue_module, "window_blocks", blocks_recorded))
+
+    def rerun(module, args, kwargs, output):
+        if not torch.is_grad_enabled() or kwargs.get("updating_cache") or glue._captured is None:
+            return  # not a captured call (cache update, no-grad window, critic rollout, rerun itself)
+        ours = {k: h for k, h in block._forward_hooks.items()
+                if getattr(h, "__module__", "").startswith("mirai_plugin")}
+        for key in ours:
+            del block._forward_hooks[key]
+        joint = []
+        handle = block.register_forward_hook(lambda m, a, o: joint.append((o[0] if isinstance(o, tuple) else o)))
+        try:
+            with torch.no_grad():
+                module(*args, **kwargs)
+        finally:
+            handle.remove()
+            block._forward_hooks.update(ours)
+        (hidden,) = joint
+        split["calls"].append({"current_start": int(kwargs["current_start"]), "hidden": hidden.detach().clone()})
+
+    handle = model.generator.register_forward_hook(rerun, with_kwargs=True)
+    stack.callback(handle.remove)
+
+
 def _head_state(model) -> dict | None:
     # The foresight head's full training state (a collective under FSDP: every rank calls it).
     head = getattr(getattr(model, "foresight", None), "head", None)
@@ -887,7 +957,7 @@ def _collect(module, trainer, recorder: _Recorder, initial: dict) -> dict:
     model = trainer.model
     ema = getattr(trainer, "generator_ema", None)
     extra = {**initial, "wandb_calls": recorder.wandb_calls, "grads_step": recorder.grads_step,
-             "rollouts": recorder.rollouts,
+             "rollouts": recorder.rollouts, "split": recorder.split,
              "ema": {"shadow": None if ema is None else {k: v.clone() for k, v in ema.state_dict().items()},
                      "events": recorder.ema_events}}
     for name in ("mirai_projector", "foresight_dim_proj"):  # Video-Mirai's foresight modules

@@ -21,7 +21,7 @@ Self-Forcing patch's marked lines (``mirai_plugin.integrations.self_forcing``), 
     state_dict.update(foresight_of(self.model).checkpoint_state())  # Trainer.save, on every rank
     foresight_of(self.model).after_generator_step()                # after generator_optimizer.step()
     foresight_of(self.model).after_critic_step(TRAIN_GENERATOR)    # after critic_optimizer.step(): replay
-    for name, value in foresight_of(self.model).log_values().items():  # main process, next to the DMD losses
+    for name, value in foresight_of(self.model).log_values().items():  # main process, after the critic's losses
         self.writer.add_scalar(name, value, self.step)
 
 Per generator step every rank runs one encoder pass and, with a supervised block, one head call, in either
