@@ -182,8 +182,9 @@ def test_two_ranks(tmp_path, upstream, mode):
     upstream does not broadcast, differ too) and the same number of blocks, and both end with the same head,
     bit for bit, after the generator step and replay."""
     repo = rolling_checkout(upstream, tmp_path / "repo")
+    # seed 4: the ranks' exit_flag draws (seeds 4 and 5) pick gradient windows of 2 and 3 grad calls
     result = train(repo, CONFIG, tmp_path / "run", steps=2, overrides=LAYERS, nproc=2, rollout=mode,
-                   rollout_frames=27, split_probe=True)
+                   rollout_frames=27, split_probe=True, seed=4)
     assert result["extra"]["world_size"] == 2
     ranks = [torch.load(tmp_path / "run" / f"rank{r}.pt", map_location="cpu", weights_only=False) for r in (0, 1)]
     terms = [[call["term"] for call in rank["glue"]["head_calls"]] for rank in ranks]
@@ -192,8 +193,8 @@ def test_two_ranks(tmp_path, upstream, mode):
     segments = [rank["glue"]["logged"][0]["foresight_segments"] for rank in ranks]
     assert segments == [WINDOW_FRAMES // FRAMES_PER_BLOCK - 1] * 2
     starts = [[call["current_start"] for call in rank["split"]["calls"]] for rank in ranks]
-    if mode == "rolling":
-        assert starts[0] != starts[1], starts  # each rank's own exit_flag
+    if mode == "rolling":  # each rank's own exit_flag: other windows, another number of grad calls
+        assert len(starts[0]) != len(starts[1]), starts
     heads = [rank["head"]["head"] for rank in ranks]
     assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
     assert_moved(result["extra"]["head_init"]["head"], heads[0])

@@ -58,7 +58,8 @@ What each mode writes:
 
   And the trainer's own ``save()``: ``OUTDIR/logs/checkpoint_model_{step:06d}/model.pt``.
   With more than one rank, every rank also writes ``OUTDIR/rank{r}.pt``: its foresight head's training
-  state at the end (``head``), what its glue saw (``glue``) and its rollouts' modes (``rollouts``).
+  state at the end (``head``), what its glue saw (``glue``), its rollouts' modes (``rollouts``) and
+  ``--split-probe``'s record (``split``).
 - inference, ``OUTDIR/inference.pt``: ``{"video": latents [b, 21, 16, h, w], "noise_seed", "commit"}``;
   ``--use-ema`` loads the checkpoint's ``generator_ema`` instead of ``generator``, as ``inference.py
   --use_ema`` does. A checkout with ``pipeline/rolling_forcing_inference.py`` (Rolling Forcing,
@@ -260,7 +261,8 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
     if rank == 0:
         torch.save(result, out / "result.pt")
     if world_size > 1:  # what each rank's head and glue ended with (rank 0's result holds rank 0's only)
-        torch.save({"head": head, "glue": glue, "rollouts": recorder.rollouts}, out / f"rank{rank}.pt")
+        torch.save({"head": head, "glue": glue, "rollouts": recorder.rollouts, "split": recorder.split},
+                   out / f"rank{rank}.pt")
     dist.barrier()
     return result if rank == 0 else None
 
