@@ -909,7 +909,7 @@ def _install_split_probe(stack: contextlib.ExitStack, model, recorder: _Recorder
         for key in ours:
             del block._forward_hooks[key]
         joint = []
-        handle = block.register_forward_hook(lambda m, a, o: joint.append((o[0] if isinstance(o, tuple) else o)))
+        handle = block.register_forward_hook(lambda m, a, o: joint.append(o[0] if isinstance(o, tuple) else o))
         try:
             with torch.no_grad():
                 module(*args, **kwargs)
