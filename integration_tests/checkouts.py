@@ -58,6 +58,7 @@ UPSTREAMS = {
         Upstream("mirai-code", "MIRAI_MIRAI_CODE_DIR", "y0urOy/Mirai-Code",
                  "4e8611e54159c67fe31c29e6f922ba47c031c9df"),
         _patched("longlive", "MIRAI_LONGLIVE_DIR"),
+        _patched("rolling-forcing", "MIRAI_ROLLING_FORCING_DIR"),
     )
 }
 

@@ -1,4 +1,5 @@
-"""Run the real upstream ``Trainer`` (Self-Forcing, Causal-Forcing, official Video-Mirai) on a CPU with
+"""Run the real upstream ``Trainer`` (Self-Forcing, Causal-Forcing, official Video-Mirai,
+Rolling Forcing) on a CPU with
 tiny random-weight models for a fixed number of iterations, and record everything it logs.
 
 Nothing from the checkout is copied here: the checkout is imported from its own directory
@@ -9,7 +10,8 @@ duration of one run, with a comment saying why. Point ``--checkout`` at a *copy*
 Usage::
 
     python integration_tests/trainer_harness.py --checkout DIR --trainer dmd|ode --config CONFIG.yaml \\
-        --steps N --out OUTDIR [--overrides JSON] [--seed S] [--models JSON] [--weights-seed W] [--grad-probe]
+        --steps N --out OUTDIR [--overrides JSON] [--seed S] [--models JSON] [--weights-seed W] [--grad-probe] \
+        [--rollout rolling|self_forcing] [--rollout-frames F] [--split-probe]
     torchrun --nproc_per_node 2 integration_tests/trainer_harness.py ...        # same arguments
     python integration_tests/trainer_harness.py --mode inference --checkout DIR --config CONFIG.yaml \\
         --checkpoint OUTDIR/result.pt --noise-seed 0 --out OUTDIR2 [--overrides JSON] [--models JSON] [--use-ema]
@@ -23,7 +25,8 @@ API (the same, from Python; each run wants its own process: checkouts share top-
 names and one process can import only one)::
 
     run_training(checkout, trainer="dmd", config=..., steps=2, out=..., overrides=None, seed=1,
-                 models=None, weights_seed=0, grad_probe=False) -> dict | None   # the result, rank 0
+                 models=None, weights_seed=0, grad_probe=False, rollout=None,
+                 rollout_frames=None, split_probe=False) -> dict | None   # the result, rank 0
     run_inference(checkout, generator_state_dict, noise_seed, config=..., overrides=None,
                   models=None, weights_seed=0, prompt=PROMPTS[0]) -> Tensor [b, f, c, h, w]
     load_result(out) -> dict
@@ -54,9 +57,14 @@ What each mode writes:
     hooks of this package left on the generator then: ``events``), ...
 
   And the trainer's own ``save()``: ``OUTDIR/logs/checkpoint_model_{step:06d}/model.pt``.
+  With more than one rank, every rank also writes ``OUTDIR/rank{r}.pt``: its foresight head's training
+  state at the end (``head``), what its glue saw (``glue``), its rollouts' modes (``rollouts``) and
+  ``--split-probe``'s record (``split``).
 - inference, ``OUTDIR/inference.pt``: ``{"video": latents [b, 21, 16, h, w], "noise_seed", "commit"}``;
   ``--use-ema`` loads the checkpoint's ``generator_ema`` instead of ``generator``, as ``inference.py
-  --use_ema`` does.
+  --use_ema`` does. A checkout with ``pipeline/rolling_forcing_inference.py`` (Rolling Forcing,
+  Causal-Forcing ``long_video/``) generates with that pipeline's ``inference_rolling_forcing``, as its
+  ``inference.py`` does; the others with ``pipeline/causal_inference.py``.
 
 Determinism: model weights depend only on the model's role (generator / real_score / fake_score)
 and ``weights_seed``, never on construction order or on what else a trainer builds (each model is
@@ -74,11 +82,16 @@ Workarounds (besides those of ``upstream.import_upstream``; each is commented wh
    in ``DEFAULT_MODELS``, output head re-initialised: ``init_weights`` zeroes it, which would make
    real and fake score agree and every DMD gradient 0).
 2. ``WanTextEncoder`` (umT5-XXL) -> a fixed ``[512, text_dim]`` embedding per prompt text;
-   ``WanVAEWrapper`` -> a stand-in whose decode returns the latents (never needed at 21 frames).
+   ``WanVAEWrapper`` -> a stand-in whose decode returns the latents as "pixels" and whose encode is the
+   inverse (a rollout longer than 21 frames decodes the frames before the last 20 and re-encodes the last
+   "pixel" frame as the first latent frame: here, that latent frame itself).
 3. ``WanDiffusionWrapper.seq_len`` (32760, the full-size video) -> the tiny video's token count.
 4. diffusers 0.42 calls ``_set_gradient_checkpointing(enable=...)``: accept that signature.
 5. Pipelines hard-code 30 blocks, 1560 tokens per frame and [b, ., 12, 128] caches: resized
-   after ``__init__`` (``upstream.fit_pipeline_to_model``).
+   after ``__init__`` (``upstream.fit_pipeline_to_model``). Rolling Forcing's causal self-attention
+   also hard-codes 1560 tokens per frame in its attention limit (21 frames) and its block length
+   (3 frames): each attention module's ``frame_length``, ``max_attention_size`` and ``block_length``
+   get the tiny video's tokens per frame, the frame counts kept (``upstream.fit_attention_to_frames``).
 6. ``flex_attention`` (teacher forcing, ODE) has no CPU backward: SDPA on the dense mask from
    ``create_mask(block_mask.mask_mod, ...)``.
 7. ``Tensor.cuda`` is the identity and ``torch.cuda.current_device()`` answers the CPU device
@@ -92,7 +105,8 @@ Workarounds (besides those of ``upstream.import_upstream``; each is commented wh
    (bf16 and ``hybrid_full`` in the shipped recipes): FSDP casts through the upstream ``fsdp_wrap`` on a
    CPU as on a GPU. The umT5 stand-in returns its dtype under that policy (bf16), as umT5 does.
 10. ``fsdp_state_dict`` with ``offload_to_cpu=True`` segfaults on CPU: offload is turned off.
-11. ``wandb`` -> a recorder (``disable_wandb: false``), so every ``wandb.log`` is kept; missing
+11. ``wandb`` -> a recorder (``disable_wandb: false``), so every ``wandb.log`` is kept (Rolling
+    Forcing's tensorboard ``SummaryWriter.add_scalar`` too, as a one-key ``wandb.log``); missing
     ``wandb_host`` / ``wandb_key`` / ... config keys (Video-Mirai) get placeholders.
 12. ``DataLoader(num_workers=8)`` -> 0 workers (forking the trainer process only costs time;
     the batch order does not depend on it).
@@ -103,6 +117,22 @@ Workarounds (besides those of ``upstream.import_upstream``; each is commented wh
     reaches N; a loop that ends earlier by itself (Video-Mirai ``max_steps`` < N) is fine too
     (``extra["final_step"]`` says where it stopped).
     Gradient accumulation needs nothing: N counts iterations (``self.step``), not calls.
+15. ``--rollout rolling|self_forcing`` (Rolling Forcing only; default: the trainer's coin): the training
+    pipeline's other rollout method is pointed at the one asked for. The coin is still drawn and
+    broadcast, so the random streams are those of a run whose coin fell that way. Every run records the
+    mode of each rollout (``extra["rollouts"]``).
+16. ``--rollout-frames F`` (Rolling Forcing only; default: the trainer's draw): each step's rollout length
+    is drawn by ``torch.randint`` from the blocks between 21 frames and ``num_training_frames``, the
+    first ``torch.randint`` of ``_run_generator``. It is still drawn (same random streams), then
+    replaced by ``F // num_frame_per_block`` blocks before rank 0 broadcasts it. ``F`` must be a whole
+    number of blocks in that range.
+17. ``--split-probe`` (Rolling Forcing only): every grad-enabled generator call of a captured rollout is
+    run a second time right after it returns, with the same arguments, under ``torch.no_grad()`` and with
+    this package's hooks taken off the student layer (a call writes the same KV-cache entries as before,
+    so the rerun leaves the cache as it found it): its student-layer output, the whole call's tokens, is
+    recorded with the call's ``current_start`` (``extra["split"]["calls"]``), next to the blocks the glue's
+    ``window_blocks`` made of the capture (``extra["split"]["blocks"]``: segment, rollout block, the block's
+    tokens). A test slices each joint call by ``current_start`` and frame counts and compares.
 """
 from __future__ import annotations
 
@@ -154,6 +184,7 @@ PROMPTS = (
     "Close-up of honeybees working on lavender flowers.",
 )
 TEXT_LEN = 512
+ROLLOUTS = ("rolling", "self_forcing")  # Rolling Forcing's two rollout modes (`--rollout`)
 WALL_CLOCK_KEYS = ("per iteration time",)  # logged by the loop; differs between identical runs
 _FSDP_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -167,7 +198,8 @@ class _StopTraining(Exception):
 
 def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, overrides: dict | None = None,
                  seed: int = 1, models: dict | None = None, weights_seed: int = 0,
-                 grad_probe: bool = False) -> dict | None:
+                 grad_probe: bool = False, rollout: str | None = None,
+                 rollout_frames: int | None = None, split_probe: bool = False) -> dict | None:
     """Train ``steps`` iterations of the checkout's own Trainer; write ``out/result.pt`` (rank 0).
 
     Returns the result dict on rank 0, None on other ranks.
@@ -190,6 +222,9 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
     with contextlib.ExitStack() as stack:
         _apply_tiny_model_patches(stack, up, cfg, sizes, weights_seed)
         _apply_trainer_patches(stack, up, module, recorder, trainer, seed)
+        _record_rollouts(stack, recorder, rollout)
+        if rollout_frames is not None:
+            _force_rollout_frames(stack, rollout_frames)
         stack.enter_context(record_ema(module, recorder.ema_events))
 
         started = time.perf_counter()
@@ -198,6 +233,8 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
         initial["head_init"] = _head_state(instance.model)
         glue = watch_glue(instance.model)
         _instrument(instance, trainer, recorder, steps, grad_probe)
+        if split_probe:
+            _install_split_probe(stack, instance.model, recorder)
         timings["build_s"] = time.perf_counter() - started
 
         # Both runs of a comparison consume identical random streams from here on,
@@ -213,29 +250,38 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
         started = time.perf_counter()
         instance.save()
         result = _collect(module, instance, recorder, initial)
+        head = _head_state(instance.model)  # a collective under FSDP: every rank
         timings["save_s"] = time.perf_counter() - started
 
     result["extra"].update(
         timings=timings, world_size=world_size, steps=steps, final_step=instance.step, trainer=trainer,
         checkout=str(up.checkout), commit=up.commit, seed=seed, weights_seed=weights_seed, models=sizes,
-        config=_to_container(cfg), glue=glue)
+        config=_to_container(cfg), glue=glue, rollout=rollout, rollout_frames=rollout_frames)
+    out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         torch.save(result, out / "result.pt")
+    if world_size > 1:  # what each rank's head and glue ended with (rank 0's result holds rank 0's only)
+        torch.save({"head": head, "glue": glue, "rollouts": recorder.rollouts, "split": recorder.split},
+                   out / f"rank{rank}.pt")
     dist.barrier()
     return result if rank == 0 else None
 
 
 def run_inference(checkout, generator_state_dict: dict, noise_seed: int, *, config, overrides: dict | None = None,
                   models: dict | None = None, weights_seed: int = 0, prompt: str = PROMPTS[0]) -> torch.Tensor:
-    """The checkout's `CausalInferencePipeline` on the tiny generator with the given weights.
+    """The checkout's `CausalInferencePipeline` on the tiny generator with the given weights: from
+    ``pipeline/rolling_forcing_inference.py`` with its ``inference_rolling_forcing`` where the checkout has it
+    (Rolling Forcing, Causal-Forcing ``long_video/``: what their ``inference.py`` runs), else from
+    ``pipeline/causal_inference.py`` with ``inference``.
 
     The state dict loads with ``strict=True`` after stripping FSDP prefixes (as a user's checkpoint
     would). Noise and every later draw come from ``noise_seed``. Returns the generated latents
     ``[b, f, c, h, w]`` (the VAE is a stand-in, so pixels would say nothing more).
     """
     up = upstream.import_upstream(checkout)
-    (causal_inference,) = upstream.import_modules("pipeline.causal_inference")
+    rolling = (up.checkout / "pipeline" / "rolling_forcing_inference.py").is_file()
+    (causal_inference,) = upstream.import_modules(
+        "pipeline.rolling_forcing_inference" if rolling else "pipeline.causal_inference")
     cfg = build_config(up.checkout, config, overrides, seed=1, logdir=Path(tempfile.mkdtemp(prefix="mirai-inf-")),
                        data_path=_write_prompt_file())
     sizes = _model_sizes(models)
@@ -246,7 +292,8 @@ def run_inference(checkout, generator_state_dict: dict, noise_seed: int, *, conf
         noise = torch.randn(list(cfg.image_or_video_shape), generator=torch.Generator().manual_seed(noise_seed))
         torch.manual_seed(noise_seed)  # the re-noising between denoising steps draws from the global RNG
         with torch.no_grad():
-            _, latents = pipe.inference(noise=noise, text_prompts=[prompt] * noise.shape[0], return_latents=True)
+            generate = pipe.inference_rolling_forcing if rolling else pipe.inference
+            _, latents = generate(noise=noise, text_prompts=[prompt] * noise.shape[0], return_latents=True)
     return latents
 
 
@@ -314,6 +361,13 @@ def main(argv=None) -> None:
     parser.add_argument("--weights-seed", type=int, default=0)
     parser.add_argument("--grad-probe", action="store_true", help="record full generator gradients before "
                                                                   "the first generator optimizer step")
+    parser.add_argument("--rollout", choices=ROLLOUTS, help="Rolling Forcing: this rollout mode on every "
+                                                            "step instead of the trainer's coin")
+    parser.add_argument("--rollout-frames", type=int, help="Rolling Forcing: rollouts of this many frames "
+                                                               "instead of the trainer's draw")
+    parser.add_argument("--split-probe", action="store_true", help="Rolling Forcing: rerun every captured "
+                                                                   "generator call without the capture and record "
+                                                                   "it next to the glue's per-block split")
     parser.add_argument("--checkpoint", help="inference: model.pt or result.pt holding a 'generator' state dict")
     parser.add_argument("--noise-seed", type=int, default=0)
     parser.add_argument("--use-ema", action="store_true", help="inference: the checkpoint's generator_ema "
@@ -324,7 +378,8 @@ def main(argv=None) -> None:
     if args.mode == "train":
         result = run_training(args.checkout, trainer=args.trainer, config=args.config, steps=args.steps,
                               out=args.out, overrides=overrides, seed=args.seed, models=models,
-                              weights_seed=args.weights_seed, grad_probe=args.grad_probe)
+                              weights_seed=args.weights_seed, grad_probe=args.grad_probe, rollout=args.rollout,
+                              rollout_frames=args.rollout_frames, split_probe=args.split_probe)
         if result is not None:
             extra = result["extra"]
             print(f"[trainer_harness] {extra['final_step']} iteration(s) (asked {args.steps}) on "
@@ -379,13 +434,14 @@ def _role_seed(role: str, weights_seed: int) -> int:
     return zlib.crc32(f"{weights_seed}:{role}".encode())
 
 
-def _tiny_from_pretrained(sizes: dict, weights_seed: int, *, causal: bool):
+def _tiny_from_pretrained(sizes: dict, weights_seed: int, *, causal: bool, tokens_per_frame=None):
     """A `from_pretrained` that builds the tiny model of the role being constructed.
 
     Roles follow from how upstream builds its models (`BaseModel._initialize_models` in all three
     checkouts): a CausalWanModel is the generator (the ODE model builds it twice, identically); the
     first WanModel is the real score (in an ODE run: whatever frozen encoder a patched trainer
-    builds), the second the fake score.
+    builds), the second the fake score. ``tokens_per_frame(model)``: the tiny video's tokens per frame,
+    for attention modules that hard-code Wan's 1560 (Rolling Forcing's).
     """
     built = []
 
@@ -401,7 +457,10 @@ def _tiny_from_pretrained(sizes: dict, weights_seed: int, *, causal: bool):
         # construction order nor anything else the trainer draws can change them.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_role_seed(role, weights_seed))
-            return build(**sizes[role], text_dim=sizes["text_dim"], text_len=TEXT_LEN, **extra)
+            model = build(**sizes[role], text_dim=sizes["text_dim"], text_len=TEXT_LEN, **extra)
+        if tokens_per_frame is not None:
+            upstream.fit_attention_to_frames(model, tokens_per_frame(model))
+        return model
 
     return classmethod(from_pretrained)
 
@@ -425,14 +484,16 @@ class _TinyTextEncoder(torch.nn.Module):
 
 
 class _TinyVAE(torch.nn.Module):
-    """Stands in for `WanVAEWrapper`. Training decodes only rollouts longer than 21 frames (never
-    here); inference decodes once at the end: this 'decode' returns the latents unchanged."""
+    """Stands in for `WanVAEWrapper`: 'pixels' are the latents. Inference decodes once at the end;
+    training decodes a rollout longer than 21 frames up to its last 20 and re-encodes the last 'pixel'
+    frame (``[b, c, t, h, w]``, as the trainer rearranges it) as the first latent frame: encode
+    undoes decode, so that frame comes back as it was rolled out."""
 
     def decode_to_pixel(self, latent, use_cache=False):
-        return latent
+        return latent  # (b f c h w)
 
     def encode_to_latent(self, pixel):
-        raise NotImplementedError("the tiny VAE stand-in cannot encode (only needed above 21 latent frames)")
+        return pixel.transpose(1, 2)  # (b c f h w) -> (b f c h w)
 
 
 class _SyntheticODEDataset(torch.utils.data.Dataset):
@@ -487,8 +548,12 @@ def _dense_flex_attention(query, key, value, block_mask=None, **kwargs):
 def _apply_tiny_model_patches(stack: contextlib.ExitStack, up, cfg, sizes: dict, weights_seed: int) -> None:
     """Everything a tiny CPU run of the upstream models and pipelines needs (training and inference)."""
     _, frames, _, height, width = cfg.image_or_video_shape
+    def tokens_per_frame(model):
+        return (height // model.patch_size[1]) * (width // model.patch_size[2])
+
     stack.enter_context(patched(up.CausalWanModel, "from_pretrained",
-                                 _tiny_from_pretrained(sizes, weights_seed, causal=True)))
+                                 _tiny_from_pretrained(sizes, weights_seed, causal=True,
+                                                       tokens_per_frame=tokens_per_frame)))
     stack.enter_context(patched(up.WanModel, "from_pretrained",
                                  _tiny_from_pretrained(sizes, weights_seed, causal=False)))
 
@@ -543,11 +608,74 @@ def _fitted_init(init, height: int, width: int):
     return wrapped
 
 
+def _record_rollouts(stack: contextlib.ExitStack, recorder: _Recorder, rollout: str | None) -> None:
+    """Rolling Forcing's `_consistency_backward_simulation` draws a coin (rank 0's, broadcast) between
+    the training pipeline's two rollouts. Each rollout's mode is recorded (``extra["rollouts"]``, in call
+    order); with ``rollout`` set, both methods run that mode's rollout, so every step, the generator's and
+    the critic's, runs it while the coin is still drawn as upstream draws it."""
+    if rollout is not None and rollout not in ROLLOUTS:
+        raise ValueError(f"rollout must be one of {ROLLOUTS}, not {rollout!r}")
+    pipeline_cls = getattr(sys.modules.get("pipeline"), "RollingForcingTrainingPipeline", None)
+    if pipeline_cls is None:
+        if rollout is not None:
+            raise ValueError(f"--rollout {rollout}: this checkout has no RollingForcingTrainingPipeline "
+                             "(only Rolling Forcing chooses between two rollouts)")
+        return
+    names = {"rolling": "inference_with_rolling_forcing", "self_forcing": "inference_with_self_forcing"}
+    methods = {mode: getattr(pipeline_cls, name) for mode, name in names.items()}
+
+    def recorded(mode):
+        method = methods[mode]
+
+        @functools.wraps(method)
+        def run(*args, **kwargs):
+            recorder.rollouts.append(mode)
+            return method(*args, **kwargs)
+        return run
+
+    for mode in ROLLOUTS:
+        stack.enter_context(patched(pipeline_cls, names[mode], recorded(rollout or mode)))
+
+
+def _force_rollout_frames(stack: contextlib.ExitStack, frames: int) -> None:
+    """Rolling Forcing's `_run_generator` draws the rollout's block count with its first `torch.randint`
+    (then broadcasts rank 0's): draw it as upstream does, then answer ``frames`` worth of blocks."""
+    model_cls = getattr(sys.modules.get("model.base"), "RollingForcingModel", None)
+    if model_cls is None:
+        raise ValueError(f"--rollout-frames {frames}: this checkout has no RollingForcingModel "
+                         "(only Rolling Forcing draws its rollout length)")
+    run_generator = model_cls._run_generator
+
+    @functools.wraps(run_generator)
+    def run_generator_of_length(self, *args, **kwargs):
+        per_block, longest = self.num_frame_per_block, self.num_training_frames
+        if frames % per_block or not 21 <= frames <= longest:
+            raise ValueError(f"--rollout-frames {frames}: not a whole number of {per_block}-frame blocks "
+                             f"from 21 to num_training_frames = {longest}")
+        randint = torch.randint
+        drawn = []
+
+        def block_count_then_upstream(*a, **k):
+            value = randint(*a, **k)
+            if drawn:
+                return value
+            drawn.append(value)
+            return torch.full_like(value, frames // per_block)
+
+        with patched(torch, "randint", block_count_then_upstream):
+            return run_generator(self, *args, **kwargs)
+
+    stack.enter_context(patched(model_cls, "_run_generator", run_generator_of_length))
+
+
 def _import_trainer(kind: str, recorder: _Recorder) -> types.ModuleType:
     # The trainer modules `import wandb`: when it is not installed, the recorder stands in
     # (it is also patched into the module below, installed or not).
     if "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
         sys.modules["wandb"] = recorder.wandb
+    # Rolling Forcing's imports `torch.utils.tensorboard.SummaryWriter`, which needs tensorboard.
+    if "torch.utils.tensorboard" not in sys.modules and importlib.util.find_spec("tensorboard") is None:
+        sys.modules["torch.utils.tensorboard"] = recorder.tensorboard
     (module,) = upstream.import_modules({"dmd": "trainer.distillation", "ode": "trainer.ode"}[kind])
     return module
 
@@ -569,8 +697,11 @@ def _apply_trainer_patches(stack: contextlib.ExitStack, up, module, recorder: _R
 
     stack.enter_context(patched(distributed, "FullStateDictConfig", no_offload))
 
-    # wandb is a recorder, so `wandb.log(d, step=...)` calls are kept.
+    # wandb is a recorder, so `wandb.log(d, step=...)` calls are kept; so is Rolling Forcing's
+    # tensorboard `SummaryWriter` (each `add_scalar(name, value, step)` kept as `wandb.log({name: value}, step)`).
     stack.enter_context(patched(module, "wandb", recorder.wandb))
+    if hasattr(module, "SummaryWriter"):
+        stack.enter_context(patched(module, "SummaryWriter", recorder.tensorboard.SummaryWriter))
 
     # `DataLoader(num_workers=8)` forks the whole trainer process per worker; on a CPU this only
     # costs time, and the batch order (the sampler's) does not depend on the workers.
@@ -613,7 +744,10 @@ class _Recorder:
         self.grads_step: int | None = None
         self.head_grads: dict | None = None
         self.ema_events: list[dict] = []
+        self.rollouts: list[str] = []  # Rolling Forcing: the mode of each rollout, in call order
+        self.split: dict | None = None  # Rolling Forcing's --split-probe: joint calls and the glue's blocks
         self.wandb = self._wandb_module()
+        self.tensorboard = self._tensorboard_module()
 
     def _wandb_module(self) -> types.ModuleType:
         stub = types.ModuleType("wandb")
@@ -622,6 +756,27 @@ class _Recorder:
         stub.init = lambda *args, **kwargs: None
         stub.finish = lambda *args, **kwargs: None
         stub.log = self._log
+        return stub
+
+    def _tensorboard_module(self) -> types.ModuleType:
+        log = self._log
+
+        class SummaryWriter:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def add_scalar(self, tag, scalar_value, global_step=None, *args, **kwargs):
+                log({tag: scalar_value}, step=global_step)
+
+            def flush(self):
+                pass
+
+            def close(self):
+                pass
+
+        stub = types.ModuleType("torch.utils.tensorboard")
+        stub.__spec__ = importlib.machinery.ModuleSpec("torch.utils.tensorboard", None)
+        stub.SummaryWriter = SummaryWriter
         return stub
 
     def _log(self, data: dict, step: int | None = None, **kwargs) -> None:
@@ -724,6 +879,50 @@ def _install_head_grad_probe(trainer, recorder: _Recorder) -> None:
     handle = optimizer.register_step_pre_hook(probe)
 
 
+def _install_split_probe(stack: contextlib.ExitStack, model, recorder: _Recorder) -> None:
+    """``--split-probe`` (workaround list, 17): the glue's per-block split and each captured call rerun whole."""
+    glue_module = sys.modules.get("mirai_plugin.integrations.rolling_forcing")
+    glue = getattr(model, "foresight", None)
+    if glue_module is None or not isinstance(glue, glue_module.RollingForcingForesight):
+        raise ValueError("--split-probe: the model has no Rolling Forcing glue (patched Rolling Forcing only)")
+    from mirai_plugin.capture import block_at
+
+    block, _ = block_at(model.generator, glue.config.student_layer)
+    split: dict = {"calls": [], "blocks": []}
+    recorder.split = split
+    window_blocks = glue_module.window_blocks
+
+    @functools.wraps(window_blocks)
+    def blocks_recorded(records, **kwargs):
+        blocks = window_blocks(records, **kwargs)
+        split["blocks"] += [{"segment": b.segment, "rollout_block": b.rollout_block, "call": b.record.call_index,
+                             "hidden": b.record.hidden.detach().clone()} for b in blocks]
+        return blocks
+
+    stack.enter_context(patched(glue_module, "window_blocks", blocks_recorded))
+
+    def rerun(module, args, kwargs, output):
+        if not torch.is_grad_enabled() or kwargs.get("updating_cache") or glue._captured is None:
+            return  # not a captured call (cache update, no-grad window, critic rollout, rerun itself)
+        ours = {k: h for k, h in block._forward_hooks.items()
+                if getattr(h, "__module__", "").startswith("mirai_plugin")}
+        for key in ours:
+            del block._forward_hooks[key]
+        joint = []
+        handle = block.register_forward_hook(lambda m, a, o: joint.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            with torch.no_grad():
+                module(*args, **kwargs)
+        finally:
+            handle.remove()
+            block._forward_hooks.update(ours)
+        (hidden,) = joint
+        split["calls"].append({"current_start": int(kwargs["current_start"]), "hidden": hidden.detach().clone()})
+
+    handle = model.generator.register_forward_hook(rerun, with_kwargs=True)
+    stack.callback(handle.remove)
+
+
 def _head_state(model) -> dict | None:
     # The foresight head's full training state (a collective under FSDP: every rank calls it).
     head = getattr(getattr(model, "foresight", None), "head", None)
@@ -760,6 +959,7 @@ def _collect(module, trainer, recorder: _Recorder, initial: dict) -> dict:
     model = trainer.model
     ema = getattr(trainer, "generator_ema", None)
     extra = {**initial, "wandb_calls": recorder.wandb_calls, "grads_step": recorder.grads_step,
+             "rollouts": recorder.rollouts, "split": recorder.split,
              "ema": {"shadow": None if ema is None else {k: v.clone() for k, v in ema.state_dict().items()},
                      "events": recorder.ema_events}}
     for name in ("mirai_projector", "foresight_dim_proj"):  # Video-Mirai's foresight modules

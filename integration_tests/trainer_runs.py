@@ -19,13 +19,21 @@ FLOAT32 = {"mixed_precision": False}  # a run in float32 where the recipe trains
 
 
 def train(repo: Path, config: str, out: Path, *, steps: int, overrides=None, nproc=1, trainer="dmd",
-          grad_probe=False) -> dict:
+          grad_probe=False, rollout=None, rollout_frames=None, split_probe=False, seed=None) -> dict:
     args = [
         str(HARNESS), "--checkout", str(repo), "--trainer", trainer, "--config", config,
         "--steps", str(steps), "--out", str(out), "--overrides", json.dumps(overrides or {}),
     ]
     if grad_probe:
         args.append("--grad-probe")
+    if seed is not None:  # the harness's --seed (default 1): the trainer's seed, rank r draws from seed + r
+        args += ["--seed", str(seed)]
+    if rollout is not None:  # Rolling Forcing: this rollout mode instead of the trainer's coin
+        args += ["--rollout", rollout]
+    if rollout_frames is not None:  # Rolling Forcing: rollouts of this length instead of the trainer's draw
+        args += ["--rollout-frames", str(rollout_frames)]
+    if split_probe:  # Rolling Forcing: each captured call rerun whole, next to the glue's per-block split
+        args.append("--split-probe")
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--nproc_per_node", str(nproc)]
     result = subprocess.run(launcher + args, capture_output=True, text=True, cwd=HERE.parent, timeout=900)

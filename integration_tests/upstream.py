@@ -38,6 +38,7 @@ __all__ = [
     "cuda_is_identity",
     "devices_per_node_as_on_gpus",
     "ensure_process_group",
+    "fit_attention_to_frames",
     "fit_pipeline_to_model",
     "import_modules",
     "import_upstream",
@@ -88,8 +89,13 @@ def import_upstream(checkout: str | os.PathLike) -> types.SimpleNamespace:
 
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    # Rolling Forcing renamed the training pipeline's module and class.
+    training_module = ("pipeline.self_forcing_training" if (root / "pipeline" / "self_forcing_training.py").is_file()
+                       else "pipeline.rolling_forcing_training")
     with _import_time_workarounds(root):
-        import pipeline.self_forcing_training as training
+        import importlib
+
+        training = importlib.import_module(training_module)
         import utils.wan_wrapper as wan_wrapper
         import wan.modules.causal_model as causal_model
         import wan.modules.model as model
@@ -109,7 +115,8 @@ def import_upstream(checkout: str | os.PathLike) -> types.SimpleNamespace:
         WanModel=model.WanModel, CausalWanModel=causal_model.CausalWanModel,
         MiraiForesightDiTBlock=getattr(model, "MiraiForesightDiTBlock", None),  # Video-Mirai only
         WanDiffusionWrapper=wan_wrapper.WanDiffusionWrapper,
-        SelfForcingTrainingPipeline=training.SelfForcingTrainingPipeline,
+        SelfForcingTrainingPipeline=getattr(training, "SelfForcingTrainingPipeline", None),  # not Rolling Forcing
+        RollingForcingTrainingPipeline=getattr(training, "RollingForcingTrainingPipeline", None),  # Rolling Forcing
     )
     return _UP
 
@@ -406,15 +413,36 @@ def fit_pipeline_to_model(pipe, model, *, height: int, width: int) -> None:
             setattr(pipe, name, _resized_caches(pipe, getattr(pipe, name), heads, head_dim))
 
 
+WAN_FRAME_TOKENS = 1560  # Wan-1.3B at 480x832: a 30x52 token grid per latent frame
+
+
+def fit_attention_to_frames(model, tokens_per_frame: int) -> None:
+    """Give attention modules that hard-code Wan's 1560 tokens per frame (Rolling Forcing's causal
+    self-attention: ``frame_length``, a 21-frame ``max_attention_size``, a 3-frame ``block_length``)
+    ``tokens_per_frame``, each length keeping its number of frames. Models without them are untouched."""
+    for module in model.modules():
+        if getattr(module, "frame_length", None) != WAN_FRAME_TOKENS:
+            continue
+        for name in ("max_attention_size", "block_length"):
+            frames, rest = divmod(getattr(module, name), WAN_FRAME_TOKENS)
+            if rest:
+                raise ValueError(f"{type(module).__name__}.{name} = {getattr(module, name)} is not a whole "
+                                 f"number of {WAN_FRAME_TOKENS}-token frames")
+            setattr(module, name, frames * tokens_per_frame)
+        module.frame_length = tokens_per_frame
+
+
 def _resized_caches(pipe, allocate, heads, head_dim):
-    attr = {"_initialize_kv_cache": "kv_cache1", "_initialize_crossattn_cache": "crossattn_cache",
-            "_initialize_ema_kv_cache": "ema_kv_cache",
-            "_initialize_ema_crossattn_cache": "ema_crossattn_cache"}[allocate.__name__]
+    # Rolling Forcing's training pipeline names its KV cache `kv_cache_clean`.
+    attrs = {"_initialize_kv_cache": ("kv_cache1", "kv_cache_clean"),
+             "_initialize_crossattn_cache": ("crossattn_cache",),
+             "_initialize_ema_kv_cache": ("ema_kv_cache",),
+             "_initialize_ema_crossattn_cache": ("ema_crossattn_cache",)}[allocate.__name__]
 
     @functools.wraps(allocate)
     def wrapped(*args, **kwargs):
         allocate(*args, **kwargs)
-        for entry in getattr(pipe, attr) or []:
+        for entry in (e for attr in attrs for e in getattr(pipe, attr, None) or []):
             for key in ("k", "v"):
                 old = entry[key]
                 entry[key] = old.new_zeros(old.shape[0], old.shape[1], heads, head_dim)  # (b len n d)

@@ -82,7 +82,9 @@ GLUE_KEYS = {
         "LongLive: the bidirectional encoder's weights (needed by foresight_encoder: bidirectional)"),
     "foresight_encoder_sharding": "LongLive: fsdp (wrapped like the real score) or replicate",
     "foresight_scene_cut": "LongLive: mask (no target across a scene cut) or keep",
-    "foresight_window_first_block": "LongLive: as_dmd, supervise or mask the DMD window's first block",
+    "foresight_window_first_block": "LongLive, Rolling Forcing: as_dmd, supervise or mask the DMD window's first block",
+    "foresight_window_blocks": "Rolling Forcing: which blocks of a window call are supervised (all, last, noise_below)",
+    "foresight_window_max_timestep": "Rolling Forcing: noise_below keeps blocks at or under this timestep",
     "foresight_i2v_first_block": "LongLive: supervise or mask the block holding I2V's conditioning latent",
 }
 # key: (the value that turns it off, how to get the behaviour here if there is a way)
@@ -115,6 +117,8 @@ GLUE_RULES = {
     "foresight_encoder_sharding": Rule("choice", choices=("fsdp", "replicate")),
     "foresight_scene_cut": Rule("choice", choices=("mask", "keep")),
     "foresight_window_first_block": Rule("choice", choices=("as_dmd", "supervise", "mask")),
+    "foresight_window_blocks": Rule("choice", choices=("all", "last", "noise_below")),
+    "foresight_window_max_timestep": Rule("number", minimum=0, none=True, what="a timestep in [0, 1000]"),
     "foresight_i2v_first_block": Rule("choice", choices=("supervise", "mask")),
 }
 

@@ -6,6 +6,7 @@ precision the doc prints it, so a change in either the estimator or the doc fail
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from test_longlive_glue import CAUSAL, flatten_longlive
 from mirai_plugin import ForesightConfig
 from mirai_plugin.integrations.longlive import resolve_longlive
 from mirai_plugin.tooling.cli import main
-from mirai_plugin.tooling.flops import CycleShape, cycle_for, dmd_cycle
+from mirai_plugin.tooling.flops import CycleShape, cycle_for, dmd_cycle, rolling_rollout
 
 ENCODER = "encoder forward to block l (one pass, t = 0)"
 
@@ -105,3 +106,52 @@ def test_the_precision_comparison_rows_are_what_the_estimator_gives(capsys):
     assert row("self-forcing.md", "`mirai-plugin memory`: generator / critic step per rank")[0] == " / ".join(gib) + \
         " GiB"
     assert row("scaling.md", "`mirai-plugin memory` at peak per rank")[0].startswith(f"{gib[0]} / ")
+
+
+def rolling_recipes() -> list:
+    """The resolved runs of the shipped rolling_forcing_dmd.yaml of each checkout plus the recipe's foresight keys,
+    over default_config.yaml's num_training_frames: 27 (Rolling Forcing L = 5, Causal-Forcing long_video/ L = 4)."""
+    from omegaconf import OmegaConf
+    from test_rolling_forcing_tools import FORESIGHT, SHIPPED
+
+    from mirai_plugin.integrations.resolve import resolve_rolling_forcing
+
+    runs = []
+    for upstream, steps in (("rolling-forcing", None), ("causal-forcing-long-video", [1000, 750, 500, 250])):
+        config = OmegaConf.merge(OmegaConf.create({"num_training_frames": 27}), OmegaConf.create(SHIPPED),
+                                 OmegaConf.create(FORESIGHT), OmegaConf.create({"foresight_compute_dtype": "bfloat16"}))
+        if steps is not None:
+            config.denoising_step_list = steps
+        runs.append(resolve_rolling_forcing(config, upstream=upstream))
+    return runs
+
+
+def test_the_rolling_forcing_cost_table_is_what_the_estimator_gives():
+    columns = [dmd_cycle(cycle_for(run), run.foresight) for run in rolling_recipes()]
+    term = lambda name: lambda r: tflop(r["terms"][name])
+    for label, value in (
+        ("generator rollout, generator step (TFLOP)", term("generator rollout (generator step)")),
+        ("generator backward", term("generator backward")),
+        ("real score forwards", term("real score forwards (cond + uncond)")),
+        ("generator rollouts, critic steps", term("generator rollouts (critic steps, no grad)")),
+        ("baseline DMD cycle", lambda r: tflop(r["baseline"])),
+        ("+ encoder forward to block 20", lambda r: tflop(r["foresight_terms"][ENCODER])),
+        ("+ head (predictor, projection, replay, recomputation)", lambda r: tflop(head_flops(r))),
+        ("**foresight overhead per cycle**", lambda r: f"**{percent(r['overhead'])}**"),
+    ):
+        assert row("rolling-forcing.md", label)[:2] == [value(r) for r in columns], label
+
+
+def test_the_rolling_forcing_per_mode_numbers_are_what_the_estimator_gives():
+    runs = rolling_recipes()
+    cycles = [cycle_for(run) for run in runs]
+    pair = lambda a, b: f"{a / 1e12:.0f} ({b / 1e12:.0f})"
+    plain = [dmd_cycle(dataclasses.replace(c, rolling_window_blocks=None))["terms"] for c in cycles]
+    (forward5, grad5), (forward4, grad4) = (rolling_rollout(c) for c in cycles)
+    short = [dmd_cycle(dataclasses.replace(c, frames=21), run.foresight) for c, run in zip(cycles, runs)]
+    text = " ".join((DOCS / "rolling-forcing.md").read_text().split())
+    rollout, backward = "generator rollout (generator step)", "generator backward"
+    assert (f"forwards {pair(forward5, forward4)} TFLOP in rolling mode against "
+            f"{pair(plain[0][rollout], plain[1][rollout])} in self-forcing mode") in text
+    assert f"grad calls {pair(grad5, grad4)} against {pair(plain[0][backward] / 3, plain[1][backward] / 3)}" in text
+    assert f"overhead is {percent(short[0]['overhead'])} ({percent(short[1]['overhead'])})" in text

@@ -20,6 +20,7 @@ from torch import nn
 
 from mirai_plugin import ForesightConfig, ForesightHead, FrozenEncoder, MiraiError, capture_hidden, fuse_targets
 from mirai_plugin.image import FrozenImageEncoder, ImageForesightConfig, TokenForesightHead
+from mirai_plugin.integrations.resolve import ROLLING_UPSTREAMS, resolve_rolling_forcing
 from mirai_plugin.keys import CONFIG_KEYS, GLUE_KEYS, NOT_IMPLEMENTED
 from mirai_plugin.tooling.cli import main
 from mirai_plugin.tooling.patching import PATCHES, parse_patch
@@ -156,6 +157,8 @@ def test_the_patches_configs_are_read_as_written(name, text, tmp_path):
         config.foresight_encoder_ckpt = str(tmp_path / "wan.pt")
         cfg, lr = longlive_config(normalize_longlive(config)), 1e-5
         assert cfg.segment_frames == 8 and cfg.encoder_layer == 15
+    elif name in ROLLING_UPSTREAMS:  # read by the Rolling Forcing glue's reader, which takes the window keys
+        cfg, lr = resolve_rolling_forcing(config, upstream=name).foresight, 2e-6
     else:
         cfg, lr = upstream_config(config, stage), 2e-6
     assert cfg.enabled and cfg.weight == 0.2 and cfg.student_layer == 15

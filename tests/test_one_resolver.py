@@ -21,7 +21,7 @@ from tiny_models import make_pair
 from mirai_plugin.errors import MiraiError
 from mirai_plugin.integrations import longlive
 from mirai_plugin.integrations.longlive import LongLiveForesight
-from mirai_plugin.integrations.resolve import UPSTREAMS, WAN_MODELS
+from mirai_plugin.integrations.resolve import ROLLING_UPSTREAMS, UPSTREAMS, WAN_MODELS
 from mirai_plugin.integrations.self_forcing import DMDForesight
 from mirai_plugin.tooling.cli import main
 from mirai_plugin.tooling.patching import PATCHES
@@ -122,7 +122,7 @@ def _stand_ins(tmp_path, monkeypatch):
 
 
 def test_the_readers_are_the_patches():
-    assert sorted(UPSTREAMS) == sorted(PATCHES)
+    assert set(PATCHES) == set(UPSTREAMS)
 
 
 @LENIENT
@@ -284,7 +284,8 @@ def test_the_detection_is_the_first_line_and_a_guess_says_so(tmp_path, capsys):
         assert capsys.readouterr().out.splitlines()[0] == "upstream: causal-forcing (--upstream causal-forcing)"
     assert main(["config", "check", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["upstream"]["alternatives"] == ["causal-forcing"] and report["upstream"]["name"] == "self-forcing"
+    assert report["upstream"]["alternatives"] == ["causal-forcing", *ROLLING_UPSTREAMS]
+    assert report["upstream"]["name"] == "self-forcing"
     # the same file read by the LongLive reader is refused by that reader's rules
     assert main(["config", "check", str(path), "--upstream", "longlive"]) == 2
     assert "read as longlive (--upstream)" in capsys.readouterr().err

@@ -18,7 +18,7 @@ def test_shipped_patches_follow_the_rules(name):
     assert patch_problems(patch.text()) == []
     assert all(not c.removed for c in changes)
     recipe = "scripts/autoregressive/train_c2i_mirai" if name == "llamagen" else "configs/video_mirai_"
-    assert any(c.new_file and c.path.startswith(recipe) for c in changes)
+    assert any(c.new_file and c.path.removeprefix("long_video/").startswith(recipe) for c in changes)
     code_lines = [line for c in changes if not c.new_file for line in c.added]
     assert code_lines and all(line.rstrip().endswith("# mirai-plugin") for line in code_lines)
 
@@ -28,6 +28,8 @@ RECIPE_CONFIGS = {
     "self-forcing": ["configs/video_mirai_dmd_chunkwise.yaml"],
     "causal-forcing": ["configs/video_mirai_dmd_chunkwise.yaml", "configs/video_mirai_dmd_framewise.yaml"],
     "causal-forcing-ode": ["configs/video_mirai_ode_chunkwise.yaml"],
+    "rolling-forcing": ["configs/video_mirai_rolling_forcing_dmd.yaml"],
+    "causal-forcing-long-video": ["long_video/configs/video_mirai_rolling_forcing_dmd.yaml"],
 }
 
 

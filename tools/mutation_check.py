@@ -188,6 +188,22 @@ MUTATIONS: list[Mutation] = [
         "        return total / local_pairs",
         ("tests/test_distributed.py::test_two_ranks_equal_one_process_on_the_global_batch[fsdp-fsdp-True]",),
     ),
+    Mutation(
+        "rolling-window-blocks-reversed-inside-a-call", "mirai_plugin/integrations/rolling_forcing.py",
+        "for j, view in enumerate(record.hidden.split(n, dim=1)):",
+        "for j, view in enumerate(reversed(record.hidden.split(n, dim=1))):",
+        ("tests/test_rolling_forcing_term.py",
+         f"{IT}test_rolling_forcing.py::test_generator_and_critic_steps[rolling-forcing-rolling-21]",
+         f"{IT}test_rolling_forcing.py::test_generator_and_critic_steps[causal-forcing-long-video-rolling-27]"),
+    ),
+    Mutation(
+        "rolling-term-logged-but-not-added", "mirai_plugin/integrations/rolling_forcing.py",
+        "        return loss + term\n",
+        "        return loss + 0 * term\n",
+        ("tests/test_rolling_forcing_term.py::test_generator_step_replay_checkpoint_and_logging",
+         f"{IT}test_rolling_forcing.py::test_generator_and_critic_steps[rolling-forcing-self_forcing-27]",
+         f"{IT}test_rolling_forcing.py::test_generator_and_critic_steps[causal-forcing-long-video-self_forcing-21]"),
+    ),
 ]
 
 # The copy's ``mirai_plugin.patches`` (an editable install elsewhere maps that package to its own tree).

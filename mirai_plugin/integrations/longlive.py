@@ -118,11 +118,7 @@ class LongLiveForesight(UpstreamForesight):
         head = self.head
         if head is None or not self.active:
             return loss
-        if self._captured is None:
-            raise MiraiError("add_term was called outside the foresight capture: decorate generator_loss with "
-                             "@with_foresight_capture (the patch does this)")
-        records = self._captured.records
-        self._captured.clear()
+        records = self._take_records()
         if not records:
             raise MiraiError("no grad-enabled generator call was captured during the rollout: LongLive's "
                              "pipeline runs the window's blocks with gradients; check slice_last_frames")

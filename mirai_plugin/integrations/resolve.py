@@ -39,10 +39,12 @@ from mirai_plugin.keys import GLUE_RULES, config_view, glue_value, looks_like_ou
 
 __all__ = [
     "GPT_MODELS", "UPSTREAMS", "WAN_MODELS", "ModelShape", "ResolvedRun", "TokenRun", "VideoRun", "model_shape",
-    "resolve", "resolve_llamagen", "resolve_longlive", "resolve_self_forcing",
+    "resolve", "resolve_llamagen", "resolve_longlive", "resolve_rolling_forcing", "resolve_self_forcing",
 ]
 
-UPSTREAMS = ("self-forcing", "causal-forcing", "causal-forcing-ode", "longlive", "llamagen")  # the patch names
+ROLLING_UPSTREAMS = ("rolling-forcing", "causal-forcing-long-video")  # one trainer (docs/rolling-forcing.md)
+UPSTREAMS = ("self-forcing", "causal-forcing", "causal-forcing-ode", *ROLLING_UPSTREAMS, "longlive",
+             "llamagen")  # the patch names
 
 
 # ----------------------------------------------------------------------------- the models
@@ -117,6 +119,8 @@ class VideoRun:
     accumulation_steps: int
     independent_first_frame: bool = False
     i2v: bool = False
+    rolling_window_blocks: int | None = None  # Rolling Forcing: L, blocks of a full window (its denoising steps)
+    rolling_share: float = 0.0  # the share of rollouts in rolling mode (the rest are self-forcing rollouts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +168,8 @@ def resolve(upstream: str, args: Any, **kwargs: Any) -> ResolvedRun:
         return resolve_longlive(args, **kwargs)
     if upstream == "llamagen":
         return resolve_llamagen(args, **kwargs)
+    if upstream in ROLLING_UPSTREAMS:
+        return resolve_rolling_forcing(args, upstream=upstream, **kwargs)
     return resolve_self_forcing(args, "ode" if upstream == "causal-forcing-ode" else "dmd", upstream=upstream,
                                 **kwargs)
 
@@ -197,6 +203,9 @@ _BOOL = Rule("bool")
 _GLUE_DEFAULTS = {"foresight_head_sharding": "replicate"}
 LONGLIVE_KEYS = ("foresight_encoder", "foresight_encoder_ckpt", "foresight_encoder_sharding", "foresight_scene_cut",
                  "foresight_window_first_block", "foresight_i2v_first_block")
+ROLLING_KEYS = ("foresight_window_blocks", "foresight_window_first_block", "foresight_window_max_timestep")
+ROLLING_SHARE = 0.5  # model/base.py draws the rolling or the self-forcing rollout with probability 1/2 each
+ROLLING_ATTENTION = 21  # frames a call attends to at most, its own included (causal_model.py max_attention_size)
 ODE_ENCODER = "Wan2.1-T2V-1.3B"
 SF_WINDOW = 21  # Self-Forcing / Causal-Forcing's model/base.py keeps the rollout's last 21 frames for DMD
 SF_MIN_FRAMES = 21  # ... and draws the rollout in [21, num_training_frames] frames
@@ -316,11 +325,18 @@ def resolve_self_forcing(args: Any, stage: str = "dmd", *, upstream: str | None 
     """
     check("stage", stage, Rule("choice", choices=("dmd", "ode")))
     upstream = upstream or ("self-forcing" if stage == "dmd" else "causal-forcing-ode")
+    rolling = upstream in ROLLING_UPSTREAMS
+    if rolling and stage != "dmd":
+        raise MiraiError(f"{upstream} is a DMD trainer (Rolling Forcing's); it has no {stage} stage")
     read = _Reader(args, "the foresight glue")
     _nested_keys(read, (), "Self-Forcing's train.py")
     config = ForesightConfig.from_upstream(args)
     _trainer_builds_the_glue(read, upstream, ("score_distillation", "dmd") if stage == "dmd" else ("ode", None))
-    longlive_only = {key: "applies to LongLive 2.0's glue only" for key in LONGLIVE_KEYS}
+    longlive_only = {key: "applies to LongLive 2.0's glue only" for key in LONGLIVE_KEYS if key not in ROLLING_KEYS}
+    rolling_only = {key: f"applies to the glues of {', '.join(ROLLING_UPSTREAMS)}" + (
+        " and LongLive 2.0" if key in LONGLIVE_KEYS else "") + " only (--upstream)" for key in ROLLING_KEYS}
+    if not rolling:
+        longlive_only.update(rolling_only)
     block = read.get("num_frame_per_block", _INT1, 1)
     config = config.replace(segment_frames=block)  # the trainer's default is 1 (model/dmd.py), not the recipe's 3
     generator_name = read.sub("model_kwargs").get("model_name", "Wan2.1-T2V-1.3B")
@@ -340,7 +356,7 @@ def resolve_self_forcing(args: Any, stage: str = "dmd", *, upstream: str | None 
         independent_first_frame=read.get("independent_first_frame", _BOOL, False), i2v=read.get("i2v", _BOOL, False),
     )
     if stage == "dmd":
-        glue = _glue(read, ("foresight_head_sharding", "foresight_head_init"), {
+        glue = _glue(read, ("foresight_head_sharding", "foresight_head_init", *(ROLLING_KEYS if rolling else ())), {
             "foresight_encoder_name": "applies to Stage 2 (ODE regression); Stage 3 (DMD) takes its targets from "
                                       "the real score the trainer already holds (real_name)", **longlive_only})
         real = model_shape(read.raw("real_name") or "Wan2.1-T2V-1.3B", "real_name")
@@ -352,9 +368,14 @@ def resolve_self_forcing(args: Any, stage: str = "dmd", *, upstream: str | None 
         if frames < SF_MIN_FRAMES:
             raise MiraiError(f"num_training_frames={frames}: the trainer draws the rollout in [21, "
                              f"num_training_frames] frames; use at least 21")
+        if rolling:
+            _rolling_window(glue, common["denoising_steps"], upstream)
         run = VideoRun(real_score=real.name, critic=critic.name, encoder=real.name, frames=frames,
                        min_frames=SF_MIN_FRAMES, window_frames=min(SF_WINDOW, frames),
-                       critic_ratio=read.get("dfake_gen_update_ratio", _INT1, 5), **common)
+                       critic_ratio=read.get("dfake_gen_update_ratio", _INT1, 5),
+                       rolling_window_blocks=common["denoising_steps"] if rolling else None,
+                       rolling_share=ROLLING_SHARE if rolling else 0.0,
+                       **{**common, "attention_frames": ROLLING_ATTENTION if rolling else None})
         encoder, encoder_key = real, "real_name"
     else:
         glue = _glue(read, ("foresight_head_sharding", "foresight_head_init", "foresight_encoder_name"),
@@ -375,7 +396,47 @@ def resolve_self_forcing(args: Any, stage: str = "dmd", *, upstream: str | None 
         _existing(glue["foresight_head_init"], "foresight_head_init")
         if glue["foresight_head_sharding"] == "fsdp":
             check("sharding_strategy", run.sharding_strategy, Rule("choice", choices=FSDP_STRATEGIES))
+        if rolling and glue["foresight_window_blocks"] != "all" and glue["foresight_head_sharding"] != "replicate":
+            raise MiraiError(
+                f"foresight_window_blocks: {glue['foresight_window_blocks']} supervises a number of blocks that "
+                f"depends on each rank's exit_flag, which a {glue['foresight_head_sharding']} head cannot replay "
+                f"(its ranks need equal backward counts): use foresight_head_sharding: replicate, or "
+                f"foresight_window_blocks: all (docs/rolling-forcing.md)")
     return ResolvedRun(upstream=upstream, stage=stage, foresight=config, glue=types.MappingProxyType(glue), trainer=run)
+
+
+def resolve_rolling_forcing(args: Any, *, upstream: str = "rolling-forcing") -> ResolvedRun:
+    """Rolling Forcing and Causal-Forcing's ``long_video/`` (one DMD trainer, Self-Forcing's config layout),
+    from the config as their ``train.py`` holds it (merged over ``configs/default_config.yaml``).
+
+    Self-Forcing's rules (``resolve_self_forcing``), plus: L, the blocks of a full rolling window, is the
+    number of denoising steps (``denoising_step_list``, which must be set); ``foresight_window_blocks``
+    (``all``), ``foresight_window_first_block`` (``as_dmd``) and ``foresight_window_max_timestep`` (needed by
+    ``noise_below`` and only there); ``last`` and ``noise_below`` need a replicated head.
+
+    >>> run = resolve_rolling_forcing({"foresight_weight": 0.2, "num_frame_per_block": 3,
+    ...                                "denoising_step_list": [1000, 800, 600, 400, 200]})
+    >>> run.trainer.rolling_window_blocks, run.glue["foresight_window_blocks"], run.glue["foresight_window_first_block"]
+    (5, 'all', 'as_dmd')
+    """
+    check("upstream", upstream, Rule("choice", choices=ROLLING_UPSTREAMS))
+    return resolve_self_forcing(args, "dmd", upstream=upstream)
+
+
+def _rolling_window(glue: dict[str, Any], steps: int | None, upstream: str) -> None:
+    """Rolling Forcing's own rules, and the window keys' defaults."""
+    if steps is None:
+        raise MiraiError(f"denoising_step_list is not set: {upstream}'s rolling window holds one block per denoising "
+                         f"step (the shipped configs set 1000, 800, 600, 400, 200 or 1000, 750, 500, 250)")
+    glue["foresight_window_blocks"] = glue["foresight_window_blocks"] or "all"
+    glue["foresight_window_first_block"] = glue["foresight_window_first_block"] or "as_dmd"
+    threshold = glue["foresight_window_max_timestep"]
+    if glue["foresight_window_blocks"] == "noise_below" and threshold is None:
+        raise MiraiError("foresight_window_blocks: noise_below keeps the blocks at or under a timestep: set "
+                         "foresight_window_max_timestep (e.g. 400), or choose all or last")
+    if glue["foresight_window_blocks"] != "noise_below" and threshold is not None:
+        raise MiraiError(f"foresight_window_max_timestep only acts with foresight_window_blocks: noise_below (it is "
+                         f"{glue['foresight_window_blocks']}): remove the key, or set noise_below")
 
 
 FSDP_STRATEGIES = ("full", "hybrid_full", "hybrid_zero2", "no_shard")  # the trainers' fsdp_wrap names
@@ -412,7 +473,9 @@ def resolve_longlive(args: Any) -> ResolvedRun:
     config = ForesightConfig.from_upstream(args)
     glue = _glue(read, ("foresight_head_sharding", "foresight_head_init", *LONGLIVE_KEYS), {
         "foresight_encoder_name": "is for Stage 2 (ODE); LongLive takes foresight_encoder "
-                                  f"({' or '.join(LONGLIVE_ENCODERS)}) and foresight_encoder_ckpt"})
+                                  f"({' or '.join(LONGLIVE_ENCODERS)}) and foresight_encoder_ckpt",
+        **{key: f"applies to the glues of {', '.join(ROLLING_UPSTREAMS)} only" for key in ROLLING_KEYS
+           if key not in LONGLIVE_KEYS}})
     for key, default in (("foresight_encoder", "bidirectional"), ("foresight_encoder_sharding", "fsdp"),
                          ("foresight_scene_cut", "mask"), ("foresight_window_first_block", "as_dmd"),
                          ("foresight_i2v_first_block", "supervise")):

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mirai_plugin.capture import CapturedHidden, capture_hidden
+from mirai_plugin.capture import CapturedHidden, HiddenRecord, capture_hidden
 from mirai_plugin.checkpoint import restore_state
 from mirai_plugin.collectives import broadcast_module, log_once
 from mirai_plugin.config import ForesightConfig
@@ -141,6 +141,17 @@ class UpstreamForesight:
                 self._captured = None
 
     _select: Callable[[Tensor], Tensor] | None = None
+
+    def _take_records(self) -> list[HiddenRecord]:
+        """This rollout's captured calls, taken out of the capture (cleared: the caller holds them now)."""
+        if self._captured is None:
+            raise MiraiError(
+                "add_term was called outside the foresight capture: decorate generator_loss with "
+                "@with_foresight_capture (the patch does this)"
+            )
+        records = self._captured.records
+        self._captured.clear()
+        return records
 
     def _term(self, video: Tensor, conditional_dict: dict, log_dict: dict, **head_kwargs: Any) -> Tensor:
         if self._captured is None:

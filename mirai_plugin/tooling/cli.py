@@ -35,8 +35,9 @@ def _patch_command(args: argparse.Namespace) -> int:
     from mirai_plugin.tooling.patching import PATCHES, apply_patch, inspect_checkout, parse_patch, revert_patch
 
     if args.action == "list":
+        width = max(len(name) for name in PATCHES)
         for patch in PATCHES.values():
-            print(f"{patch.name:20s} {patch.repository} @ {patch.commit[:12]}  {patch.description}")
+            print(f"{patch.name:{width}s} {patch.repository} @ {patch.commit[:12]}  {patch.description}")
         return 0
     action = {"check": inspect_checkout, "apply": apply_patch, "revert": revert_patch}[args.action]
     state = action(args.upstream, args.path)
@@ -464,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     vb.set_defaults(run=_vbench_command)
 
     upstream_help = (f"which trainer's reader applies: {', '.join(PATCHES)} (the names `patch` takes); "
-                     f"default: detected from the config, and the detection printed")
+                     f"default: detected from the config, and the detection printed (never rolling-forcing or "
+                     f"causal-forcing-long-video, whose configs look like Self-Forcing's: name them)")
     no_defaults_help = ("Self-Forcing layout: do not merge default_config.yaml (./configs/, else next to the config), "
                         "which the trainers merge")
     flops = command(commands, "flops", help="FLOPs of one DMD cycle with and without the foresight term")

@@ -15,6 +15,12 @@ A backward pass costs twice its forward; activation checkpointing adds one
 forward. One DMD cycle is one generator step and ``critic_ratio`` critic steps
 (upstream ``dfake_gen_update_ratio``; every iteration has a critic step).
 
+Rolling Forcing (``rolling_window_blocks`` L) draws a rolling or a self-forcing rollout per step
+(``rolling_share``: 1/2); the rollout terms are the expectation over the two. A rolling rollout of B blocks
+makes B + L - 1 window calls (``rolling_windows``) and as many one-block cache calls, every call attending
+to at most ``attention_frames`` frames (its own included); one window in L runs with gradients, drawn per
+rollout, among those that end inside the DMD window: the backward counts each such window with probability 1/L.
+
 Precision: FLOPs do not depend on it, time does. The upstream trainers compute the
 generator, the scores and the encoder in bfloat16 under ``mixed_precision: true``
 and set ``allow_tf32``, so float32 matrix multiplications run as TF32, at half the
@@ -91,10 +97,47 @@ class CycleShape:
     lora: bool = False
     encoder: TransformerShape | None = None  # the model giving the targets; None: the real score
     mixed_precision: bool = True  # generator, scores and encoder compute in bfloat16 (FSDP's param dtype)
+    # Rolling Forcing: L, the blocks of a full rolling window (None: no rolling rollouts), and the share of
+    # rollouts in rolling mode.
+    rolling_window_blocks: int | None = None
+    rolling_share: float = 0.0
 
     @property
     def target_model(self) -> TransformerShape:
         return self.real_score if self.encoder is None else self.encoder
+
+
+def rolling_windows(blocks: int, steps: int) -> list[tuple[int, int]]:
+    """``(first block, blocks)`` of each window call of a rolling rollout of ``blocks`` blocks, L = ``steps``:
+    growing from one block to L, sliding by one, shrinking to one.
+
+    >>> rolling_windows(3, 2)
+    [(0, 1), (0, 2), (1, 2), (2, 1)]
+    """
+    return [(max(0, w - steps + 1), min(blocks - 1, w) - max(0, w - steps + 1) + 1) for w in range(blocks + steps - 1)]
+
+
+def rolling_rollout(cycle: CycleShape) -> tuple[float, float]:
+    """FLOPs of one rolling rollout of ``cycle.frames`` frames: every forward (window and cache calls), and the
+    expected forward of its grad windows (each window that ends inside the DMD window, with probability 1/L)."""
+    steps = cycle.rolling_window_blocks
+    if steps is None:
+        raise MiraiError("rolling_rollout needs cycle.rolling_window_blocks (L)")
+    f, n = cycle.segment_frames, cycle.segment_frames * cycle.tokens_per_frame
+    blocks = cycle.frames // f
+    window = cycle.frames if cycle.window_frames is None else min(cycle.window_frames, cycle.frames)
+    limit = None if cycle.attention_frames is None else cycle.attention_frames * cycle.tokens_per_frame
+
+    def keys(end_block: int) -> int:  # the cached blocks before the call (anchor included) and its own
+        return end_block * n if limit is None else min(end_block * n, max(limit, n))
+
+    forward, grad = 0.0, 0.0
+    for first, count in rolling_windows(blocks, steps):
+        call = forward_flops(cycle.generator, count * n, keys(first + count))
+        forward += call + forward_flops(cycle.generator, n, keys(first + 1))  # + the cache call on its first block
+        if (first + count) * f > cycle.frames - window:
+            grad += call / steps
+    return forward, grad
 
 
 def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> dict[str, Any]:
@@ -112,6 +155,11 @@ def dmd_cycle(cycle: CycleShape, foresight: ForesightConfig | None = None) -> di
     rollout = sum(calls_per_segment * forward_flops(cycle.generator, n, keys(k)) for k in range(segments))
     first_grad = segments - window // cycle.segment_frames  # only the window's blocks run with gradients
     grad_calls = sum(forward_flops(cycle.generator, n, keys(k)) for k in range(first_grad, segments))
+    if cycle.rolling_window_blocks is not None:  # the expectation over the two rollout modes
+        rolling, rolling_grad = rolling_rollout(cycle)
+        share = cycle.rolling_share
+        rollout = share * rolling + (1 - share) * rollout
+        grad_calls = share * rolling_grad + (1 - share) * grad_calls
     backward_factor = (3 if cycle.checkpointing else 2) - (1 if cycle.lora else 0)
     real = 2 * forward_flops(cycle.real_score, video, video)  # conditional and unconditional
     fake = forward_flops(cycle.critic, video, video)
@@ -200,6 +248,7 @@ def cycle_for(resolved: ResolvedRun) -> CycleShape:
         denoising_steps=run.denoising_steps if run.denoising_steps is not None else CycleShape.denoising_steps,
         critic_ratio=run.critic_ratio, checkpointing=run.checkpointing, window_frames=run.window_frames,
         attention_frames=run.attention_frames, lora=run.lora, mixed_precision=run.mixed_precision,
+        rolling_window_blocks=run.rolling_window_blocks, rolling_share=run.rolling_share,
     )
 
 

@@ -20,7 +20,10 @@ MARKER = "mirai-plugin"
 PROTECTED = ("inference.py", "pipeline/causal_inference.py", "wan/modules/",
              # LongLive 2.0
              "inference_sp.py", "pipeline/causal_diffusion_inference.py", "pipeline/causal_diffusion_inference_sp.py",
-             "wan_5b/modules/")
+             "wan_5b/modules/",
+             # Rolling Forcing, and the same trainer in Causal-Forcing's long_video/
+             "app.py", "pipeline/rolling_forcing_inference.py", "long_video/app.py", "long_video/inference.py",
+             "long_video/pipeline/rolling_forcing_inference.py", "long_video/wan/modules/")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,21 @@ PATCHES = {
             "longlive-7860ad968568-dmd.patch",
             "LongLive 2.0 DMD (Wan2.2-TI2V-5B, T2V and I2V, LoRA or full); configs "
             "configs/video_mirai_longlive_{dmd,i2v_dmd}.yaml",
+        ),
+        UpstreamPatch(
+            "rolling-forcing",
+            "TencentARC/RollingForcing",
+            "a1477d09e85dc759a6a6728f55f77f59342ce388",
+            "rolling-forcing-a1477d09e85d-dmd.patch",
+            "Rolling Forcing DMD (rolling-window rollouts); config configs/video_mirai_rolling_forcing_dmd.yaml",
+        ),
+        UpstreamPatch(
+            "causal-forcing-long-video",
+            "thu-ml/Causal-Forcing",
+            "1fc7bbc19a503c1bce80ecef08158b20e702f386",
+            "causal-forcing-1fc7bbc19a50-long-video-dmd.patch",
+            "long_video/: Rolling Forcing DMD from Causal-Forcing's ODE initialisation; config "
+            "long_video/configs/video_mirai_rolling_forcing_dmd.yaml",
         ),
     )
 }

@@ -12,7 +12,9 @@ upstream's resolver on it (``mirai_plugin.integrations.resolve``): what ``config
   ``mirai-layer``), the parser's defaults fill the rest (``resolve_llamagen``).
 
 Which upstream a config is for is given (``--upstream``) or detected, and the detection says how it was made:
-Self-Forcing's layout is also Causal-Forcing's and Rolling Forcing's, so a flat config is a guess.
+Self-Forcing's layout is also Causal-Forcing's and Rolling Forcing's (``rolling-forcing``,
+``causal-forcing-long-video``), so a flat config is a guess, and never read as Rolling Forcing's: that reader
+takes ``--upstream``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mirai_plugin.errors import MiraiError
 from mirai_plugin.integrations.resolve import (
     LLAMAGEN_DEFAULTS,
     LONGLIVE_SECTIONS,
+    ROLLING_UPSTREAMS,
     UPSTREAMS,
     ResolvedRun,
     resolve,
@@ -124,7 +127,8 @@ def detect(raw: Any) -> Detection:
     return Detection(
         "self-forcing", "detected",
         f"a flat config, Self-Forcing's layout, {why}; Causal-Forcing's DMD configs look the same and are read by "
-        f"the same rules, Rolling Forcing's too but it has no patch", ("causal-forcing",))
+        f"the same rules; Rolling Forcing's and Causal-Forcing's long_video/ look the same too, with rolling "
+        f"rollouts read by their own rules", ("causal-forcing", *ROLLING_UPSTREAMS))
 
 
 def normalize_longlive(config: Any) -> Any:
@@ -242,7 +246,7 @@ def load_trainer_config(path: str | Path, *, upstream: str | None = None, stage:
         detection = detect(raw)
     name = detection.upstream
     if stage is not None:
-        if name in ("longlive", "llamagen"):
+        if name in ("longlive", "llamagen", *ROLLING_UPSTREAMS):
             raise MiraiError(f"--stage applies to the Self-Forcing layout (self-forcing, causal-forcing, "
                              f"causal-forcing-ode), not to {name}")
         wanted = "causal-forcing-ode" if stage == "ode" else ("self-forcing" if name == "causal-forcing-ode" else name)
