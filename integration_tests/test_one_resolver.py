@@ -150,8 +150,9 @@ def test_self_forcing_layout_configs_resolve_as_their_trainer_reads_them(repos, 
     cfg = OmegaConf.merge(OmegaConf.load("configs/default_config.yaml"), OmegaConf.load(path))  # train.py
     stage = "ode" if upstream.endswith("-ode") else "dmd"
     detected = run_cli(capsys, "config", "check", str(path), "--json")["upstream"]
-    if upstream == "causal-forcing":  # Self-Forcing's layout: a guess, and said to be one
-        assert detected["name"] == "self-forcing" and detected["alternatives"] == ["causal-forcing"]
+    if upstream == "causal-forcing":  # Self-Forcing's layout: a guess, and said to be one (Rolling Forcing's too)
+        assert detected["name"] == "self-forcing" and detected["alternatives"] == [
+            "causal-forcing", "rolling-forcing", "causal-forcing-long-video"]
     else:
         assert detected["name"] == upstream
     report = run_cli(capsys, "config", "check", str(path), "--json", "--upstream", upstream)
