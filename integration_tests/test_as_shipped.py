@@ -16,9 +16,12 @@ import pytest
 import torch
 from checkouts import checkout
 from trainer_runs import (
+    EMA_SOON,
     LAYERS,
     assert_bf16_recipe_dtypes,
     assert_moved,
+    assert_restored,
+    assert_same_run,
     assert_term_reaches_up_to,
     checkpoint,
     checkpoint_path,
@@ -32,7 +35,6 @@ from mirai_plugin import ForesightHead
 
 pytestmark = pytest.mark.slow  # each test runs the real trainers in subprocesses (tens of seconds)
 SF_CONFIG = "configs/video_mirai_dmd_chunkwise.yaml"
-EMA_SOON = {"ema_start_step": 1}  # EMA built after step 1, updated on the generator step at 5
 
 # How far bfloat16 compute moves the head from float32, at these tests' sizes (width 64 -> 96, 4 heads, 3 DiT
 # blocks, 7 segments of 3 x 16 tokens, the official identity start on bfloat16 weights):
@@ -200,29 +202,6 @@ def test_causal_forcing_ema_and_resume(tmp_path):
     assert_same_run(off, unpatched)
     on = train(repo, config, tmp_path / "on", steps=0, overrides={**LAYERS, **resume})
     assert_restored(on, unpatched, saved["foresight"], generator=saved["generator_ema"])
-
-
-def assert_same_run(run: dict, baseline: dict) -> None:
-    assert run["logs"] == baseline["logs"] and run["losses"] == baseline["losses"]
-    for part in ("generator", "critic", "generator_init", "critic_init"):
-        state, expected = run.get(part) or run["extra"][part], baseline.get(part) or baseline["extra"][part]
-        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected), part
-    ema, expected = run["extra"]["ema"]["shadow"], baseline["extra"]["ema"]["shadow"]
-    assert expected is not None and ema.keys() == expected.keys()
-    assert all(torch.equal(ema[k], expected[k]) for k in expected)
-
-
-def assert_restored(run: dict, unpatched: dict, entry: dict, *, generator: dict) -> None:
-    """The term on: generator and critic as the unpatched trainer restores them, the head as saved."""
-    for part in ("generator_init", "critic_init"):
-        state, expected = run["extra"][part], unpatched["extra"][part]
-        assert all(torch.equal(state[k], expected[k]) for k in expected), part
-    assert all(torch.equal(run["extra"]["generator_init"][k], generator[k]) for k in generator)
-    head = run["extra"]["head_init"]
-    assert head["steps_taken"] == entry["steps_taken"] == 2  # generator steps 0 and 5
-    assert all(torch.equal(head["head"][k], entry["head"][k]) for k in entry["head"])
-    for name, state in entry["optimizer"]["state"].items():
-        assert all(torch.equal(head["optimizer"]["state"][name][k], v) for k, v in state.items()), name
 
 
 # ------------------------------------------------------------------ two ranks

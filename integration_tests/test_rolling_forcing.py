@@ -20,10 +20,13 @@ import pytest
 import torch
 from checkouts import checkout
 from trainer_runs import (
+    EMA_SOON,
     FLOAT32,
     LAYERS,
     assert_bf16_recipe_dtypes,
     assert_moved,
+    assert_restored,
+    assert_same_run,
     assert_term_reaches_up_to,
     checkpoint,
     checkpoint_path,
@@ -38,7 +41,6 @@ PLAIN_CONFIG = "configs/rolling_forcing_dmd.yaml"  # the shipped recipe
 STEPS = {"rolling-forcing": 5, "causal-forcing-long-video": 4}  # len(denoising_step_list): the window, L blocks
 FRAMES_PER_BLOCK = 3  # num_frame_per_block in both recipes
 WINDOW_FRAMES = 21  # the DMD window: the rollout's last 21 frames
-EMA_SOON = {"ema_start_step": 1}  # EMA built after step 1, updated on the generator step at 5
 
 
 def rolling_checkout(upstream: str, dest, *, patched: bool = True):
@@ -225,18 +227,9 @@ def test_ema_and_resume(tmp_path):
     resume = {"generator_ckpt": str(checkpoint_path(tmp_path / "run")), **EMA_SOON}
     unpatched = train(plain, PLAIN_CONFIG, tmp_path / "u", steps=6, overrides=resume)
     off = train(repo, CONFIG, tmp_path / "off", steps=6, overrides={**resume, "foresight_weight": 0})
-    assert off["logs"] == unpatched["logs"] and off["losses"] == unpatched["losses"]
-    for part in ("generator", "critic"):
-        assert all(torch.equal(off[part][k], unpatched[part][k]) for k in unpatched[part]), part
+    assert_same_run(off, unpatched)
     on = train(repo, CONFIG, tmp_path / "on", steps=0, overrides={**LAYERS, **resume})
-    loaded = on["extra"]["generator_init"]
-    assert all(torch.equal(loaded[k], unpatched["extra"]["generator_init"][k]) for k in loaded)
-    assert all(torch.equal(loaded[k], saved["generator"][k]) for k in saved["generator"])
-    head, entry = on["extra"]["head_init"], saved["foresight"]
-    assert head["steps_taken"] == entry["steps_taken"]
-    assert all(torch.equal(head["head"][k], entry["head"][k]) for k in entry["head"])
-    for name, state in entry["optimizer"]["state"].items():
-        assert all(torch.equal(head["optimizer"]["state"][name][k], v) for k, v in state.items()), name
+    assert_restored(on, unpatched, saved["foresight"], generator=saved["generator"])
 
 
 @pytest.fixture(autouse=True)

@@ -250,7 +250,7 @@ def run_training(checkout, *, trainer: str = "dmd", config, steps: int, out, ove
         started = time.perf_counter()
         instance.save()
         result = _collect(module, instance, recorder, initial)
-        head = _head_state(instance.model)  # a collective under FSDP: every rank
+        head = _head_state(instance.model) if world_size > 1 else None  # for rank{r}.pt; collective under FSDP
         timings["save_s"] = time.perf_counter() - started
 
     result["extra"].update(

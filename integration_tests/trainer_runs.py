@@ -15,6 +15,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "trainer_harness.py"
 LAYERS = {"foresight_student_layer": 1, "foresight_teacher_layer": 2}  # tiny models have 4 blocks
+EMA_SOON = {"ema_start_step": 1}  # EMA built after step 1, updated on the generator step at 5
 FLOAT32 = {"mixed_precision": False}  # a run in float32 where the recipe trains in bf16 (a test says why)
 
 
@@ -122,3 +123,26 @@ def assert_bf16_recipe_dtypes(glue: dict, saved: dict | None = None, *, compute:
         moments = [v for state in entry["optimizer"]["state"].values() for v in state.values()
                    if torch.is_tensor(v) and v.dim() > 0]
         assert moments and {str(v.dtype) for v in moments} == {"torch.float32"}
+
+
+def assert_same_run(run: dict, baseline: dict) -> None:
+    assert run["logs"] == baseline["logs"] and run["losses"] == baseline["losses"]
+    for part in ("generator", "critic", "generator_init", "critic_init"):
+        state, expected = run.get(part) or run["extra"][part], baseline.get(part) or baseline["extra"][part]
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected), part
+    ema, expected = run["extra"]["ema"]["shadow"], baseline["extra"]["ema"]["shadow"]
+    assert expected is not None and ema.keys() == expected.keys()
+    assert all(torch.equal(ema[k], expected[k]) for k in expected)
+
+
+def assert_restored(run: dict, unpatched: dict, entry: dict, *, generator: dict) -> None:
+    """The term on: generator and critic as the unpatched trainer restores them, the head as saved."""
+    for part in ("generator_init", "critic_init"):
+        state, expected = run["extra"][part], unpatched["extra"][part]
+        assert all(torch.equal(state[k], expected[k]) for k in expected), part
+    assert all(torch.equal(run["extra"]["generator_init"][k], generator[k]) for k in generator)
+    head = run["extra"]["head_init"]
+    assert head["steps_taken"] == entry["steps_taken"] == 2  # generator steps 0 and 5
+    assert all(torch.equal(head["head"][k], entry["head"][k]) for k in entry["head"])
+    for name, state in entry["optimizer"]["state"].items():
+        assert all(torch.equal(head["optimizer"]["state"][name][k], v) for k, v in state.items()), name
