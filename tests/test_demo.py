@@ -275,11 +275,7 @@ def test_models_are_trained_only_when_asked(tmp_path, monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and "--train-models" in err and "hours" in err
 
 
-IN_TRAINING = pytest.mark.xfail(strict=True, raises=(AssertionError, FileNotFoundError),
-                                reason="registration 2's models are in training (tools/train_demo_models.py)")
-
-
-@pytest.mark.parametrize("registration", [1, pytest.param(2, marks=IN_TRAINING)])
+@pytest.mark.parametrize("registration", [1, 2])
 def test_shipped_models_are_the_training_scripts_output_for_this_code(registration):
     cfg = load_config(registration)
     folder = store.SHIPPED / f"registration-{registration}"
@@ -313,7 +309,6 @@ def test_registration_1_reproduces_its_reported_gate():
 
 
 @pytest.mark.slow
-@IN_TRAINING
 def test_shipped_teacher_passes_the_encoder_gate():
     cfg = load_config()
     gate = _gate(cfg.registration)
