@@ -595,3 +595,28 @@ def test_pilot_chooses_the_cheapest_detecting_candidate_then_the_most_seeds_in_b
     chosen = choose([candidate(100, 128, True, 420)], pilot)
     assert chosen["seeds"] == [0, 1, 2]  # 4 seeds would take 480 s
     assert choose([candidate(100, 128, False, 100), candidate(200, 128, True, 451)], pilot) is None
+
+
+def test_the_pilot_addendum_is_the_one_its_document_records_and_its_choice_follows_the_rule():
+    """Registration 2's addendum has the sha256 docs/demo-registration-2-pilot.md records, and its choice is the
+    registered rule applied by hand to its own record: the detecting candidates within the budget, the shortest
+    predicted time (then fewer steps, fewer videos), then the most seeds that keep it within the budget."""
+    path = registration_module.addendum_path(2)
+    recorded = re.search(r"sha256\s+`([0-9a-f]{64})`", (ROOT / "docs" / "demo-registration-2-pilot.md").read_text())
+    assert recorded and recorded.group(1) == hashlib.sha256(path.read_bytes()).hexdigest()
+    addendum = json.loads(path.read_text())
+    pilot = load_config(2, addendum=False).pilot
+    fewest = str(min(pilot.seed_counts))
+
+    def detected(candidate):  # per seed: the CI excludes 0, half-width at most half the difference; one direction
+        signs = [1 if s["difference"] > 0 else -1 for s in candidate["detection"]["per_seed"]
+                 if (s["low"] > 0 or s["high"] < 0) and (s["high"] - s["low"]) / 2 <= 0.5 * abs(s["difference"])]
+        return max(signs.count(1), signs.count(-1)) >= pilot.min_detecting_seeds
+
+    fitting = [c for c in addendum["pilot"]["candidates"]
+               if detected(c) and c["predicted_seconds"][fewest] <= pilot.budget_seconds]
+    best = min(fitting, key=lambda c: (c["predicted_seconds"][fewest], c["generator_steps"], c["eval_videos"]))
+    seeds = max(n for n in pilot.seed_counts if best["predicted_seconds"][str(n)] <= pilot.budget_seconds)
+    chosen = addendum["chosen"]
+    assert (chosen["generator_steps"], chosen["eval_videos"], chosen["seeds"]) == (
+        best["generator_steps"], best["eval_videos"], list(range(seeds)))
