@@ -317,12 +317,13 @@ def test_shipped_teacher_passes_the_encoder_gate():
 
 def test_the_demo_runs_the_newest_registration_ready_to_run_and_says_why_not_a_newer_one(monkeypatch, tmp_path, capsys):
     shipped = {1}  # registrations whose models are shipped
+    # no addendum committed (the real one is replaced by a file of tmp_path, written below)
+    monkeypatch.setattr(registration_module, "addendum_path", lambda number: tmp_path / f"{number}-pilot.json")
     monkeypatch.setattr(run_module, "shipped_folder", lambda settings: tmp_path if any(
         settings == load_config(number).models for number in shipped) else None)
     assert run_module.default_registration() == (1, "registration 2 is not ready to run (its models are not shipped "
                                                     "yet and its pilot addendum is not committed yet): running "
                                                     "registration 1, its predecessor")
-    monkeypatch.setattr(registration_module, "addendum_path", lambda number: tmp_path / f"{number}-pilot.json")
     (tmp_path / "2-pilot.json").write_text(json.dumps({"chosen": {"generator_steps": 100, "eval_videos": 128,
                                                                   "seeds": [0, 1, 2]}}))
     assert run_module.default_registration()[0] == 1  # sized, but its models are still missing
